@@ -1,0 +1,242 @@
+//! Plain `#[repr(C)]` records shared by the eBPF programs and userspace.
+//!
+//! This crate owns the wire format between kernel and daemon: the raw event
+//! written to the ring buffer ([`RawEvent`]), the runtime configuration the
+//! daemon writes into the programs' read-only data ([`Config`]), and the
+//! per-connection owner record ([`Owner`]). Nothing here has behaviour; the
+//! meaning of every field is decided in `keepalive-user`.
+#![no_std]
+
+/// Event kinds, as written in [`RawEvent::kind`].
+pub mod kind {
+    pub const RETRANSMIT: u8 = 1;
+    pub const RESET_SENT: u8 = 2;
+    pub const RESET_RECEIVED: u8 = 3;
+    pub const STATE_CHANGE: u8 = 4;
+    pub const KEEPALIVE_PROBE: u8 = 5;
+    pub const TIMEOUT: u8 = 6;
+    /// Highest kind number; kinds are bits `1 << kind` in [`super::Config::event_mask`].
+    pub const MAX: u8 = 6;
+}
+
+/// Bits of [`RawEvent::flags`].
+pub mod flags {
+    /// The retransmitted segment carries SYN.
+    pub const SYN: u8 = 1 << 0;
+    /// The event fired inside `tcp_keepalive_timer`.
+    pub const IN_KEEPALIVE_TIMER: u8 = 1 << 1;
+    /// The event fired inside the retransmit timer (`tcp_write_timer`).
+    pub const IN_WRITE_TIMER: u8 = 1 << 2;
+    /// The kernel told us a reset reason (kernels >= 6.10).
+    pub const HAS_REASON: u8 = 1 << 3;
+    /// There was no socket (e.g. a reset for a closed port); the tuple comes from the packet.
+    pub const NO_SOCKET: u8 = 1 << 4;
+}
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// One event, as the kernel writes it into the ring buffer.
+///
+/// Addresses are in network byte order; IPv4 addresses occupy the first 4
+/// bytes. Ports are host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `bpf_get_socket_cookie`, 0 when there is no socket.
+    pub cookie: u64,
+    /// Inode of the connection's network namespace.
+    pub netns: u32,
+    /// Owner's tgid (0: unknown).
+    pub pid: u32,
+    pub kind: u8,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u8,
+    /// TCP state at the time of the event (kernel numbering, 1 = ESTABLISHED).
+    pub state: u8,
+    pub flags: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; TASK_COMM_LEN],
+    /// retransmit: segments in the skb; keepalive_probe: probe number;
+    /// state_change: old state; timeout: socket error (errno).
+    pub a: u32,
+    /// retransmit: return value of the transmit (errno, negative);
+    /// reset_sent: reason; state_change: new state; timeout: TCP_USER_TIMEOUT (ms).
+    pub b: u32,
+    /// timeout / keepalive_probe: `icsk_probes_out`.
+    pub c: u32,
+    pub _pad: u32,
+}
+
+/// Field offsets the programs need, resolved from the running kernel's BTF
+/// at load time (rustc emits no CO-RE relocations, so nothing is baked in).
+///
+/// `u16::MAX` marks an offset the kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    pub skc_family: u16,
+    pub skc_state: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    pub skc_net: u16,
+    pub skc_cookie: u16,
+    pub sk_protocol: u16,
+    pub sk_err: u16,
+    pub sk_timer: u16,
+    pub icsk_probes_out: u16,
+    pub icsk_user_timeout: u16,
+    pub net_ns_inum: u16,
+    pub skb_cb: u16,
+    pub skb_head: u16,
+    pub skb_network_header: u16,
+    pub skb_transport_header: u16,
+    pub skb_dev: u16,
+    pub dev_nd_net: u16,
+    pub tcb_gso_segs: u16,
+    pub tcb_tcp_flags: u16,
+    pub timer_function: u16,
+    /// Size of `sk_protocol` in bytes (1 or 2; a bitfield on old kernels is not supported).
+    pub sk_protocol_size: u16,
+    pub icsk_retransmit_timer: u16,
+    pub _pad: u16,
+}
+
+impl Offsets {
+    pub const MISSING: u16 = u16::MAX;
+}
+
+/// Maximum number of ports in a kernel-side port filter.
+pub const MAX_PORTS: usize = 8;
+/// Maximum number of CIDRs in a kernel-side address filter.
+pub const MAX_CIDRS: usize = 4;
+
+/// One address filter entry: matches when the first `prefix_len` bits equal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub prefix_len: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Runtime configuration, written by the daemon into the programs'
+/// read-only data before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: Offsets,
+    /// Bit `1 << kind` set: emit that kind.
+    pub event_mask: u32,
+    /// `tcp_send_reset` passes a reason argument (kernels >= 6.10).
+    pub reset_has_reason: u32,
+    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms).
+    pub keepalive_timer_fn: u64,
+    /// Address of `tcp_write_timer` (0 when unknown).
+    pub write_timer_fn: u64,
+    /// Ports to keep (either side); all zero: no port filter.
+    pub ports: [u16; MAX_PORTS],
+    pub n_cidrs: u32,
+    /// `tcp_retransmit_skb` passes the transmit result (kernels >= 6.12).
+    pub retransmit_has_err: u32,
+    pub cidrs: [Cidr; MAX_CIDRS],
+}
+
+impl Config {
+    pub const fn zeroed() -> Self {
+        Config {
+            offsets: Offsets {
+                skc_daddr: 0,
+                skc_rcv_saddr: 0,
+                skc_dport: 0,
+                skc_num: 0,
+                skc_family: 0,
+                skc_state: 0,
+                skc_v6_daddr: 0,
+                skc_v6_rcv_saddr: 0,
+                skc_net: 0,
+                skc_cookie: 0,
+                sk_protocol: 0,
+                sk_err: 0,
+                sk_timer: 0,
+                icsk_probes_out: 0,
+                icsk_user_timeout: 0,
+                net_ns_inum: 0,
+                skb_cb: 0,
+                skb_head: 0,
+                skb_network_header: 0,
+                skb_transport_header: 0,
+                skb_dev: 0,
+                dev_nd_net: 0,
+                tcb_gso_segs: 0,
+                tcb_tcp_flags: 0,
+                timer_function: 0,
+                sk_protocol_size: 0,
+                icsk_retransmit_timer: 0,
+                _pad: 0,
+            },
+            event_mask: 0,
+            reset_has_reason: 0,
+            keepalive_timer_fn: 0,
+            write_timer_fn: 0,
+            ports: [0; MAX_PORTS],
+            n_cidrs: 0,
+            retransmit_has_err: 0,
+            cidrs: [Cidr {
+                addr: [0; 16],
+                family: 0,
+                prefix_len: 0,
+                _pad: [0; 6],
+            }; MAX_CIDRS],
+        }
+    }
+}
+
+/// The process that owns a connection, learned where the kernel runs in
+/// that process's context (connect).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// State saved at `timer_expire_entry` for the socket timer running on this CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerFrame {
+    pub timer: u64,
+    pub sk: u64,
+    /// flags::IN_KEEPALIVE_TIMER or flags::IN_WRITE_TIMER, 0 when idle.
+    pub which: u32,
+    pub probes_before: u32,
+}
+
+/// Names of the maps, shared so both sides agree.
+pub mod maps {
+    pub const EVENTS: &str = "EVENTS";
+    pub const DROPS: &str = "DROPS";
+    pub const EMITTED: &str = "EMITTED";
+    pub const OWNERS: &str = "OWNERS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, made only of integers and arrays of
+    // integers, and every bit pattern is valid.
+    unsafe impl aya::Pod for RawEvent {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for TimerFrame {}
+}

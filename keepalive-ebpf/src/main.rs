@@ -1,0 +1,477 @@
+//! Kernel side of keepalive: small, boring programs that turn TCP
+//! tracepoints into [`RawEvent`]s on one ring buffer.
+//!
+//! Every struct offset comes from [`CONFIG`], which the daemon fills from the
+//! running kernel's BTF before load. Policy (what an event means, causes,
+//! verdicts) lives in userspace; the only decisions taken here are the cheap
+//! filters that save ring-buffer space.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_socket_cookie,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use keepalive_common::{Config, Owner, RawEvent, TimerFrame, flags, kind};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const ETIMEDOUT: i32 = 110;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+const TCPHDR_SYN: u8 = 0x02;
+
+/// Filled in by the daemon (`EbpfLoader::set_global`) before load.
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::zeroed();
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Events that did not fit in the ring buffer, per CPU.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events the programs tried to emit (after filtering), per CPU.
+#[map]
+static EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket cookie -> owning process, learned in process context.
+#[map]
+static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// The socket timer (keepalive or retransmit) running on this CPU.
+#[map]
+static TIMER: PerCpuArray<TimerFrame> = PerCpuArray::with_max_entries(1, 0);
+
+/// The configuration, through a pointer the compiler cannot see through,
+/// so it never folds the zeroed placeholder into the code.
+#[inline(always)]
+fn config() -> &'static Config {
+    let p: *const Config = &raw const CONFIG;
+    // SAFETY: reads back a local; the pointer is valid for 'static.
+    unsafe { &*read_volatile(&p) }
+}
+
+macro_rules! cfg {
+    ($($f:ident).+) => {
+        config().$($f).+
+    };
+}
+
+/// Reads a `T` at `base + off` from kernel memory, zero on failure.
+#[inline(always)]
+fn read<T: Default>(base: *const u8, off: u16) -> T {
+    if base.is_null() || off == u16::MAX {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
+        .unwrap_or_default()
+}
+
+#[inline(always)]
+fn wanted(k: u8) -> bool {
+    cfg!(event_mask) & (1u32 << k) != 0
+}
+
+#[inline(always)]
+fn bump(counter: &PerCpuArray<u64>) {
+    if let Some(p) = counter.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Copies the connection identity out of a `struct sock_common`.
+#[inline(always)]
+fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
+    let family: u16 = read(sk, cfg!(offsets.skc_family));
+    ev.family = family as u8;
+    ev.state = read::<u8>(sk, cfg!(offsets.skc_state));
+    ev.sport = read::<u16>(sk, cfg!(offsets.skc_num));
+    ev.dport = u16::from_be(read::<u16>(sk, cfg!(offsets.skc_dport)));
+    if family == AF_INET6 {
+        ev.saddr = read(sk, cfg!(offsets.skc_v6_rcv_saddr));
+        ev.daddr = read(sk, cfg!(offsets.skc_v6_daddr));
+    } else {
+        let s: [u8; 4] = read(sk, cfg!(offsets.skc_rcv_saddr));
+        let d: [u8; 4] = read(sk, cfg!(offsets.skc_daddr));
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    let net: u64 = read(sk, cfg!(offsets.skc_net));
+    ev.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
+}
+
+/// True when `addr` falls in `cidr` (`prefix_len` bits equal).
+#[inline(always)]
+fn in_cidr(addr: &[u8; 16], family: u8, c: &keepalive_common::Cidr) -> bool {
+    if c.family != family {
+        return false;
+    }
+    let bits = c.prefix_len as usize;
+    let mut i = 0;
+    while i < 16 {
+        let left = bits.saturating_sub(i * 8);
+        if left == 0 {
+            return true;
+        }
+        let mask: u8 = if left >= 8 { 0xff } else { 0xffu8 << (8 - left) };
+        if (addr[i] ^ c.addr[i]) & mask != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Kernel-side port and address filters; userspace applies the rest.
+#[inline(always)]
+fn passes_filters(ev: &RawEvent) -> bool {
+    let ports = &config().ports;
+    if ports[0] != 0 {
+        let mut hit = false;
+        let mut i = 0;
+        while i < ports.len() {
+            let p = ports[i];
+            if p != 0 && (p == ev.sport || p == ev.dport) {
+                hit = true;
+            }
+            i += 1;
+        }
+        if !hit {
+            return false;
+        }
+    }
+    let n = cfg!(n_cidrs) as usize;
+    if n != 0 {
+        let cidrs = &config().cidrs;
+        let mut hit = false;
+        let mut i = 0;
+        while i < cidrs.len() {
+            if i < n
+                && (in_cidr(&ev.saddr, ev.family, &cidrs[i])
+                    || in_cidr(&ev.daddr, ev.family, &cidrs[i]))
+            {
+                hit = true;
+            }
+            i += 1;
+        }
+        if !hit {
+            return false;
+        }
+    }
+    true
+}
+
+/// Adds the owner learned at connect time, then filters and submits.
+#[inline(always)]
+fn emit(ev: &mut RawEvent) {
+    if !passes_filters(ev) {
+        return;
+    }
+    if ev.cookie != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(o) = unsafe { OWNERS.get(&ev.cookie) } {
+            ev.pid = o.pid;
+            ev.comm = o.comm;
+        }
+    }
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    bump(&EMITTED);
+    match EVENTS.reserve::<RawEvent>(0) {
+        Some(mut slot) => {
+            slot.write(*ev);
+            slot.submit(0);
+        }
+        None => bump(&DROPS),
+    }
+}
+
+#[inline(always)]
+fn cookie_of(sk: *const u8) -> u64 {
+    // SAFETY: `sk` is a trusted BTF pointer from the tracepoint arguments.
+    unsafe { bpf_get_socket_cookie(sk as *mut _) }
+}
+
+#[inline(always)]
+fn protocol(sk: *const u8) -> u16 {
+    if cfg!(offsets.sk_protocol_size) == 1 {
+        read::<u8>(sk, cfg!(offsets.sk_protocol)) as u16
+    } else {
+        read::<u16>(sk, cfg!(offsets.sk_protocol))
+    }
+}
+
+/// Which socket timer is running on this CPU for `sk`, as event flags.
+#[inline(always)]
+fn timer_flags(sk: *const u8) -> u8 {
+    match TIMER.get(0) {
+        Some(f) if f.sk == sk as u64 => f.which as u8,
+        _ => 0,
+    }
+}
+
+// tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
+    if !wanted(kind::RETRANSMIT) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    if sk.is_null() {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::RETRANSMIT,
+        cookie: cookie_of(sk),
+        ..RawEvent::default()
+    };
+    fill_sock(&mut ev, sk);
+    let cb = cfg!(offsets.skb_cb);
+    if cb != u16::MAX && !skb.is_null() {
+        let tcb = skb.wrapping_add(cb as usize);
+        ev.a = read::<u16>(tcb, cfg!(offsets.tcb_gso_segs)) as u32;
+        if read::<u8>(tcb, cfg!(offsets.tcb_tcp_flags)) & TCPHDR_SYN != 0 {
+            ev.flags |= flags::SYN;
+        }
+    }
+    if cfg!(retransmit_has_err) != 0 {
+        let err: i64 = ctx.arg(2);
+        ev.b = err as i32 as u32;
+    }
+    ev.flags |= timer_flags(sk);
+    emit(&mut ev);
+    0
+}
+
+/// Fills the tuple of a reset sent without a socket from the packet it answers.
+#[inline(always)]
+fn fill_from_skb(ev: &mut RawEvent, skb: *const u8) {
+    let head: u64 = read(skb, cfg!(offsets.skb_head));
+    let nh: u16 = read(skb, cfg!(offsets.skb_network_header));
+    let th: u16 = read(skb, cfg!(offsets.skb_transport_header));
+    let ip = (head as *const u8).wrapping_add(nh as usize);
+    let tcp = (head as *const u8).wrapping_add(th as usize);
+    let ver: u8 = read(ip, 0);
+    // The reset travels back: our source is the packet's destination.
+    if ver >> 4 == 6 {
+        ev.family = AF_INET6 as u8;
+        ev.daddr = read(ip, 8);
+        ev.saddr = read(ip, 24);
+    } else {
+        ev.family = AF_INET as u8;
+        let s: [u8; 4] = read(ip, 12);
+        let d: [u8; 4] = read(ip, 16);
+        ev.daddr[..4].copy_from_slice(&s);
+        ev.saddr[..4].copy_from_slice(&d);
+    }
+    ev.dport = u16::from_be(read::<u16>(tcp, 0));
+    ev.sport = u16::from_be(read::<u16>(tcp, 2));
+    let dev: u64 = read(skb, cfg!(offsets.skb_dev));
+    let net: u64 = read(dev as *const u8, cfg!(offsets.dev_nd_net));
+    ev.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
+}
+
+// tcp_send_reset(const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
+    if !wanted(kind::RESET_SENT) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    let mut ev = RawEvent {
+        kind: kind::RESET_SENT,
+        ..RawEvent::default()
+    };
+    if !sk.is_null() {
+        ev.cookie = cookie_of(sk);
+        fill_sock(&mut ev, sk);
+        ev.flags |= timer_flags(sk);
+    } else if !skb.is_null() {
+        ev.flags |= flags::NO_SOCKET;
+        fill_from_skb(&mut ev, skb);
+    } else {
+        return 0;
+    }
+    if cfg!(reset_has_reason) != 0 {
+        let reason: u64 = ctx.arg(2);
+        ev.b = reason as u32;
+        ev.flags |= flags::HAS_REASON;
+    }
+    emit(&mut ev);
+    0
+}
+
+// tcp_receive_reset(struct sock *sk)
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
+    if !wanted(kind::RESET_RECEIVED) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::RESET_RECEIVED,
+        cookie: cookie_of(sk),
+        ..RawEvent::default()
+    };
+    fill_sock(&mut ev, sk);
+    emit(&mut ev);
+    0
+}
+
+// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() || protocol(sk) != IPPROTO_TCP {
+        return 0;
+    }
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    // Generating the cookie here also makes it readable later from
+    // contexts that cannot call the helper (the timer tracepoints).
+    let cookie = cookie_of(sk);
+    if new as u32 == TCP_SYN_SENT {
+        // connect(): the only transition that runs in the owner's context.
+        let owner = Owner {
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            _pad: 0,
+            comm: bpf_get_current_comm().unwrap_or_default(),
+        };
+        let _ = OWNERS.insert(&cookie, &owner, 0);
+    }
+    if wanted(kind::STATE_CHANGE) {
+        let mut ev = RawEvent {
+            kind: kind::STATE_CHANGE,
+            cookie,
+            a: old as u32,
+            b: new as u32,
+            ..RawEvent::default()
+        };
+        fill_sock(&mut ev, sk);
+        emit(&mut ev);
+    }
+    if new as u32 == TCP_CLOSE {
+        let _ = OWNERS.remove(&cookie);
+    }
+    0
+}
+
+// inet_sk_error_report(const struct sock *sk)
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
+    if !wanted(kind::TIMEOUT) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() || protocol(sk) != IPPROTO_TCP {
+        return 0;
+    }
+    let err: i32 = read(sk, cfg!(offsets.sk_err));
+    if err != ETIMEDOUT {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::TIMEOUT,
+        cookie: cookie_of(sk),
+        a: err as u32,
+        b: read::<u32>(sk, cfg!(offsets.icsk_user_timeout)),
+        c: read::<u8>(sk, cfg!(offsets.icsk_probes_out)) as u32,
+        ..RawEvent::default()
+    };
+    fill_sock(&mut ev, sk);
+    ev.flags |= timer_flags(sk);
+    emit(&mut ev);
+    0
+}
+
+// timer_expire_entry(struct timer_list *timer, unsigned long baseclk)
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    let func: u64 = read(timer, cfg!(offsets.timer_function));
+    let (which, sk) = if func == cfg!(keepalive_timer_fn) && func != 0 {
+        (
+            flags::IN_KEEPALIVE_TIMER,
+            timer.wrapping_sub(cfg!(offsets.sk_timer) as usize),
+        )
+    } else if func == cfg!(write_timer_fn) && func != 0 {
+        (
+            flags::IN_WRITE_TIMER,
+            timer.wrapping_sub(cfg!(offsets.icsk_retransmit_timer) as usize),
+        )
+    } else {
+        return 0;
+    };
+    if let Some(f) = TIMER.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+        unsafe {
+            (*f).timer = timer as u64;
+            (*f).sk = sk as u64;
+            (*f).which = which as u32;
+            (*f).probes_before = read::<u8>(sk, cfg!(offsets.icsk_probes_out)) as u32;
+        }
+    }
+    0
+}
+
+// timer_expire_exit(struct timer_list *timer)
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    let Some(f) = TIMER.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, see ka_timer_entry.
+    let frame = unsafe { *f };
+    if frame.timer != timer as u64 || frame.which == 0 {
+        return 0;
+    }
+    unsafe { (*f).which = 0 };
+    if frame.which != flags::IN_KEEPALIVE_TIMER as u32 || !wanted(kind::KEEPALIVE_PROBE) {
+        return 0;
+    }
+    let sk = frame.sk as *const u8;
+    // tcp_keepalive_timer increments icsk_probes_out exactly when it sends
+    // a probe, so a rise across the callback is one probe on the wire.
+    let after = read::<u8>(sk, cfg!(offsets.icsk_probes_out)) as u32;
+    if after <= frame.probes_before {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::KEEPALIVE_PROBE,
+        cookie: read(sk, cfg!(offsets.skc_cookie)),
+        a: after,
+        c: after,
+        flags: flags::IN_KEEPALIVE_TIMER,
+        ..RawEvent::default()
+    };
+    fill_sock(&mut ev, sk);
+    emit(&mut ev);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,271 @@
+//! Resolves the kernel struct offsets the eBPF programs need from the
+//! running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! rustc emits no CO-RE relocations, so instead of baking offsets for one
+//! kernel build we look every field up here at start-up and hand them to the
+//! programs in [`keepalive_common::Offsets`].
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use btf_rs::{Btf, Type};
+use keepalive_common::Offsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The kernel's type information.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+/// Where a field sits inside its struct, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub offset: usize,
+    pub size: usize,
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<Self> {
+        Self::from_path(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "{} not found: this kernel has no BTF; use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                path.display()
+            );
+        }
+        let btf = Btf::from_file(path)
+            .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", path.display()))?;
+        Ok(Self { btf })
+    }
+
+    /// The struct or union named `name`.
+    fn find_struct(&self, name: &str) -> Result<btf_rs::Struct> {
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| anyhow!("kernel BTF has no type `{name}`"))?;
+        types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no struct `{name}`"))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn strip(&self, mut t: Type) -> Result<Type> {
+        loop {
+            match t {
+                Type::Typedef(_)
+                | Type::Volatile(_)
+                | Type::Const(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => {
+                    t = self.btf.resolve_chained_type(t.as_btf_type().unwrap())?;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn size_of(&self, t: &Type) -> Result<usize> {
+        Ok(match self.strip(t.clone())? {
+            Type::Int(i) => i.size(),
+            Type::Ptr(_) => 8,
+            Type::Struct(s) | Type::Union(s) => s.size(),
+            Type::Enum(e) => e.size(),
+            Type::Enum64(e) => e.size(),
+            Type::Array(a) => {
+                let elem = self.btf.resolve_chained_type(&a)?;
+                a.len() * self.size_of(&elem)?
+            }
+            other => bail!("cannot size BTF type {}", other.name()),
+        })
+    }
+
+    /// Finds `name` among the members of `s`, looking through anonymous
+    /// structs and unions. Returns the bit offset and the member's type.
+    fn member(&self, s: &btf_rs::Struct, name: &str) -> Result<Option<(u32, Type)>> {
+        for m in &s.members {
+            let mname = self.btf.resolve_name(m).unwrap_or_default();
+            let mtype = self.btf.resolve_chained_type(m)?;
+            if mname == name {
+                return Ok(Some((m.bit_offset(), mtype)));
+            }
+            if mname.is_empty()
+                && let Type::Struct(inner) | Type::Union(inner) = self.strip(mtype)?
+                && let Some((off, t)) = self.member(&inner, name)?
+            {
+                return Ok(Some((m.bit_offset() + off, t)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset and size of `path` (`a.b.c`) inside struct `root`.
+    pub fn field(&self, root: &str, path: &str) -> Result<Field> {
+        let mut s = self.find_struct(root)?;
+        let mut bits = 0u32;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (off, t) = self
+                .member(&s, part)?
+                .ok_or_else(|| anyhow!("kernel struct `{root}` has no field `{path}`"))?;
+            bits += off;
+            if i + 1 == parts.len() {
+                if bits % 8 != 0 {
+                    bail!("`{root}.{path}` is a bitfield; this kernel is not supported");
+                }
+                return Ok(Field {
+                    offset: (bits / 8) as usize,
+                    size: self.size_of(&t)?,
+                });
+            }
+            s = match self.strip(t)? {
+                Type::Struct(inner) | Type::Union(inner) => inner,
+                _ => bail!("`{root}.{path}`: `{part}` is not a struct"),
+            };
+        }
+        unreachable!("split yields at least one part")
+    }
+
+    /// Number of arguments a BTF-enabled tracepoint passes (without the context).
+    pub fn tracepoint_args(&self, tp: &str) -> Result<usize> {
+        let name = format!("btf_trace_{tp}");
+        let t = self
+            .btf
+            .resolve_types_by_name(&name)
+            .map_err(|_| anyhow!("kernel has no tracepoint `{tp}` in BTF"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("kernel has no tracepoint `{tp}` in BTF"))?;
+        let mut t = self.strip(t)?;
+        if let Type::Ptr(p) = &t {
+            t = self.strip(self.btf.resolve_chained_type(p)?)?;
+        }
+        match t {
+            Type::FuncProto(fp) => Ok(fp.parameters.len().saturating_sub(1)),
+            other => bail!("btf_trace_{tp} is a {}, not a function", other.name()),
+        }
+    }
+
+    /// Every offset the programs need. Fails naming the first missing field.
+    pub fn offsets(&self) -> Result<Offsets> {
+        let off = |root: &str, path: &str| -> Result<u16> {
+            let f = self.field(root, path)?;
+            u16::try_from(f.offset).with_context(|| format!("{root}.{path} offset too large"))
+        };
+        let protocol = self.field("sock", "sk_protocol")?;
+        Ok(Offsets {
+            skc_daddr: off("sock_common", "skc_daddr")?,
+            skc_rcv_saddr: off("sock_common", "skc_rcv_saddr")?,
+            skc_dport: off("sock_common", "skc_dport")?,
+            skc_num: off("sock_common", "skc_num")?,
+            skc_family: off("sock_common", "skc_family")?,
+            skc_state: off("sock_common", "skc_state")?,
+            skc_v6_daddr: off("sock_common", "skc_v6_daddr")?,
+            skc_v6_rcv_saddr: off("sock_common", "skc_v6_rcv_saddr")?,
+            skc_net: off("sock_common", "skc_net")?,
+            skc_cookie: off("sock_common", "skc_cookie")?,
+            sk_protocol: protocol.offset as u16,
+            sk_protocol_size: protocol.size as u16,
+            sk_err: off("sock", "sk_err")?,
+            sk_timer: off("sock", "sk_timer")?,
+            icsk_probes_out: off("inet_connection_sock", "icsk_probes_out")?,
+            icsk_user_timeout: off("inet_connection_sock", "icsk_user_timeout")?,
+            icsk_retransmit_timer: off("inet_connection_sock", "icsk_retransmit_timer")?,
+            net_ns_inum: off("net", "ns.inum")?,
+            skb_cb: off("sk_buff", "cb")?,
+            skb_head: off("sk_buff", "head")?,
+            skb_network_header: off("sk_buff", "network_header")?,
+            skb_transport_header: off("sk_buff", "transport_header")?,
+            skb_dev: off("sk_buff", "dev")?,
+            dev_nd_net: off("net_device", "nd_net")?,
+            tcb_gso_segs: off("tcp_skb_cb", "tcp_gso_segs")?,
+            tcb_tcp_flags: off("tcp_skb_cb", "tcp_flags")?,
+            timer_function: off("timer_list", "function")?,
+            _pad: 0,
+        })
+    }
+}
+
+impl KernelBtf {
+    /// Names of an enum's values indexed by value, with `prefix` removed
+    /// (used for `enum sk_rst_reason`). Empty when the kernel lacks the enum.
+    pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<Option<String>> {
+        let Ok(types) = self.btf.resolve_types_by_name(name) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Option<String>> = Vec::new();
+        for t in types {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    let v = m.val() as usize;
+                    if v > 4096 {
+                        continue;
+                    }
+                    let n = self.btf.resolve_name(m).unwrap_or_default();
+                    if out.len() <= v {
+                        out.resize(v + 1, None);
+                    }
+                    out[v] = Some(n.strip_prefix(prefix).unwrap_or(&n).to_string());
+                }
+                break;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // These read the running kernel's BTF, which the monitor requires anyway.
+    fn kernel() -> Option<KernelBtf> {
+        Some(KernelBtf::load().expect("these tests need the kernel's BTF at /sys/kernel/btf/vmlinux"))
+    }
+
+    #[test]
+    fn resolves_every_offset_on_this_kernel() {
+        let Some(k) = kernel() else { return };
+        let o = k.offsets().unwrap();
+        // sock_common starts with the address pair on every kernel since 2.6.
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.sk_protocol_size == 1 || o.sk_protocol_size == 2);
+        assert_ne!(o.icsk_probes_out, o.icsk_user_timeout);
+    }
+
+    #[test]
+    fn anonymous_members_are_searched() {
+        let Some(k) = kernel() else { return };
+        // tcp_gso_segs lives in an anonymous struct inside an anonymous union.
+        let f = k.field("tcp_skb_cb", "tcp_gso_segs").unwrap();
+        assert_eq!(f.size, 2);
+        assert!(k.field("sock_common", "no_such_field").is_err());
+    }
+
+    #[test]
+    fn tracepoint_argument_counts() {
+        let Some(k) = kernel() else { return };
+        assert_eq!(k.tracepoint_args("inet_sock_set_state").unwrap(), 3);
+        assert_eq!(k.tracepoint_args("tcp_receive_reset").unwrap(), 1);
+        assert!(k.tracepoint_args("no_such_tracepoint").is_err());
+    }
+
+    #[test]
+    fn reset_reason_names() {
+        let Some(k) = kernel() else { return };
+        let names = k.enum_names("sk_rst_reason", "SK_RST_REASON_");
+        if !names.is_empty() {
+            assert_eq!(names[0].as_deref(), Some("NOT_SPECIFIED"));
+            assert_eq!(names[1].as_deref(), Some("NO_SOCKET"));
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Loads the embedded eBPF object with the runtime configuration and
+//! attaches its programs.
+//!
+//! [`HOOKS`] is the table of which program needs which kernel hook; `check`
+//! walks it to tell the user what works on their kernel. Every attachment is
+//! a BPF link owned by this process, so when the process exits for any
+//! reason (SIGKILL included) the kernel detaches and frees everything:
+//! nothing is pinned, nothing outlives us.
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
+use keepalive_common::Config;
+
+use super::btf::KernelBtf;
+use super::symbols;
+use crate::events::ResetReasons;
+use crate::events::filter::Filter;
+
+/// The eBPF object built by build.rs (empty when the eBPF toolchain was missing).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive.bpf.o"));
+
+/// How build.rs produced [`EBPF_OBJECT`].
+pub const EBPF_BUILD: &str = env!("KEEPALIVE_EBPF_BUILD");
+
+/// One kernel hook the monitor uses.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// Program name in the eBPF object.
+    pub program: &'static str,
+    /// BTF-enabled tracepoint (`tp_btf`) it attaches to.
+    pub tracepoint: &'static str,
+    /// What the user loses without it.
+    pub provides: &'static str,
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "ka_state",
+        tracepoint: "inet_sock_set_state",
+        provides: "state_change events, connection owners",
+    },
+    Hook {
+        program: "ka_retransmit",
+        tracepoint: "tcp_retransmit_skb",
+        provides: "retransmit events",
+    },
+    Hook {
+        program: "ka_reset_sent",
+        tracepoint: "tcp_send_reset",
+        provides: "reset_sent events",
+    },
+    Hook {
+        program: "ka_reset_received",
+        tracepoint: "tcp_receive_reset",
+        provides: "reset_received events",
+    },
+    Hook {
+        program: "ka_error",
+        tracepoint: "inet_sk_error_report",
+        provides: "timeout events",
+    },
+    Hook {
+        program: "ka_timer_entry",
+        tracepoint: "timer_expire_entry",
+        provides: "keepalive_probe events, timeout causes",
+    },
+    Hook {
+        program: "ka_timer_exit",
+        tracepoint: "timer_expire_exit",
+        provides: "keepalive_probe events",
+    },
+];
+
+/// Everything learned from the kernel before loading.
+pub struct KernelInfo {
+    pub config: Config,
+    pub reset_reasons: ResetReasons,
+}
+
+/// Reads BTF and kallsyms and builds the program configuration.
+pub fn kernel_info(filter: &Filter) -> Result<KernelInfo> {
+    let kbtf = KernelBtf::load()?;
+    let mut config = Config::zeroed();
+    config.offsets = kbtf.offsets()?;
+    let timers = symbols::timer_symbols()?;
+    config.keepalive_timer_fn = timers.keepalive_timer;
+    config.write_timer_fn = timers.write_timer;
+    config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
+    config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
+    filter.apply_to_kernel(&mut config);
+    let reset_reasons = ResetReasons(kbtf.enum_names("sk_rst_reason", "SK_RST_REASON_"));
+    Ok(KernelInfo {
+        config,
+        reset_reasons,
+    })
+}
+
+pub fn ensure_object() -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this keepalive binary was built without its eBPF programs ({EBPF_BUILD}); build it with `cargo xtask build --release`"
+        );
+    }
+    Ok(())
+}
+
+/// Loads the object with `config`; `ring_size` overrides the ring buffer size in bytes.
+pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
+    ensure_object()?;
+    raise_memlock();
+    let mut loader = EbpfLoader::new();
+    loader.override_global("CONFIG", config, true);
+    if let Some(size) = ring_size {
+        loader.map_max_entries(keepalive_common::maps::EVENTS, size);
+    }
+    loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
+}
+
+/// Loads and attaches one hook's program.
+pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
+        .try_into()
+        .with_context(|| format!("program {} has the wrong type", hook.program))?;
+    prog.load(hook.tracepoint, btf)
+        .map_err(|e| anyhow!("{}", verifier_summary(&e)))
+        .with_context(|| format!("loading {} for tp_btf/{}", hook.program, hook.tracepoint))?;
+    prog.attach()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("attaching tp_btf/{}", hook.tracepoint))?;
+    Ok(())
+}
+
+/// Attaches every hook; the first failure is an error naming the hook.
+pub fn attach_all(ebpf: &mut Ebpf) -> Result<usize> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
+    for hook in HOOKS {
+        attach(ebpf, &btf, hook)?;
+    }
+    Ok(HOOKS.len())
+}
+
+/// The last informative lines of a verifier log, on one line.
+fn verifier_summary(e: &aya::programs::ProgramError) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s = format!("{s}: {inner}");
+        src = inner.source();
+    }
+    if let aya::programs::ProgramError::LoadError { verifier_log, .. } = e {
+        let log = verifier_log.to_string();
+        let tail: Vec<&str> = log.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        if !tail.is_empty() {
+            s = format!("{s} (verifier: {})", tail.join(" | "));
+        }
+    }
+    s
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let r = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit pointer; failure only matters on old kernels.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
+}

@@ -1,0 +1,252 @@
+//! Renders events for people (`text`) and programs (`json`, one object per
+//! line; schema in docs/events.md).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+
+use crate::events::{Detail, Event, state_name};
+
+/// Version of the JSON schema, written as `v` in every record.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Converts the kernel's CLOCK_MONOTONIC stamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// realtime - monotonic, in nanoseconds.
+    offset_ns: i128,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Clock {
+            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    pub fn fixed(offset_ns: i128) -> Self {
+        Clock { offset_ns }
+    }
+
+    pub fn mono_now_ns() -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC) as u64
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        let real = (mono_ns as i128 + self.offset_ns).max(0) as u128;
+        UNIX_EPOCH + Duration::from_nanos(real as u64)
+    }
+
+    pub fn rfc3339(&self, mono_ns: u64) -> String {
+        humantime::format_rfc3339_micros(self.wall(mono_ns)).to_string()
+    }
+}
+
+/// One event as a JSON object.
+pub fn event_json(e: &Event, clock: &Clock) -> Value {
+    let mut m = Map::new();
+    m.insert("v".into(), json!(SCHEMA_VERSION));
+    m.insert("event".into(), json!(e.kind().name()));
+    m.insert("ts".into(), json!(clock.rfc3339(e.ts_mono_ns)));
+    m.insert("ts_mono_ns".into(), json!(e.ts_mono_ns));
+    m.insert("cookie".into(), json!(e.cookie));
+    m.insert("netns".into(), json!(e.netns));
+    m.insert("saddr".into(), json!(e.saddr.to_string()));
+    m.insert("sport".into(), json!(e.sport));
+    m.insert("daddr".into(), json!(e.daddr.to_string()));
+    m.insert("dport".into(), json!(e.dport));
+    m.insert("state".into(), json!(state_name(e.state)));
+    m.insert("pid".into(), json!(e.owner.as_ref().map(|o| o.pid)));
+    m.insert("comm".into(), json!(e.owner.as_ref().map(|o| o.comm.clone())));
+    match &e.detail {
+        Detail::Retransmit { segs, syn, err } => {
+            m.insert("segs".into(), json!(segs));
+            m.insert("syn".into(), json!(syn));
+            m.insert("err".into(), json!(err));
+        }
+        Detail::ResetSent { reason, no_socket } => {
+            m.insert("reason".into(), json!(reason));
+            m.insert("no_socket".into(), json!(no_socket));
+        }
+        Detail::ResetReceived => {}
+        Detail::StateChange { old, new } => {
+            m.insert("old_state".into(), json!(state_name(*old)));
+            m.insert("new_state".into(), json!(state_name(*new)));
+        }
+        Detail::KeepaliveProbe { probe } => {
+            m.insert("probe".into(), json!(probe));
+        }
+        Detail::Timeout {
+            cause,
+            probes_out,
+            user_timeout_ms,
+        } => {
+            m.insert("cause".into(), json!(cause.name()));
+            m.insert("error".into(), json!("ETIMEDOUT"));
+            m.insert("probes_out".into(), json!(probes_out));
+            m.insert("user_timeout_ms".into(), json!(user_timeout_ms));
+        }
+    }
+    Value::Object(m)
+}
+
+/// The record written when the kernel could not hand over `count` events.
+pub fn lost_json(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> Value {
+    json!({
+        "v": SCHEMA_VERSION,
+        "event": "lost",
+        "ts": clock.rfc3339(mono_ns),
+        "ts_mono_ns": mono_ns,
+        "lost": count,
+        "lost_total": total,
+    })
+}
+
+fn endpoint(addr: &std::net::IpAddr, port: u16) -> String {
+    match addr {
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+    }
+}
+
+/// One event as a line of text.
+pub fn event_text(e: &Event, clock: &Clock) -> String {
+    let mut s = format!(
+        "{} {:<15} {} > {} {} cookie={}",
+        clock.rfc3339(e.ts_mono_ns),
+        e.kind().name(),
+        endpoint(&e.saddr, e.sport),
+        endpoint(&e.daddr, e.dport),
+        state_name(e.state),
+        e.cookie,
+    );
+    match &e.detail {
+        Detail::Retransmit { segs, syn, err } => {
+            s += &format!(" segs={segs}");
+            if *syn {
+                s += " syn";
+            }
+            if *err != 0 {
+                s += &format!(" err={err}");
+            }
+        }
+        Detail::ResetSent { reason, no_socket } => {
+            if let Some(r) = reason {
+                s += &format!(" reason={r}");
+            }
+            if *no_socket {
+                s += " no_socket";
+            }
+        }
+        Detail::ResetReceived => {}
+        Detail::StateChange { old, new } => {
+            s += &format!(" {} -> {}", state_name(*old), state_name(*new));
+        }
+        Detail::KeepaliveProbe { probe } => s += &format!(" probe={probe}"),
+        Detail::Timeout {
+            cause,
+            probes_out,
+            user_timeout_ms,
+        } => {
+            s += &format!(" cause={} probes_out={probes_out}", cause.name());
+            if *user_timeout_ms != 0 {
+                s += &format!(" user_timeout_ms={user_timeout_ms}");
+            }
+        }
+    }
+    if let Some(o) = &e.owner {
+        s += &format!(" pid={} comm={}", o.pid, o.comm);
+    }
+    s
+}
+
+pub fn lost_text(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> String {
+    format!(
+        "{} lost            {count} events dropped by the kernel (ring buffer full), {total} in all",
+        clock.rfc3339(mono_ns)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Owner, TimeoutCause};
+
+    fn ev(detail: Detail) -> Event {
+        Event {
+            ts_mono_ns: 1_000_000_000,
+            cookie: 9,
+            netns: 4026531840,
+            saddr: "198.18.0.1".parse().unwrap(),
+            sport: 40000,
+            daddr: "fd00::2".parse().unwrap(),
+            dport: 80,
+            state: 1,
+            owner: None,
+            detail,
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let clock = Clock::fixed(1_700_000_000_000_000_000);
+        let v = event_json(&ev(Detail::KeepaliveProbe { probe: 2 }), &clock);
+        assert_eq!(v["event"], "keepalive_probe");
+        assert_eq!(v["probe"], 2);
+        assert_eq!(v["cookie"], 9);
+        assert_eq!(v["state"], "ESTABLISHED");
+        assert_eq!(v["pid"], Value::Null);
+        assert_eq!(v["ts"], "2023-11-14T22:13:21.000000Z");
+        let v = event_json(
+            &ev(Detail::Timeout {
+                cause: TimeoutCause::UserTimeout,
+                probes_out: 0,
+                user_timeout_ms: 2000,
+            }),
+            &clock,
+        );
+        assert_eq!(v["cause"], "user_timeout");
+        assert_eq!(v["user_timeout_ms"], 2000);
+        let v = event_json(&ev(Detail::StateChange { old: 2, new: 1 }), &clock);
+        assert_eq!(v["old_state"], "SYN_SENT");
+        assert_eq!(v["new_state"], "ESTABLISHED");
+    }
+
+    #[test]
+    fn text_is_one_readable_line() {
+        let clock = Clock::fixed(0);
+        let mut e = ev(Detail::Retransmit {
+            segs: 2,
+            syn: true,
+            err: 0,
+        });
+        e.owner = Some(Owner {
+            pid: 5,
+            comm: "curl".into(),
+        });
+        let t = event_text(&e, &clock);
+        assert!(t.contains("retransmit"), "{t}");
+        assert!(t.contains("198.18.0.1:40000 > [fd00::2]:80"), "{t}");
+        assert!(t.contains("segs=2 syn"), "{t}");
+        assert!(t.ends_with("pid=5 comm=curl"), "{t}");
+        assert!(!t.contains('\n'));
+    }
+
+    #[test]
+    fn lost_record() {
+        let v = lost_json(3, 10, 0, &Clock::fixed(0));
+        assert_eq!(v["event"], "lost");
+        assert_eq!(v["lost"], 3);
+        assert_eq!(v["lost_total"], 10);
+    }
+}
