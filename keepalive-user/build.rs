@@ -11,7 +11,8 @@
 //! All need `bpf-linker` on PATH (or in ~/.cargo/bin). When none is usable
 //! an empty object is written, so `cargo build`/`clippy` of the workspace
 //! still work; that binary refuses to start and says how to build the real
-//! one (`cargo xtask build --release`).
+//! one (`cargo xtask build --release`). `KEEPALIVE_REQUIRE_EBPF=1` (set by
+//! xtask) turns that fallback into a build error.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ fn main() {
     for var in [
         "KEEPALIVE_EBPF_OBJECT",
         "KEEPALIVE_EBPF_TOOLCHAIN",
+        "KEEPALIVE_REQUIRE_EBPF",
         "PATH",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -131,6 +133,9 @@ fn done(how: &str) {
 }
 
 fn stub(out: &Path, why: &str) {
+    if env::var_os("KEEPALIVE_REQUIRE_EBPF").is_some_and(|v| v == "1") {
+        panic!("KEEPALIVE_REQUIRE_EBPF=1 but the eBPF programs cannot be built: {why}; run `cargo xtask setup`");
+    }
     println!("cargo:warning=eBPF programs not built: {why}; run `cargo xtask build` to build them");
     std::fs::write(out, b"").unwrap();
     done(&format!("no eBPF programs: {why}"));
