@@ -178,7 +178,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     let emitted: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(take(&mut ebpf, maps::EMITTED)?)?;
 
-    rt.block_on(async {
+    rt.block_on(async move {
         // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so
         // the fd stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register(ring) }
@@ -217,7 +217,9 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                 _ = sigterm.recv() => break,
             }
         }
-        // Drain what is already in the ring, then account for drops.
+        // Detach first so the counters stop moving, then drain what is
+        // already in the ring and account for drops: emitted == received + lost.
+        drop(ebpf);
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             if let Flow::Closed = rec.event(&item)? {
@@ -233,7 +235,5 @@ pub fn run(opts: RecordOptions) -> Result<()> {
             rec.lost_total
         );
         Ok::<(), anyhow::Error>(())
-    })?;
-    drop(ebpf);
-    Ok(())
+    })
 }

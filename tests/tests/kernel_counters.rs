@@ -1,0 +1,221 @@
+//! The event stream against the kernel's own counters: every test makes
+//! real connections between two namespaces, runs `keepalive record`, and
+//! compares what it reports with /proc/net/{snmp,netstat} of each
+//! namespace over the same interval, exactly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use keepalive_tests::*;
+use serde_json::Value;
+
+fn cookies(events: &[&Value]) -> Vec<u64> {
+    events.iter().map(|e| e["cookie"].as_u64().unwrap()).collect()
+}
+
+fn read_err(s: &TcpStream, limit: Duration) -> std::io::Error {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    match (&*s).read(&mut buf) {
+        Ok(n) => panic!("read returned {n} bytes; expected the kernel to abort the connection"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
+    let pair = Pair::new("kp");
+    let mut mon = Monitor::start(&[]);
+    let (a0, b0) = (pair.a.counters(), pair.b.counters());
+
+    // Idle: probed every second after one idle second, each answered.
+    let idle = connect_pair(&pair, &pair.b4);
+    set_keepalive(&idle.client, 1, 1, 5);
+    // Busy: the timer expires after 2 s but finds recent traffic, so it
+    // re-arms without sending a probe.
+    let busy = connect_pair(&pair, &pair.b4);
+    set_keepalive(&busy.client, 2, 1, 5);
+    let mut buf = [0u8; 1];
+    for _ in 0..12 {
+        (&busy.client).write_all(b"x").unwrap();
+        (&busy.server).read_exact(&mut buf).unwrap();
+        (&busy.server).write_all(b"y").unwrap();
+        (&busy.client).read_exact(&mut buf).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (idle_ck, busy_ck) = (cookie(&idle.client), cookie(&busy.client));
+    drop(busy);
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let (a1, b1) = (pair.a.counters(), pair.b.counters());
+    let events = mon.stop();
+
+    let probes = of_kind(&events, pair.a.inode(), "keepalive_probe");
+    let kernel = a0.delta(&a1, "TcpExt.TCPKeepAlive");
+    assert!(kernel >= 2, "expected the kernel to send probes, TCPKeepAlive delta {kernel}");
+    assert_eq!(probes.len() as i64, kernel, "probe events vs TcpExt.TCPKeepAlive: {probes:#?}");
+    assert!(cookies(&probes).iter().all(|&c| c == idle_ck), "probes on the wrong connection");
+    assert!(!cookies(&probes).contains(&busy_ck));
+    // Answered probes never accumulate: each is the 1st unanswered one.
+    assert!(probes.iter().all(|p| p["probe"] == 1), "{probes:#?}");
+    // Owner learned at connect() from this process, not the softirq's task.
+    assert!(probes.iter().all(|p| p["pid"] == std::process::id()), "{probes:#?}");
+    assert!(probes.iter().all(|p| p["state"] == "ESTABLISHED"));
+    assert_eq!(
+        of_kind(&events, pair.b.inode(), "keepalive_probe").len() as i64,
+        b0.delta(&b1, "TcpExt.TCPKeepAlive")
+    );
+}
+
+#[test]
+fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
+    let pair = Pair::new("sp");
+    let mut mon = Monitor::start(&[]);
+    let c = connect_pair(&pair, &pair.b4);
+    let ck = cookie(&c.client);
+    let a0 = pair.a.counters();
+    set_keepalive(&c.client, 1, 1, 3);
+    blackhole(&pair.b, None);
+
+    let err = read_err(&c.client, Duration::from_secs(20));
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "application saw {err}");
+    let a1 = pair.a.counters();
+    let events = mon.stop();
+
+    let ns = pair.a.inode();
+    let probes: Vec<u64> = of_kind(&events, ns, "keepalive_probe")
+        .iter()
+        .filter(|e| e["cookie"] == ck)
+        .map(|e| e["probe"].as_u64().unwrap())
+        .collect();
+    assert_eq!(probes, vec![1, 2, 3]);
+    assert_eq!(a0.delta(&a1, "TcpExt.TCPKeepAlive"), 3);
+    let timeouts = of_kind(&events, ns, "timeout");
+    assert_eq!(timeouts.len(), 1, "{timeouts:#?}");
+    assert_eq!(timeouts[0]["cookie"], ck);
+    assert_eq!(timeouts[0]["cause"], "keepalive");
+    assert_eq!(timeouts[0]["error"], "ETIMEDOUT");
+    assert_eq!(timeouts[0]["probes_out"], 3);
+    // The kernel tells the peer with a reset for the keepalive timeout.
+    let resets = of_kind(&events, ns, "reset_sent");
+    assert_eq!(resets.len() as i64, a0.delta(&a1, "Tcp.OutRsts"));
+    assert!(resets.iter().any(|r| r["cookie"] == ck && r["reason"] == "TCP_KEEPALIVE_TIMEOUT"), "{resets:#?}");
+}
+
+#[test]
+fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
+    let pair = Pair::new("rt");
+    pair.a.sysctl("net.ipv4.tcp_syn_retries", "6");
+    let mut mon = Monitor::start(&[]);
+    let (a0, b0) = (pair.a.counters(), pair.b.counters());
+
+    // Data dropped for a while, then let through.
+    let c = connect_pair(&pair, &pair.b4);
+    let port = c.listener.local_addr().unwrap().port();
+    blackhole(&pair.b, Some(port));
+    (&c.client).write_all(&[7u8; 3000]).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    unblackhole(&pair.b);
+    let mut got = vec![0u8; 3000];
+    c.server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&c.server).read_exact(&mut got).unwrap();
+    let data_ck = cookie(&c.client);
+
+    // SYNs to a black-holed port.
+    blackhole(&pair.b, Some(9));
+    let to: SocketAddr = format!("{}:9", pair.b4).parse().unwrap();
+    let r = pair
+        .a
+        .enter(move || TcpStream::connect_timeout(&to, Duration::from_millis(3500)));
+    assert!(r.is_err(), "connect to a black hole succeeded");
+    unblackhole(&pair.b);
+    std::thread::sleep(Duration::from_millis(200));
+    let (a1, b1) = (pair.a.counters(), pair.b.counters());
+    let events = mon.stop();
+
+    let rt = of_kind(&events, pair.a.inode(), "retransmit");
+    assert!(rt.iter().all(|e| e["err"] == 0), "{rt:#?}");
+    let segs: i64 = rt.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
+    assert_eq!(segs, a0.delta(&a1, "Tcp.RetransSegs"), "{rt:#?}");
+    let data: Vec<_> = rt.iter().filter(|e| e["syn"] == false).collect();
+    let syns: Vec<_> = rt.iter().filter(|e| e["syn"] == true).collect();
+    assert!(data.len() >= 2, "expected data retransmits: {rt:#?}");
+    assert!(data.iter().all(|e| e["cookie"] == data_ck && e["dport"] == port));
+    assert!(syns.len() >= 2, "expected SYN retransmits (at 1 s and 3 s): {rt:#?}");
+    assert!(syns.iter().all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9));
+    let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
+    let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
+    assert_eq!(segs_b, b0.delta(&b1, "Tcp.RetransSegs"));
+}
+
+#[test]
+fn resets_match_outrsts_per_namespace_with_matching_receives() {
+    let pair = Pair::new("rs");
+    let mut mon = Monitor::start(&[]);
+    let (a0, b0) = (pair.a.counters(), pair.b.counters());
+
+    // Closed port, over IPv4 and IPv6: no socket in b, the kernel answers RST.
+    for to in [format!("{}:9", pair.b4), format!("[{}]:9", pair.b6)] {
+        let to: SocketAddr = to.parse().unwrap();
+        let e = connect_in(&pair.a, to).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{to}: {e}");
+    }
+    // SO_LINGER 0: close() aborts with a reset.
+    let c = connect_pair(&pair, &pair.b4);
+    set_linger_zero(&c.client);
+    let (client_ck, server_ck) = (cookie(&c.client), cookie(&c.server));
+    drop(c.client);
+    std::thread::sleep(Duration::from_millis(200));
+    let (a1, b1) = (pair.a.counters(), pair.b.counters());
+    let events = mon.stop();
+    let (na, nb) = (pair.a.inode(), pair.b.inode());
+
+    let sent_b = of_kind(&events, nb, "reset_sent");
+    assert_eq!(sent_b.len() as i64, b0.delta(&b1, "Tcp.OutRsts"), "{sent_b:#?}");
+    assert_eq!(sent_b.len(), 2);
+    assert!(sent_b.iter().all(|e| e["no_socket"] == true && e["reason"] == "NO_SOCKET" && e["sport"] == 9));
+    let daddrs: Vec<&str> = sent_b.iter().map(|e| e["daddr"].as_str().unwrap()).collect();
+    assert!(daddrs.contains(&pair.a4.as_str()) && daddrs.contains(&pair.a6.as_str()), "{daddrs:?}");
+
+    let sent_a = of_kind(&events, na, "reset_sent");
+    assert_eq!(sent_a.len() as i64, a0.delta(&a1, "Tcp.OutRsts"), "{sent_a:#?}");
+    assert_eq!(sent_a.len(), 1);
+    assert_eq!(sent_a[0]["cookie"], client_ck);
+    assert!(sent_a[0]["reason"].is_string());
+
+    let recv_a = of_kind(&events, na, "reset_received");
+    assert_eq!(recv_a.len(), 2, "{recv_a:#?}");
+    assert!(recv_a.iter().all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9));
+    let recv_b = of_kind(&events, nb, "reset_received");
+    assert_eq!(recv_b.len(), 1, "{recv_b:#?}");
+    assert_eq!(recv_b[0]["cookie"], server_ck);
+}
+
+#[test]
+fn rto_deaths_report_user_timeout_or_retransmission() {
+    let pair = Pair::new("to");
+    pair.a.sysctl("net.ipv4.tcp_retries2", "3");
+    let mut mon = Monitor::start(&[]);
+
+    let ut = connect_pair(&pair, &pair.b4);
+    set_user_timeout(&ut.client, 1500);
+    let rto = connect_pair(&pair, &pair.b4);
+    let (ut_ck, rto_ck) = (cookie(&ut.client), cookie(&rto.client));
+    blackhole(&pair.b, None);
+    (&ut.client).write_all(b"hello").unwrap();
+    (&rto.client).write_all(b"hello").unwrap();
+    for s in [&ut.client, &rto.client] {
+        let e = read_err(s, Duration::from_secs(30));
+        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "application saw {e}");
+    }
+    let events = mon.stop();
+
+    let timeouts = of_kind(&events, pair.a.inode(), "timeout");
+    assert_eq!(timeouts.len(), 2, "{timeouts:#?}");
+    let by = |ck: u64| timeouts.iter().find(|e| e["cookie"] == ck).unwrap();
+    assert_eq!(by(ut_ck)["cause"], "user_timeout");
+    assert_eq!(by(ut_ck)["user_timeout_ms"], 1500);
+    assert_eq!(by(rto_ck)["cause"], "retransmission");
+    assert_eq!(by(rto_ck)["user_timeout_ms"], 0);
+}
