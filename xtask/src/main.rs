@@ -60,10 +60,14 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Build release, then run the whole test suite against the live kernel
-    /// (needs root). ARGS after `--` go to the test binaries.
+    /// (needs root). ARGS go to the test binaries.
     Test {
         /// Arguments for the test binaries (e.g. a test name filter).
-        #[arg(last = true, value_name = "ARGS")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
         args: Vec<String>,
     },
     /// Build release, then run the benchmarks.

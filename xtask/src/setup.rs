@@ -36,7 +36,7 @@ pub struct Missing {
     pub packages: Vec<&'static str>,
     /// `bpf-linker` is neither on PATH nor in the cargo bin directory.
     pub bpf_linker: bool,
-    /// `/sys/kernel/tracing/events` is not a directory.
+    /// tracefs is not mounted at `/sys/kernel/tracing`.
     pub tracefs: bool,
 }
 
@@ -51,7 +51,7 @@ pub fn check() -> Missing {
     Missing {
         packages: missing_packages(),
         bpf_linker: find_bpf_linker().is_none(),
-        tracefs: !Path::new(TRACEFS).join("events").is_dir(),
+        tracefs: !tracefs_mounted(),
     }
 }
 
@@ -77,7 +77,9 @@ pub fn report() -> Result<()> {
     if missing.tracefs {
         eprintln!("setup: tracefs not mounted at {TRACEFS}");
     }
-    bail!("this host is not ready: run `cargo xtask setup` (as root) to install what is missing")
+    bail!(
+        "this host is not ready: run `cargo xtask setup` to install what is missing (as root for apt packages and tracefs)"
+    )
 }
 
 /// Runs [`install`] only if [`check`] finds something missing.
@@ -111,7 +113,7 @@ fn install(missing: Missing) -> Result<()> {
             );
         }
         bail!(
-            "setup needs root to install packages and mount tracefs: run `cargo xtask setup` as root, or the commands above"
+            "setup needs root for apt-get and mount: run the commands above, or `cargo xtask setup` as root"
         );
     }
 
@@ -262,6 +264,25 @@ fn cargo_bin_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cargo/bin"))
         .unwrap_or_else(|| PathBuf::from("~/.cargo/bin"))
+}
+
+/// `/sys/kernel/tracing/events` is a directory, or (for users who cannot
+/// look inside the root-only mount point) the mount table lists tracefs there.
+fn tracefs_mounted() -> bool {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return true;
+    }
+    // mountinfo: id parent dev root MOUNTPOINT options [optional...] - FSTYPE source super
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| {
+            text.lines().any(|line| {
+                let mut fields = line.split(' ');
+                let mountpoint = fields.nth(4);
+                let fstype = fields.skip_while(|f| *f != "-").nth(1);
+                mountpoint == Some(TRACEFS) && fstype == Some("tracefs")
+            })
+        })
+        .unwrap_or(false)
 }
 
 pub fn is_root() -> bool {
