@@ -38,7 +38,11 @@ fn main() {
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
-    for p in ["keepalive-ebpf/src", "keepalive-ebpf/Cargo.toml", "keepalive-common/src"] {
+    for p in [
+        "keepalive-ebpf/src",
+        "keepalive-ebpf/Cargo.toml",
+        "keepalive-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("keepalive.bpf.o");
@@ -87,7 +91,10 @@ fn main() {
             c.arg("build")
                 .env("RUSTC", rustc)
                 .env("RUSTC_BOOTSTRAP", "1");
-            (c, format!("{} with its prebuilt bpfel core", rustc.display()))
+            (
+                c,
+                format!("{} with its prebuilt bpfel core", rustc.display()),
+            )
         }
     };
     // Nothing of the host build may leak into the BPF build.
@@ -108,7 +115,14 @@ fn main() {
     }
     let sep = "\x1f";
     cmd.current_dir(&root)
-        .args(["--package", "keepalive-ebpf", "--bins", "--release", "--target", TARGET])
+        .args([
+            "--package",
+            "keepalive-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env(
@@ -123,8 +137,7 @@ fn main() {
         panic!("building keepalive-ebpf with {how} failed ({status}); see the errors above");
     }
     let built = target_dir.join(TARGET).join("release").join("keepalive");
-    std::fs::copy(&built, &out)
-        .unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    std::fs::copy(&built, &out).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
     done(&how);
 }
 
@@ -134,7 +147,9 @@ fn done(how: &str) {
 
 fn stub(out: &Path, why: &str) {
     if env::var_os("KEEPALIVE_REQUIRE_EBPF").is_some_and(|v| v == "1") {
-        panic!("KEEPALIVE_REQUIRE_EBPF=1 but the eBPF programs cannot be built: {why}; run `cargo xtask setup`");
+        panic!(
+            "KEEPALIVE_REQUIRE_EBPF=1 but the eBPF programs cannot be built: {why}; run `cargo xtask setup`"
+        );
     }
     println!("cargo:warning=eBPF programs not built: {why}; run `cargo xtask build` to build them");
     std::fs::write(out, b"").unwrap();

@@ -5,8 +5,10 @@
 //! running kernel's BTF before load. Policy (what an event means, causes,
 //! verdicts) lives in userspace; the only decisions taken here are the cheap
 //! filters that save ring-buffer space.
-#![no_std]
-#![no_main]
+// Built for bpfel-unknown-none by keepalive-user's build.rs; on the host
+// it compiles as an empty binary so `cargo clippy --workspace` checks it.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use core::ptr::read_volatile;
 
@@ -125,7 +127,11 @@ fn in_cidr(addr: &[u8; 16], family: u8, c: &keepalive_common::Cidr) -> bool {
         if left == 0 {
             return true;
         }
-        let mask: u8 = if left >= 8 { 0xff } else { 0xffu8 << (8 - left) };
+        let mask: u8 = if left >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - left)
+        };
         if (addr[i] ^ c.addr[i]) & mask != 0 {
             return false;
         }
@@ -181,7 +187,7 @@ fn emit(ev: &mut RawEvent) {
     }
     if ev.cookie != 0 {
         // SAFETY: the value is copied out at once.
-        if let Some(o) = unsafe { OWNERS.get(&ev.cookie) } {
+        if let Some(o) = unsafe { OWNERS.get(ev.cookie) } {
             ev.pid = o.pid;
             ev.comm = o.comm;
         }
@@ -353,7 +359,7 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
             _pad: 0,
             comm: bpf_get_current_comm().unwrap_or_default(),
         };
-        let _ = OWNERS.insert(&cookie, &owner, 0);
+        let _ = OWNERS.insert(cookie, owner, 0);
     }
     if wanted(kind::STATE_CHANGE) {
         let mut ev = RawEvent {
@@ -367,7 +373,7 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
         emit(&mut ev);
     }
     if new as u32 == TCP_CLOSE {
-        let _ = OWNERS.remove(&cookie);
+        let _ = OWNERS.remove(cookie);
     }
     0
 }
@@ -466,7 +472,29 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[cfg(not(test))]
+/// Context of an `iter/tcp` program (`struct bpf_iter__tcp`).
+#[repr(C)]
+pub struct IterTcpCtx {
+    meta: *const u8,
+    sk_common: *const u8,
+    uid: u32,
+}
+
+/// Walks every TCP socket of every namespace once at start-up. Asking for
+/// each cookie makes the kernel assign one, so sockets opened before the
+/// monitor started carry their real cookie in the timer tracepoints too.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+extern "C" fn ka_iter_tcp(ctx: *mut IterTcpCtx) -> i32 {
+    // SAFETY: the kernel passes a valid context.
+    let sk = unsafe { (*ctx).sk_common };
+    if !sk.is_null() {
+        cookie_of(sk);
+    }
+    0
+}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
@@ -475,3 +503,6 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

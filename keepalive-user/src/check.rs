@@ -32,7 +32,10 @@ pub fn run() -> Result<bool> {
         "privileges",
         privileged.is_ok(),
         true,
-        privileged.clone().err().unwrap_or_else(|| "root / CAP_BPF+CAP_PERFMON".into()),
+        privileged
+            .clone()
+            .err()
+            .unwrap_or_else(|| "root / CAP_BPF+CAP_PERFMON".into()),
     ));
     let obj = loader::ensure_object();
     lines.push(line(
@@ -45,13 +48,19 @@ pub fn run() -> Result<bool> {
         },
     ));
     let btf = KernelBtf::load();
-    let offsets = btf.as_ref().map_err(|e| e.to_string()).and_then(|b| b.offsets().map_err(|e| e.to_string()));
+    let offsets = btf
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|b| b.offsets().map_err(|e| e.to_string()));
     lines.push(line(
         "BTF",
         offsets.is_ok(),
         true,
         match &offsets {
-            Ok(_) => format!("{} (all struct offsets resolved)", crate::kernel::btf::VMLINUX_BTF),
+            Ok(_) => format!(
+                "{} (all struct offsets resolved)",
+                crate::kernel::btf::VMLINUX_BTF
+            ),
             Err(e) => e.clone(),
         },
     ));

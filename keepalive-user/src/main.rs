@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keepalive::events::filter::{Filter, parse_cidr, parse_kind};
 use keepalive::events::Kind;
+use keepalive::events::filter::{Filter, parse_cidr, parse_kind};
 use keepalive::record::{self, Format, RecordOptions};
 
 #[derive(Parser)]

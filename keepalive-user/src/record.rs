@@ -122,10 +122,7 @@ impl Recorder {
 }
 
 fn sum(counter: &PerCpuArray<MapData, u64>) -> u64 {
-    counter
-        .get(&0, 0)
-        .map(|v| v.iter().sum())
-        .unwrap_or(0)
+    counter.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 fn open_sink(output: &Option<PathBuf>) -> Result<Sink> {

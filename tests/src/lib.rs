@@ -35,7 +35,10 @@ pub fn require_root() {
             .stderr(Stdio::null())
             .status()
             .is_ok();
-        assert!(ok, "`{tool}` not found: run `cargo xtask setup` (installs iproute2 and nftables)");
+        assert!(
+            ok,
+            "`{tool}` not found: run `cargo xtask setup` (installs iproute2 and nftables)"
+        );
     }
     assert!(
         Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -240,7 +243,12 @@ fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32) {
             size_of::<i32>() as u32,
         )
     };
-    assert_eq!(r, 0, "setsockopt {level}/{opt}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {level}/{opt}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Turns keepalive on with the given idle/interval (seconds) and count.
@@ -399,7 +407,11 @@ impl Monitor {
             self.stderr.push(line);
         }
         if sig == libc::SIGTERM || sig == libc::SIGINT {
-            assert!(status.success(), "keepalive exited with {status}; stderr: {:?}", self.stderr);
+            assert!(
+                status.success(),
+                "keepalive exited with {status}; stderr: {:?}",
+                self.stderr
+            );
         }
         self.events()
     }

@@ -21,16 +21,28 @@ fn run_bin(args: &[&str]) -> (i32, String, String) {
 fn assert_clean_failure(args: &[&str], expect: &str) {
     let (code, _, err) = run_bin(args);
     assert_ne!(code, 0, "{args:?} succeeded");
-    assert!(err.contains(expect), "{args:?}: stderr {err:?} lacks {expect:?}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        err.contains(expect),
+        "{args:?}: stderr {err:?} lacks {expect:?}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_flags_are_one_line_errors() {
-    assert_clean_failure(&["record", "--event", "probe"], "unknown event kind `probe`");
+    assert_clean_failure(
+        &["record", "--event", "probe"],
+        "unknown event kind `probe`",
+    );
     assert_clean_failure(&["record", "--addr", "10.0.0.0/99"], "invalid address");
     assert_clean_failure(&["record", "--port", "http"], "invalid value");
-    assert_clean_failure(&["record", "--ring-size", "1000"], "--ring-size must be a power of two");
+    assert_clean_failure(
+        &["record", "--ring-size", "1000"],
+        "--ring-size must be a power of two",
+    );
     assert_clean_failure(&["frobnicate"], "unrecognized subcommand");
 }
 
@@ -40,7 +52,10 @@ fn unwritable_output_is_a_one_line_error() {
     let (code, _, err) = run_bin(&["record", "--output", "/nonexistent/dir/out.jsonl"]);
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("cannot create /nonexistent/dir/out.jsonl"), "{err}");
+    assert!(
+        err.contains("cannot create /nonexistent/dir/out.jsonl"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -48,7 +63,12 @@ fn not_root_is_a_one_line_error() {
     require_root();
     // Drop to nobody with no capabilities.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(keepalive_bin())
         .arg("record")
         .output()
@@ -73,7 +93,10 @@ fn check_passes_here_and_lists_every_hook() {
         "timer_expire_entry",
         "timer_expire_exit",
     ] {
-        assert!(out.contains(&format!("ok   tp_btf/{tp}")), "{tp} not ok:\n{out}");
+        assert!(
+            out.contains(&format!("ok   tp_btf/{tp}")),
+            "{tp} not ok:\n{out}"
+        );
     }
 }
 

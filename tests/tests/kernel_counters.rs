@@ -11,7 +11,10 @@ use keepalive_tests::*;
 use serde_json::Value;
 
 fn cookies(events: &[&Value]) -> Vec<u64> {
-    events.iter().map(|e| e["cookie"].as_u64().unwrap()).collect()
+    events
+        .iter()
+        .map(|e| e["cookie"].as_u64().unwrap())
+        .collect()
 }
 
 fn read_err(s: &TcpStream, limit: Duration) -> std::io::Error {
@@ -53,14 +56,27 @@ fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
 
     let probes = of_kind(&events, pair.a.inode(), "keepalive_probe");
     let kernel = a0.delta(&a1, "TcpExt.TCPKeepAlive");
-    assert!(kernel >= 2, "expected the kernel to send probes, TCPKeepAlive delta {kernel}");
-    assert_eq!(probes.len() as i64, kernel, "probe events vs TcpExt.TCPKeepAlive: {probes:#?}");
-    assert!(cookies(&probes).iter().all(|&c| c == idle_ck), "probes on the wrong connection");
+    assert!(
+        kernel >= 2,
+        "expected the kernel to send probes, TCPKeepAlive delta {kernel}"
+    );
+    assert_eq!(
+        probes.len() as i64,
+        kernel,
+        "probe events vs TcpExt.TCPKeepAlive: {probes:#?}"
+    );
+    assert!(
+        cookies(&probes).iter().all(|&c| c == idle_ck),
+        "probes on the wrong connection"
+    );
     assert!(!cookies(&probes).contains(&busy_ck));
     // Answered probes never accumulate: each is the 1st unanswered one.
     assert!(probes.iter().all(|p| p["probe"] == 1), "{probes:#?}");
     // Owner learned at connect() from this process, not the softirq's task.
-    assert!(probes.iter().all(|p| p["pid"] == std::process::id()), "{probes:#?}");
+    assert!(
+        probes.iter().all(|p| p["pid"] == std::process::id()),
+        "{probes:#?}"
+    );
     assert!(probes.iter().all(|p| p["state"] == "ESTABLISHED"));
     assert_eq!(
         of_kind(&events, pair.b.inode(), "keepalive_probe").len() as i64,
@@ -79,7 +95,11 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     blackhole(&pair.b, None);
 
     let err = read_err(&c.client, Duration::from_secs(20));
-    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "application saw {err}");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ETIMEDOUT),
+        "application saw {err}"
+    );
     let a1 = pair.a.counters();
     let events = mon.stop();
 
@@ -100,7 +120,12 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     // The kernel tells the peer with a reset for the keepalive timeout.
     let resets = of_kind(&events, ns, "reset_sent");
     assert_eq!(resets.len() as i64, a0.delta(&a1, "Tcp.OutRsts"));
-    assert!(resets.iter().any(|r| r["cookie"] == ck && r["reason"] == "TCP_KEEPALIVE_TIMEOUT"), "{resets:#?}");
+    assert!(
+        resets
+            .iter()
+            .any(|r| r["cookie"] == ck && r["reason"] == "TCP_KEEPALIVE_TIMEOUT"),
+        "{resets:#?}"
+    );
 }
 
 #[test]
@@ -118,7 +143,9 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     std::thread::sleep(Duration::from_millis(2500));
     unblackhole(&pair.b);
     let mut got = vec![0u8; 3000];
-    c.server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     (&c.server).read_exact(&mut got).unwrap();
     let data_ck = cookie(&c.client);
 
@@ -141,9 +168,18 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     let data: Vec<_> = rt.iter().filter(|e| e["syn"] == false).collect();
     let syns: Vec<_> = rt.iter().filter(|e| e["syn"] == true).collect();
     assert!(data.len() >= 2, "expected data retransmits: {rt:#?}");
-    assert!(data.iter().all(|e| e["cookie"] == data_ck && e["dport"] == port));
-    assert!(syns.len() >= 2, "expected SYN retransmits (at 1 s and 3 s): {rt:#?}");
-    assert!(syns.iter().all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9));
+    assert!(
+        data.iter()
+            .all(|e| e["cookie"] == data_ck && e["dport"] == port)
+    );
+    assert!(
+        syns.len() >= 2,
+        "expected SYN retransmits (at 1 s and 3 s): {rt:#?}"
+    );
+    assert!(
+        syns.iter()
+            .all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9)
+    );
     let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
     let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
     assert_eq!(segs_b, b0.delta(&b1, "Tcp.RetransSegs"));
@@ -172,21 +208,43 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
     let (na, nb) = (pair.a.inode(), pair.b.inode());
 
     let sent_b = of_kind(&events, nb, "reset_sent");
-    assert_eq!(sent_b.len() as i64, b0.delta(&b1, "Tcp.OutRsts"), "{sent_b:#?}");
+    assert_eq!(
+        sent_b.len() as i64,
+        b0.delta(&b1, "Tcp.OutRsts"),
+        "{sent_b:#?}"
+    );
     assert_eq!(sent_b.len(), 2);
-    assert!(sent_b.iter().all(|e| e["no_socket"] == true && e["reason"] == "NO_SOCKET" && e["sport"] == 9));
-    let daddrs: Vec<&str> = sent_b.iter().map(|e| e["daddr"].as_str().unwrap()).collect();
-    assert!(daddrs.contains(&pair.a4.as_str()) && daddrs.contains(&pair.a6.as_str()), "{daddrs:?}");
+    assert!(
+        sent_b
+            .iter()
+            .all(|e| e["no_socket"] == true && e["reason"] == "NO_SOCKET" && e["sport"] == 9)
+    );
+    let daddrs: Vec<&str> = sent_b
+        .iter()
+        .map(|e| e["daddr"].as_str().unwrap())
+        .collect();
+    assert!(
+        daddrs.contains(&pair.a4.as_str()) && daddrs.contains(&pair.a6.as_str()),
+        "{daddrs:?}"
+    );
 
     let sent_a = of_kind(&events, na, "reset_sent");
-    assert_eq!(sent_a.len() as i64, a0.delta(&a1, "Tcp.OutRsts"), "{sent_a:#?}");
+    assert_eq!(
+        sent_a.len() as i64,
+        a0.delta(&a1, "Tcp.OutRsts"),
+        "{sent_a:#?}"
+    );
     assert_eq!(sent_a.len(), 1);
     assert_eq!(sent_a[0]["cookie"], client_ck);
     assert!(sent_a[0]["reason"].is_string());
 
     let recv_a = of_kind(&events, na, "reset_received");
     assert_eq!(recv_a.len(), 2, "{recv_a:#?}");
-    assert!(recv_a.iter().all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9));
+    assert!(
+        recv_a
+            .iter()
+            .all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9)
+    );
     let recv_b = of_kind(&events, nb, "reset_received");
     assert_eq!(recv_b.len(), 1, "{recv_b:#?}");
     assert_eq!(recv_b[0]["cookie"], server_ck);
@@ -207,7 +265,11 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
     (&rto.client).write_all(b"hello").unwrap();
     for s in [&ut.client, &rto.client] {
         let e = read_err(s, Duration::from_secs(30));
-        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "application saw {e}");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ETIMEDOUT),
+            "application saw {e}"
+        );
     }
     let events = mon.stop();
 
@@ -218,4 +280,23 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
     assert_eq!(by(ut_ck)["user_timeout_ms"], 1500);
     assert_eq!(by(rto_ck)["cause"], "retransmission");
     assert_eq!(by(rto_ck)["user_timeout_ms"], 0);
+}
+
+#[test]
+fn connections_opened_before_the_monitor_keep_their_real_cookie() {
+    let pair = Pair::new("pre");
+    // Opened and idle before the monitor exists; nothing has asked the
+    // kernel for its cookie yet (SO_COOKIE would assign one).
+    let c = connect_pair(&pair, &pair.b4);
+    set_keepalive(&c.client, 1, 1, 5);
+    let mut mon = Monitor::start(&[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let events = mon.stop();
+    let ck = cookie(&c.client);
+    let probes = of_kind(&events, pair.a.inode(), "keepalive_probe");
+    assert!(!probes.is_empty(), "no probes seen");
+    assert!(
+        probes.iter().all(|p| p["cookie"] == ck),
+        "ck {ck}: {probes:#?}"
+    );
 }

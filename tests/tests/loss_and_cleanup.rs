@@ -32,7 +32,11 @@ fn a_tiny_ring_buffer_counts_every_dropped_event() {
     let emitted = mon.summary("emitted");
     let received = mon.summary("received");
     let lost = mon.summary("lost");
-    assert!(lost > 0, "the storm did not overflow a 4 KiB ring: {:?}", mon.stderr);
+    assert!(
+        lost > 0,
+        "the storm did not overflow a 4 KiB ring: {:?}",
+        mon.stderr
+    );
     assert_eq!(emitted, received + lost, "{:?}", mon.stderr);
     let lost_records: u64 = events
         .iter()
@@ -43,7 +47,9 @@ fn a_tiny_ring_buffer_counts_every_dropped_event() {
     let event_lines = events.iter().filter(|e| e["event"] != "lost").count() as u64;
     assert_eq!(event_lines, received);
     assert!(
-        mon.stderr.iter().any(|l| l.contains("lost") && l.contains("ring buffer full")),
+        mon.stderr
+            .iter()
+            .any(|l| l.contains("lost") && l.contains("ring buffer full")),
         "no loss report on stderr: {:?}",
         mon.stderr
     );
@@ -54,8 +60,14 @@ fn no_programs_after(sig: i32) {
     let loaded = loaded_keepalive_programs();
     assert_eq!(loaded.len(), 7, "programs while running: {loaded:?}");
     mon.stop_with(sig);
-    let gone = wait_for(Duration::from_secs(10), || loaded_keepalive_programs().is_empty());
-    assert!(gone, "programs still loaded after signal {sig}: {:?}", loaded_keepalive_programs());
+    let gone = wait_for(Duration::from_secs(10), || {
+        loaded_keepalive_programs().is_empty()
+    });
+    assert!(
+        gone,
+        "programs still loaded after signal {sig}: {:?}",
+        loaded_keepalive_programs()
+    );
 }
 
 #[test]
@@ -72,5 +84,9 @@ fn nothing_stays_loaded_after_sigkill() {
 fn sigint_stops_cleanly_with_a_summary() {
     let mut mon = Monitor::start(&[]);
     mon.stop_with(libc::SIGINT);
-    assert!(mon.stderr.iter().any(|l| l.contains("stopped;")), "{:?}", mon.stderr);
+    assert!(
+        mon.stderr.iter().any(|l| l.contains("stopped;")),
+        "{:?}",
+        mon.stderr
+    );
 }

@@ -36,7 +36,10 @@ pub fn parse_cidr(s: &str) -> Result<IpNet> {
 pub fn parse_kind(s: &str) -> Result<Kind> {
     Kind::from_name(s).ok_or_else(|| {
         let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
-        anyhow!("unknown event kind `{s}`: expected one of {}", names.join(", "))
+        anyhow!(
+            "unknown event kind `{s}`: expected one of {}",
+            names.join(", ")
+        )
     })
 }
 

@@ -340,17 +340,31 @@ mod tests {
         );
         r.b = 99;
         let e = decode(&r, &reasons).unwrap();
-        assert!(matches!(e.detail, Detail::ResetSent { reason: Some(ref s), .. } if s == "UNKNOWN_99"));
+        assert!(
+            matches!(e.detail, Detail::ResetSent { reason: Some(ref s), .. } if s == "UNKNOWN_99")
+        );
     }
 
     #[test]
     fn timeout_cause_rules() {
         use TimeoutCause::*;
-        assert_eq!(TimeoutCause::classify(flags::IN_KEEPALIVE_TIMER, 0), Keepalive);
+        assert_eq!(
+            TimeoutCause::classify(flags::IN_KEEPALIVE_TIMER, 0),
+            Keepalive
+        );
         // keepalive wins even with a user timeout: the keepalive timer aborted it
-        assert_eq!(TimeoutCause::classify(flags::IN_KEEPALIVE_TIMER, 5000), Keepalive);
-        assert_eq!(TimeoutCause::classify(flags::IN_WRITE_TIMER, 0), Retransmission);
-        assert_eq!(TimeoutCause::classify(flags::IN_WRITE_TIMER, 2000), UserTimeout);
+        assert_eq!(
+            TimeoutCause::classify(flags::IN_KEEPALIVE_TIMER, 5000),
+            Keepalive
+        );
+        assert_eq!(
+            TimeoutCause::classify(flags::IN_WRITE_TIMER, 0),
+            Retransmission
+        );
+        assert_eq!(
+            TimeoutCause::classify(flags::IN_WRITE_TIMER, 2000),
+            UserTimeout
+        );
         assert_eq!(TimeoutCause::classify(0, 0), Retransmission);
         assert_eq!(TimeoutCause::classify(0, 1), UserTimeout);
     }

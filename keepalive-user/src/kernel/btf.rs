@@ -118,7 +118,7 @@ impl KernelBtf {
                 .ok_or_else(|| anyhow!("kernel struct `{root}` has no field `{path}`"))?;
             bits += off;
             if i + 1 == parts.len() {
-                if bits % 8 != 0 {
+                if !bits.is_multiple_of(8) {
                     bail!("`{root}.{path}` is a bitfield; this kernel is not supported");
                 }
                 return Ok(Field {
@@ -228,7 +228,10 @@ mod tests {
 
     // These read the running kernel's BTF, which the monitor requires anyway.
     fn kernel() -> Option<KernelBtf> {
-        Some(KernelBtf::load().expect("these tests need the kernel's BTF at /sys/kernel/btf/vmlinux"))
+        Some(
+            KernelBtf::load()
+                .expect("these tests need the kernel's BTF at /sys/kernel/btf/vmlinux"),
+        )
     }
 
     #[test]

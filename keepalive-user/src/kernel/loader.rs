@@ -8,7 +8,12 @@
 //! nothing is pinned, nothing outlives us.
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
+use std::io::Read;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, Iter},
+};
 use keepalive_common::Config;
 
 use super::btf::KernelBtf;
@@ -17,7 +22,8 @@ use crate::events::ResetReasons;
 use crate::events::filter::Filter;
 
 /// The eBPF object built by build.rs (empty when the eBPF toolchain was missing).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive.bpf.o"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive.bpf.o"));
 
 /// How build.rs produced [`EBPF_OBJECT`].
 pub const EBPF_BUILD: &str = env!("KEEPALIVE_EBPF_BUILD");
@@ -136,11 +142,54 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
 
 /// Attaches every hook; the first failure is an error naming the hook.
 pub fn attach_all(ebpf: &mut Ebpf) -> Result<usize> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
+    let btf =
+        aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
     for hook in HOOKS {
         attach(ebpf, &btf, hook)?;
     }
+    // After the hooks, so every socket is either walked here or seen by them.
+    walk_existing_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
     Ok(HOOKS.len())
+}
+
+/// Runs the `iter/tcp` program once over every TCP socket on the host,
+/// which assigns socket cookies to connections opened before we started.
+///
+/// A TCP iterator sees the namespace of the thread that opens it, so we
+/// open one from inside each reachable namespace. Returns how many
+/// namespaces were walked.
+pub fn walk_existing_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<usize> {
+    let prog: &mut Iter = ebpf
+        .program_mut("ka_iter_tcp")
+        .ok_or_else(|| anyhow!("program ka_iter_tcp missing from the eBPF object"))?
+        .try_into()?;
+    prog.load("tcp", btf)
+        .map_err(|e| anyhow!("{}", verifier_summary(&e)))?;
+    let namespaces = super::netns::reachable();
+    let mut walked = 0;
+    for ns in &namespaces {
+        let result = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<()> {
+                    ns.enter()?;
+                    let link_id = prog.attach()?;
+                    let link = prog.take_link(link_id)?;
+                    let mut file = link.into_file()?;
+                    let mut sink = Vec::new();
+                    file.read_to_end(&mut sink)?;
+                    Ok(())
+                })
+                .join()
+                .map_err(|_| anyhow!("namespace walker thread failed"))?
+        });
+        match result {
+            Ok(()) => walked += 1,
+            // A namespace can vanish while we walk; that is not an error.
+            Err(e) => tracing::debug!("skipping netns {}: {e:#}", ns.path.display()),
+        }
+    }
+    prog.unload()?;
+    Ok(walked)
 }
 
 /// The last informative lines of a verifier log, on one line.
@@ -154,7 +203,12 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     }
     if let aya::programs::ProgramError::LoadError { verifier_log, .. } = e {
         let log = verifier_log.to_string();
-        let tail: Vec<&str> = log.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .filter(|l| !l.trim().is_empty())
+            .take(3)
+            .collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         if !tail.is_empty() {
             s = format!("{s} (verifier: {})", tail.join(" | "));

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod loader;
+pub mod netns;
 pub mod symbols;
 
 use std::path::PathBuf;
@@ -71,7 +72,8 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_anywhere() {
-        let m = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        let m =
+            "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
         assert_eq!(
             cgroup2_from_mounts(m),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))

@@ -67,7 +67,10 @@ pub fn event_json(e: &Event, clock: &Clock) -> Value {
     m.insert("dport".into(), json!(e.dport));
     m.insert("state".into(), json!(state_name(e.state)));
     m.insert("pid".into(), json!(e.owner.as_ref().map(|o| o.pid)));
-    m.insert("comm".into(), json!(e.owner.as_ref().map(|o| o.comm.clone())));
+    m.insert(
+        "comm".into(),
+        json!(e.owner.as_ref().map(|o| o.comm.clone())),
+    );
     match &e.detail {
         Detail::Retransmit { segs, syn, err } => {
             m.insert("segs".into(), json!(segs));
