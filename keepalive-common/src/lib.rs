@@ -114,6 +114,151 @@ impl Offsets {
     pub const MISSING: u16 = u16::MAX;
 }
 
+/// Offsets the socket iterator needs (one snapshot row per socket).
+/// `u16::MAX` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapOffsets {
+    pub sk_flags: u16,
+    pub sk_socket: u16,
+    pub sk_ino: u16,
+    pub sk_ack_backlog: u16,
+    pub sk_max_ack_backlog: u16,
+    /// `socket_alloc.vfs_inode - socket_alloc.socket` + `inode.i_ino`, for kernels without `sk_ino`.
+    pub socket_to_ino: u16,
+    pub icsk_retransmits: u16,
+    pub icsk_pending: u16,
+    pub icsk_backoff: u16,
+    pub icsk_rto: u16,
+    pub icsk_lrcvtime: u16,
+    pub timer_expires: u16,
+    pub timer_pprev: u16,
+    pub tp_keepalive_time: u16,
+    pub tp_keepalive_intvl: u16,
+    pub tp_keepalive_probes: u16,
+    pub tp_total_retrans: u16,
+    pub tp_lsndtime: u16,
+    pub tp_rcv_tstamp: u16,
+    pub tp_copied_seq: u16,
+    pub tp_rcv_nxt: u16,
+    pub tp_write_seq: u16,
+    pub tp_snd_una: u16,
+    pub net_keepalive_time: u16,
+    pub net_keepalive_intvl: u16,
+    pub net_keepalive_probes: u16,
+    pub net_retries2: u16,
+    /// Bit number of SOCK_KEEPOPEN in `sk_flags`.
+    pub sock_keepopen_bit: u16,
+}
+
+impl SnapOffsets {
+    pub const fn zeroed() -> Self {
+        SnapOffsets {
+            sk_flags: 0,
+            sk_socket: 0,
+            sk_ino: 0,
+            sk_ack_backlog: 0,
+            sk_max_ack_backlog: 0,
+            socket_to_ino: 0,
+            icsk_retransmits: 0,
+            icsk_pending: 0,
+            icsk_backoff: 0,
+            icsk_rto: 0,
+            icsk_lrcvtime: 0,
+            timer_expires: 0,
+            timer_pprev: 0,
+            tp_keepalive_time: 0,
+            tp_keepalive_intvl: 0,
+            tp_keepalive_probes: 0,
+            tp_total_retrans: 0,
+            tp_lsndtime: 0,
+            tp_rcv_tstamp: 0,
+            tp_copied_seq: 0,
+            tp_rcv_nxt: 0,
+            tp_write_seq: 0,
+            tp_snd_una: 0,
+            net_keepalive_time: 0,
+            net_keepalive_intvl: 0,
+            net_keepalive_probes: 0,
+            net_retries2: 0,
+            sock_keepopen_bit: 0,
+        }
+    }
+}
+
+/// Bits of [`SockRecord::flags`].
+pub mod sock_flags {
+    /// SO_KEEPALIVE is on.
+    pub const KEEPALIVE: u8 = 1 << 0;
+    /// No `struct socket` any more: the process closed it (kernel orphan).
+    pub const ORPHAN: u8 = 1 << 1;
+    /// The keepalive/FIN_WAIT2 timer (`sk_timer`) is pending.
+    pub const SK_TIMER_PENDING: u8 = 1 << 2;
+    /// A full socket (not TIME_WAIT or a request socket): the TCP fields are valid.
+    pub const FULL: u8 = 1 << 3;
+}
+
+/// One TCP socket as the `iter/tcp` program sees it.
+///
+/// Times are in jiffies (`now_jiffies` taken at the same moment) so that
+/// userspace can turn them into ages; addresses as in [`RawEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    pub cookie: u64,
+    pub ino: u64,
+    pub now_jiffies: u64,
+    pub now_ns: u64,
+    /// icsk_retransmit_timer.expires (jiffies).
+    pub rtx_expires: u64,
+    /// sk_timer.expires (jiffies): keepalive, FIN_WAIT2 or SYN-ACK timer.
+    pub sk_timer_expires: u64,
+    pub netns: u32,
+    /// Per-socket TCP_KEEPIDLE/INTVL in jiffies (0: namespace default).
+    pub keepalive_time: u32,
+    pub keepalive_intvl: u32,
+    /// The namespace's tcp_keepalive_time/intvl (jiffies).
+    pub net_keepalive_time: u32,
+    pub net_keepalive_intvl: u32,
+    pub user_timeout_ms: u32,
+    pub rto_jiffies: u32,
+    pub total_retrans: u32,
+    pub lsndtime: u32,
+    pub rcv_tstamp: u32,
+    pub lrcvtime: u32,
+    pub recv_queue: u32,
+    pub send_queue: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub keepalive_probes: u8,
+    pub net_keepalive_probes: u8,
+    pub net_retries2: u8,
+    pub probes_out: u8,
+    pub retransmits: u8,
+    pub backoff: u8,
+    pub pending: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Per-connection counters kept in the kernel (map `STATS`, keyed by
+/// cookie), exact even when the ring buffer overflows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub probes: u32,
+    pub retransmit_segs: u32,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+    pub timeouts: u32,
+    /// The last probe number seen (1..n unanswered).
+    pub last_probe: u32,
+}
+
 /// Maximum number of ports in a kernel-side port filter.
 pub const MAX_PORTS: usize = 8;
 /// Maximum number of CIDRs in a kernel-side address filter.
@@ -149,6 +294,7 @@ pub struct Config {
     /// `tcp_retransmit_skb` passes the transmit result (kernels >= 6.12).
     pub retransmit_has_err: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
+    pub snap: SnapOffsets,
 }
 
 impl Config {
@@ -197,6 +343,7 @@ impl Config {
                 prefix_len: 0,
                 _pad: [0; 6],
             }; MAX_CIDRS],
+            snap: SnapOffsets::zeroed(),
         }
     }
 }
@@ -228,6 +375,7 @@ pub mod maps {
     pub const DROPS: &str = "DROPS";
     pub const EMITTED: &str = "EMITTED";
     pub const OWNERS: &str = "OWNERS";
+    pub const STATS: &str = "STATS";
 }
 
 #[cfg(feature = "user")]
@@ -239,4 +387,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Owner {}
     unsafe impl aya::Pod for TimerFrame {}
+    unsafe impl aya::Pod for SnapOffsets {}
+    unsafe impl aya::Pod for SockRecord {}
+    unsafe impl aya::Pod for ConnStats {}
 }

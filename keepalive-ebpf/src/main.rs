@@ -14,14 +14,19 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_get_socket_cookie,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_socket_cookie, bpf_jiffies64, bpf_probe_read_kernel as gen_probe_read,
+            bpf_seq_write,
+        },
     },
     macros::{btf_tracepoint, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use keepalive_common::{Config, Owner, RawEvent, TimerFrame, flags, kind};
+use keepalive_common::{
+    Config, ConnStats, Owner, RawEvent, SockRecord, TimerFrame, flags, kind, sock_flags,
+};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -50,6 +55,14 @@ static EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
+/// Socket cookie -> counters, updated whatever the ring buffer does.
+#[map]
+static STATS: LruHashMap<u64, ConnStats> = LruHashMap::with_max_entries(65536, 0);
+
+/// Scratch space for one snapshot row (too big for the BPF stack).
+#[map]
+static SNAP_ROW: PerCpuArray<SockRecord> = PerCpuArray::with_max_entries(1, 0);
+
 /// The socket timer (keepalive or retransmit) running on this CPU.
 #[map]
 static TIMER: PerCpuArray<TimerFrame> = PerCpuArray::with_max_entries(1, 0);
@@ -70,14 +83,24 @@ macro_rules! cfg {
 }
 
 /// Reads a `T` at `base + off` from kernel memory, zero on failure.
+///
+/// Branchless on purpose: the helper zeroes its destination when the read
+/// faults (a NULL base included), and a branch per field multiplies the
+/// verifier's states. Offsets are always valid; optional fields are
+/// checked by the caller.
 #[inline(always)]
 fn read<T: Default>(base: *const u8, off: u16) -> T {
-    if base.is_null() || off == u16::MAX {
-        return T::default();
-    }
-    // SAFETY: bpf_probe_read_kernel tolerates any address.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
-        .unwrap_or_default()
+    let mut v = T::default();
+    // SAFETY: the helper tolerates any source address and writes at most
+    // size_of::<T>() bytes into `v`.
+    unsafe {
+        gen_probe_read(
+            (&raw mut v).cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(off as usize).cast(),
+        )
+    };
+    v
 }
 
 #[inline(always)]
@@ -93,25 +116,35 @@ fn bump(counter: &PerCpuArray<u64>) {
     }
 }
 
-/// Copies the connection identity out of a `struct sock_common`.
+/// Copies the connection identity out of a `struct sock_common` into any
+/// record with the tuple fields (events and snapshot rows).
+macro_rules! fill_tuple {
+    ($dst:expr, $sk:expr) => {{
+        let sk: *const u8 = $sk;
+        let family: u16 = read(sk, cfg!(offsets.skc_family));
+        $dst.family = family as u8;
+        $dst.state = read::<u8>(sk, cfg!(offsets.skc_state));
+        $dst.sport = read::<u16>(sk, cfg!(offsets.skc_num));
+        $dst.dport = u16::from_be(read::<u16>(sk, cfg!(offsets.skc_dport)));
+        if family == AF_INET6 {
+            $dst.saddr = read(sk, cfg!(offsets.skc_v6_rcv_saddr));
+            $dst.daddr = read(sk, cfg!(offsets.skc_v6_daddr));
+        } else {
+            let s: [u8; 4] = read(sk, cfg!(offsets.skc_rcv_saddr));
+            let d: [u8; 4] = read(sk, cfg!(offsets.skc_daddr));
+            $dst.saddr = [0; 16];
+            $dst.daddr = [0; 16];
+            $dst.saddr[..4].copy_from_slice(&s);
+            $dst.daddr[..4].copy_from_slice(&d);
+        }
+        let net: u64 = read(sk, cfg!(offsets.skc_net));
+        $dst.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
+    }};
+}
+
 #[inline(always)]
 fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
-    let family: u16 = read(sk, cfg!(offsets.skc_family));
-    ev.family = family as u8;
-    ev.state = read::<u8>(sk, cfg!(offsets.skc_state));
-    ev.sport = read::<u16>(sk, cfg!(offsets.skc_num));
-    ev.dport = u16::from_be(read::<u16>(sk, cfg!(offsets.skc_dport)));
-    if family == AF_INET6 {
-        ev.saddr = read(sk, cfg!(offsets.skc_v6_rcv_saddr));
-        ev.daddr = read(sk, cfg!(offsets.skc_v6_daddr));
-    } else {
-        let s: [u8; 4] = read(sk, cfg!(offsets.skc_rcv_saddr));
-        let d: [u8; 4] = read(sk, cfg!(offsets.skc_daddr));
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
-    let net: u64 = read(sk, cfg!(offsets.skc_net));
-    ev.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
+    fill_tuple!(ev, sk);
 }
 
 /// True when `addr` falls in `cidr` (`prefix_len` bits equal).
@@ -203,6 +236,24 @@ fn emit(ev: &mut RawEvent) {
     }
 }
 
+/// Applies `f` to the counters of connection `cookie`, creating them.
+#[inline(always)]
+fn count(cookie: u64, f: impl FnOnce(&mut ConnStats)) {
+    if cookie == 0 {
+        return;
+    }
+    let mut p = STATS.get_ptr_mut(cookie);
+    if p.is_none() {
+        let _ = STATS.insert(cookie, ConnStats::default(), 0);
+        p = STATS.get_ptr_mut(cookie);
+    }
+    if let Some(p) = p {
+        // SAFETY: map value pointer; concurrent updates of one connection
+        // are serialised by the socket lock the hooks run under.
+        f(unsafe { &mut *p });
+    }
+}
+
 #[inline(always)]
 fn cookie_of(sk: *const u8) -> u64 {
     // SAFETY: `sk` is a trusted BTF pointer from the tracepoint arguments.
@@ -230,9 +281,6 @@ fn timer_flags(sk: *const u8) -> u8 {
 // tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
-    if !wanted(kind::RETRANSMIT) {
-        return 0;
-    }
     let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
     if sk.is_null() {
@@ -243,7 +291,6 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
         cookie: cookie_of(sk),
         ..RawEvent::default()
     };
-    fill_sock(&mut ev, sk);
     let cb = cfg!(offsets.skb_cb);
     if cb != u16::MAX && !skb.is_null() {
         let tcb = skb.wrapping_add(cb as usize);
@@ -256,6 +303,14 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
         let err: i64 = ctx.arg(2);
         ev.b = err as i32 as u32;
     }
+    if ev.b == 0 {
+        let segs = ev.a;
+        count(ev.cookie, |s| s.retransmit_segs += segs);
+    }
+    if !wanted(kind::RETRANSMIT) {
+        return 0;
+    }
+    fill_sock(&mut ev, sk);
     ev.flags |= timer_flags(sk);
     emit(&mut ev);
     0
@@ -292,10 +347,13 @@ fn fill_from_skb(ev: &mut RawEvent, skb: *const u8) {
 // tcp_send_reset(const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if !sk.is_null() {
+        count(cookie_of(sk), |s| s.resets_sent += 1);
+    }
     if !wanted(kind::RESET_SENT) {
         return 0;
     }
-    let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
     let mut ev = RawEvent {
         kind: kind::RESET_SENT,
@@ -323,11 +381,12 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
 // tcp_receive_reset(struct sock *sk)
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
-    if !wanted(kind::RESET_RECEIVED) {
-        return 0;
-    }
     let sk: *const u8 = ctx.arg(0);
     if sk.is_null() {
+        return 0;
+    }
+    count(cookie_of(sk), |s| s.resets_received += 1);
+    if !wanted(kind::RESET_RECEIVED) {
         return 0;
     }
     let mut ev = RawEvent {
@@ -381,15 +440,16 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
 // inet_sk_error_report(const struct sock *sk)
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
-    if !wanted(kind::TIMEOUT) {
-        return 0;
-    }
     let sk: *const u8 = ctx.arg(0);
     if sk.is_null() || protocol(sk) != IPPROTO_TCP {
         return 0;
     }
     let err: i32 = read(sk, cfg!(offsets.sk_err));
     if err != ETIMEDOUT {
+        return 0;
+    }
+    count(cookie_of(sk), |s| s.timeouts += 1);
+    if !wanted(kind::TIMEOUT) {
         return 0;
     }
     let mut ev = RawEvent {
@@ -449,7 +509,7 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     unsafe { (*f).which = 0 };
-    if frame.which != flags::IN_KEEPALIVE_TIMER as u32 || !wanted(kind::KEEPALIVE_PROBE) {
+    if frame.which != flags::IN_KEEPALIVE_TIMER as u32 {
         return 0;
     }
     let sk = frame.sk as *const u8;
@@ -459,9 +519,17 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     if after <= frame.probes_before {
         return 0;
     }
+    let cookie: u64 = read(sk, cfg!(offsets.skc_cookie));
+    count(cookie, |s| {
+        s.probes += 1;
+        s.last_probe = after;
+    });
+    if !wanted(kind::KEEPALIVE_PROBE) {
+        return 0;
+    }
     let mut ev = RawEvent {
         kind: kind::KEEPALIVE_PROBE,
-        cookie: read(sk, cfg!(offsets.skc_cookie)),
+        cookie,
         a: after,
         c: after,
         flags: flags::IN_KEEPALIVE_TIMER,
@@ -480,18 +548,103 @@ pub struct IterTcpCtx {
     uid: u32,
 }
 
-/// Walks every TCP socket of every namespace once at start-up. Asking for
-/// each cookie makes the kernel assign one, so sockets opened before the
-/// monitor started carry their real cookie in the timer tracepoints too.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_LISTEN: u8 = 10;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// Walks every TCP socket of the opening thread's namespace and writes one
+/// [`SockRecord`] per socket. Asking for each cookie also makes the kernel
+/// assign one, so sockets opened before the monitor keep their real cookie
+/// in the timer tracepoints.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 extern "C" fn ka_iter_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // SAFETY: the kernel passes a valid context.
-    let sk = unsafe { (*ctx).sk_common };
-    if !sk.is_null() {
-        cookie_of(sk);
+    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    if sk.is_null() || meta.is_null() {
+        return 0;
     }
+    let Some(r) = SNAP_ROW.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, used only here (iterators do not nest).
+    let r = unsafe { &mut *r };
+    r.cookie = cookie_of(sk);
+    // SAFETY: helpers without arguments.
+    r.now_jiffies = unsafe { bpf_jiffies64() };
+    r.now_ns = unsafe { bpf_ktime_get_ns() };
+    fill_tuple!(r, sk);
+    // TIME_WAIT and request sockets are smaller structs: their TCP fields
+    // read as garbage (safely); userspace ignores them without FULL.
+    fill_full(r, sk);
+    if r.state == TCP_TIME_WAIT || r.state == TCP_NEW_SYN_RECV {
+        r.flags &= !sock_flags::FULL;
+    }
+    // SAFETY: meta is the trusted iterator metadata; seq is its first field.
+    let seq = unsafe { *(meta as *const *mut core::ffi::c_void) };
+    // SAFETY: r is a map value valid for the call.
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            (r as *const SockRecord).cast(),
+            core::mem::size_of::<SockRecord>() as u32,
+        )
+    };
     0
+}
+
+/// The `struct sock` / `tcp_sock` part of a snapshot row.
+#[inline(always)]
+fn fill_full(r: &mut SockRecord, sk: *const u8) {
+    let o = &config().snap;
+    let skflags: u64 = read(sk, o.sk_flags);
+    let keepalive = ((skflags >> (o.sock_keepopen_bit & 63)) & 1) as u8;
+    let socket: u64 = read(sk, o.sk_socket);
+    let orphan = (socket == 0) as u8;
+    r.ino = if o.sk_ino != u16::MAX {
+        read(sk, o.sk_ino)
+    } else {
+        read(socket as *const u8, o.socket_to_ino)
+    };
+    let sk_timer = sk.wrapping_add(cfg!(offsets.sk_timer) as usize);
+    let pending = (read::<u64>(sk_timer, o.timer_pprev) != 0) as u8;
+    r.flags = sock_flags::FULL
+        | (keepalive * sock_flags::KEEPALIVE)
+        | (orphan * sock_flags::ORPHAN)
+        | (pending * sock_flags::SK_TIMER_PENDING);
+    r.sk_timer_expires = read(sk_timer, o.timer_expires);
+    let rtx = sk.wrapping_add(cfg!(offsets.icsk_retransmit_timer) as usize);
+    r.rtx_expires = read(rtx, o.timer_expires);
+    r.retransmits = read(sk, o.icsk_retransmits);
+    r.backoff = read(sk, o.icsk_backoff);
+    r.probes_out = read(sk, cfg!(offsets.icsk_probes_out));
+    r.rto_jiffies = read(sk, o.icsk_rto);
+    r.lrcvtime = read(sk, o.icsk_lrcvtime);
+    r.user_timeout_ms = read(sk, cfg!(offsets.icsk_user_timeout));
+    r.keepalive_time = read(sk, o.tp_keepalive_time);
+    r.keepalive_intvl = read(sk, o.tp_keepalive_intvl);
+    r.keepalive_probes = read(sk, o.tp_keepalive_probes);
+    r.total_retrans = read(sk, o.tp_total_retrans);
+    r.lsndtime = read(sk, o.tp_lsndtime);
+    r.rcv_tstamp = read(sk, o.tp_rcv_tstamp);
+    if r.state == TCP_LISTEN {
+        r.recv_queue = read(sk, o.sk_ack_backlog);
+        r.send_queue = read(sk, o.sk_max_ack_backlog);
+    } else {
+        let rcv_nxt: u32 = read(sk, o.tp_rcv_nxt);
+        let copied: u32 = read(sk, o.tp_copied_seq);
+        let write_seq: u32 = read(sk, o.tp_write_seq);
+        let snd_una: u32 = read(sk, o.tp_snd_una);
+        r.recv_queue = rcv_nxt.wrapping_sub(copied);
+        r.send_queue = write_seq.wrapping_sub(snd_una);
+    }
+    r.pending = read(sk, o.icsk_pending);
+    let net: u64 = read(sk, cfg!(offsets.skc_net));
+    let net = net as *const u8;
+    r.net_keepalive_time = read(net, o.net_keepalive_time);
+    r.net_keepalive_intvl = read(net, o.net_keepalive_intvl);
+    r.net_keepalive_probes = read(net, o.net_keepalive_probes);
+    r.net_retries2 = read(net, o.net_retries2);
 }
 
 #[cfg(target_arch = "bpf")]

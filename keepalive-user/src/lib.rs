@@ -10,3 +10,5 @@ pub mod events;
 pub mod kernel;
 pub mod output;
 pub mod record;
+pub mod snapshot;
+pub mod table;

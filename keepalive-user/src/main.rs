@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use keepalive::events::Kind;
 use keepalive::events::filter::{Filter, parse_cidr, parse_kind};
 use keepalive::record::{self, Format, RecordOptions};
+use keepalive::snapshot::{self, SnapshotOptions};
+use keepalive::table::verdict::Thresholds;
 
 #[derive(Parser)]
 #[command(
@@ -46,8 +48,72 @@ enum Command {
         #[arg(long, value_name = "BYTES")]
         ring_size: Option<u32>,
     },
+    /// Show every TCP connection now, with keepalive settings, probes,
+    /// retransmits, idle times and a verdict (dead, orphaned, unprotected,
+    /// healthy) with its reason, worst first.
+    Snapshot {
+        /// Output format (json: one object per connection).
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Only connections with this local or remote port (repeatable).
+        #[arg(long, value_name = "PORT")]
+        port: Vec<u16>,
+        /// Only connections with an address in CIDR (repeatable).
+        #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+        addr: Vec<ipnet::IpNet>,
+        /// Only connections held by PID (repeatable).
+        #[arg(long, value_name = "PID")]
+        pid: Vec<u32>,
+        /// Only this verdict (repeatable): dead, orphaned, unprotected, healthy.
+        #[arg(long, value_name = "VERDICT")]
+        verdict: Vec<String>,
+        /// Also show listeners, TIME_WAIT and half-open (SYN_RECV) sockets.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
+}
+
+/// Verdict thresholds (durations like 90s, 5m, 1h30m, 500ms).
+#[derive(clap::Args)]
+struct ThresholdArgs {
+    /// Established and idle this long without working keepalive: unprotected.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    idle_threshold: u64,
+    /// NAT/load-balancer idle timeout keepalive must beat.
+    #[arg(long, value_name = "DURATION", default_value = "350s", value_parser = parse_duration)]
+    middlebox_timeout: u64,
+    /// CLOSE_WAIT this long: a leak.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    close_wait_threshold: u64,
+    /// Consecutive unanswered retransmissions that make a connection dead.
+    #[arg(long, value_name = "N", default_value = "3")]
+    dead_retransmits: u32,
+    /// Skip the /proc scan for owning processes (faster; no `no_owner` verdicts).
+    #[arg(long)]
+    no_owners: bool,
+}
+
+impl ThresholdArgs {
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            close_wait_ms: self.close_wait_threshold,
+            idle_ms: self.idle_threshold,
+            middlebox_idle_ms: self.middlebox_timeout,
+            dead_retransmits: self.dead_retransmits,
+            owners_known: !self.no_owners,
+        }
+    }
+}
+
+/// Parses `90s`, `5m`, `1h30m`, `250ms` into milliseconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"))
 }
 
 fn main() -> ExitCode {
@@ -75,6 +141,27 @@ fn main() -> ExitCode {
                 kinds: events.into_iter().collect(),
             },
             ring_size,
+        })
+        .map(|()| true),
+        Command::Snapshot {
+            format,
+            port,
+            addr,
+            pid,
+            verdict,
+            all,
+            thresholds,
+        } => snapshot::run(SnapshotOptions {
+            format,
+            filter: Filter {
+                ports: port,
+                cidrs: addr,
+                pids: pid,
+                kinds: Default::default(),
+            },
+            verdicts: verdict,
+            thresholds: thresholds.thresholds(),
+            all,
         })
         .map(|()| true),
         Command::Check => keepalive::check::run(),

@@ -58,7 +58,11 @@ fn a_tiny_ring_buffer_counts_every_dropped_event() {
 fn no_programs_after(sig: i32) {
     let mut mon = Monitor::start(&[]);
     let loaded = loaded_keepalive_programs();
-    assert_eq!(loaded.len(), 7, "programs while running: {loaded:?}");
+    assert_eq!(
+        loaded.len(),
+        8,
+        "programs while running (7 hooks + the socket iterator): {loaded:?}"
+    );
     mon.stop_with(sig);
     let gone = wait_for(Duration::from_secs(10), || {
         loaded_keepalive_programs().is_empty()

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
-use keepalive_common::Offsets;
+use keepalive_common::{Offsets, SnapOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -195,6 +195,60 @@ impl KernelBtf {
 }
 
 impl KernelBtf {
+    /// Offsets for the socket iterator. Optional fields become `u16::MAX`.
+    pub fn snap_offsets(&self) -> Result<SnapOffsets> {
+        let off = |root: &str, path: &str| -> Result<u16> {
+            let f = self.field(root, path)?;
+            u16::try_from(f.offset).with_context(|| format!("{root}.{path} offset too large"))
+        };
+        let opt = |root: &str, path: &str| off(root, path).unwrap_or(u16::MAX);
+        let sk_ino = opt("sock", "sk_ino");
+        let socket_to_ino = if sk_ino == u16::MAX {
+            let socket = self.field("socket_alloc", "socket")?.offset;
+            let inode = self.field("socket_alloc", "vfs_inode")?.offset;
+            let i_ino = self.field("inode", "i_ino")?.offset;
+            u16::try_from(inode + i_ino - socket)?
+        } else {
+            u16::MAX
+        };
+        let keepopen = self
+            .enum_names("sock_flags", "")
+            .iter()
+            .position(|n| n.as_deref() == Some("SOCK_KEEPOPEN"))
+            .ok_or_else(|| anyhow!("kernel BTF has no SOCK_KEEPOPEN in enum sock_flags"))?;
+        Ok(SnapOffsets {
+            // 6.18 moved sk_flags into sock_common (skc_flags).
+            sk_flags: off("sock", "sk_flags").or_else(|_| off("sock_common", "skc_flags"))?,
+            sk_socket: off("sock", "sk_socket")?,
+            sk_ino,
+            sk_ack_backlog: off("sock", "sk_ack_backlog")?,
+            sk_max_ack_backlog: off("sock", "sk_max_ack_backlog")?,
+            socket_to_ino,
+            icsk_retransmits: off("inet_connection_sock", "icsk_retransmits")?,
+            icsk_pending: off("inet_connection_sock", "icsk_pending")?,
+            icsk_backoff: off("inet_connection_sock", "icsk_backoff")?,
+            icsk_rto: off("inet_connection_sock", "icsk_rto")?,
+            icsk_lrcvtime: off("inet_connection_sock", "icsk_ack.lrcvtime")?,
+            timer_expires: off("timer_list", "expires")?,
+            timer_pprev: off("timer_list", "entry.pprev")?,
+            tp_keepalive_time: off("tcp_sock", "keepalive_time")?,
+            tp_keepalive_intvl: off("tcp_sock", "keepalive_intvl")?,
+            tp_keepalive_probes: off("tcp_sock", "keepalive_probes")?,
+            tp_total_retrans: off("tcp_sock", "total_retrans")?,
+            tp_lsndtime: off("tcp_sock", "lsndtime")?,
+            tp_rcv_tstamp: off("tcp_sock", "rcv_tstamp")?,
+            tp_copied_seq: off("tcp_sock", "copied_seq")?,
+            tp_rcv_nxt: off("tcp_sock", "rcv_nxt")?,
+            tp_write_seq: off("tcp_sock", "write_seq")?,
+            tp_snd_una: off("tcp_sock", "snd_una")?,
+            net_keepalive_time: off("net", "ipv4.sysctl_tcp_keepalive_time")?,
+            net_keepalive_intvl: off("net", "ipv4.sysctl_tcp_keepalive_intvl")?,
+            net_keepalive_probes: off("net", "ipv4.sysctl_tcp_keepalive_probes")?,
+            net_retries2: off("net", "ipv4.sysctl_tcp_retries2")?,
+            sock_keepopen_bit: keepopen as u16,
+        })
+    }
+
     /// Names of an enum's values indexed by value, with `prefix` removed
     /// (used for `enum sk_rst_reason`). Empty when the kernel lacks the enum.
     pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<Option<String>> {

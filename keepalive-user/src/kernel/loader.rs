@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{BtfTracePoint, Iter},
 };
-use keepalive_common::Config;
+use keepalive_common::{Config, SockRecord};
 
 use super::btf::KernelBtf;
 use super::symbols;
@@ -88,6 +88,7 @@ pub fn kernel_info(filter: &Filter) -> Result<KernelInfo> {
     let kbtf = KernelBtf::load()?;
     let mut config = Config::zeroed();
     config.offsets = kbtf.offsets()?;
+    config.snap = kbtf.snap_offsets()?;
     let timers = symbols::timer_symbols()?;
     config.keepalive_timer_fn = timers.keepalive_timer;
     config.write_timer_fn = timers.write_timer;
@@ -148,48 +149,52 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Result<usize> {
         attach(ebpf, &btf, hook)?;
     }
     // After the hooks, so every socket is either walked here or seen by them.
-    walk_existing_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
+    walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
     Ok(HOOKS.len())
 }
 
-/// Runs the `iter/tcp` program once over every TCP socket on the host,
-/// which assigns socket cookies to connections opened before we started.
+/// Runs the `iter/tcp` program once over every TCP socket of every
+/// reachable namespace and returns one row per socket. Asking for each
+/// cookie also makes the kernel assign one, so connections opened before we
+/// started carry their real cookie in the timer tracepoints.
 ///
 /// A TCP iterator sees the namespace of the thread that opens it, so we
-/// open one from inside each reachable namespace. Returns how many
-/// namespaces were walked.
-pub fn walk_existing_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<usize> {
+/// open one from inside each namespace.
+pub fn walk_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<SockRecord>> {
     let prog: &mut Iter = ebpf
         .program_mut("ka_iter_tcp")
         .ok_or_else(|| anyhow!("program ka_iter_tcp missing from the eBPF object"))?
         .try_into()?;
-    prog.load("tcp", btf)
-        .map_err(|e| anyhow!("{}", verifier_summary(&e)))?;
-    let namespaces = super::netns::reachable();
-    let mut walked = 0;
-    for ns in &namespaces {
+    if prog.fd().is_err() {
+        prog.load("tcp", btf)
+            .map_err(|e| anyhow!("{}", verifier_summary(&e)))?;
+    }
+    let mut rows = Vec::new();
+    for ns in super::netns::reachable() {
         let result = std::thread::scope(|scope| {
             scope
-                .spawn(|| -> Result<()> {
+                .spawn(|| -> Result<Vec<u8>> {
                     ns.enter()?;
                     let link_id = prog.attach()?;
                     let link = prog.take_link(link_id)?;
                     let mut file = link.into_file()?;
-                    let mut sink = Vec::new();
-                    file.read_to_end(&mut sink)?;
-                    Ok(())
+                    let mut bytes = Vec::new();
+                    file.read_to_end(&mut bytes)?;
+                    Ok(bytes)
                 })
                 .join()
                 .map_err(|_| anyhow!("namespace walker thread failed"))?
         });
         match result {
-            Ok(()) => walked += 1,
+            Ok(bytes) => rows.extend(bytes.chunks_exact(size_of::<SockRecord>()).map(|c| {
+                // SAFETY: SockRecord is plain old data of exactly this size.
+                unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<SockRecord>()) }
+            })),
             // A namespace can vanish while we walk; that is not an error.
             Err(e) => tracing::debug!("skipping netns {}: {e:#}", ns.path.display()),
         }
     }
-    prog.unload()?;
-    Ok(walked)
+    Ok(rows)
 }
 
 /// The last informative lines of a verifier log, on one line.
