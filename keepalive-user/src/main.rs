@@ -41,12 +41,26 @@ enum Command {
         #[arg(long, value_name = "PID")]
         pid: Vec<u32>,
         /// Only these event kinds (repeatable): retransmit, reset_sent,
-        /// reset_received, state_change, keepalive_probe, timeout.
+        /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_parser = parse_kind)]
         events: Vec<Kind>,
         /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
         #[arg(long, value_name = "BYTES")]
         ring_size: Option<u32>,
+        /// Re-read every connection from the kernel this often to keep the
+        /// connection table and its verdicts current; 0 turns the table and
+        /// `verdict` events off.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+        refresh: u64,
+        /// Most connections tracked at once; beyond it the least recently
+        /// active is evicted (and counted).
+        #[arg(long, value_name = "N", default_value = "262144")]
+        max_conns: usize,
+        /// At exit, write the connection table here (JSON lines, as `snapshot`).
+        #[arg(long, value_name = "FILE")]
+        table_dump: Option<PathBuf>,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
     },
     /// Show every TCP connection now, with keepalive settings, probes,
     /// retransmits, idle times and a verdict (dead, orphaned, unprotected,
@@ -131,6 +145,10 @@ fn main() -> ExitCode {
             pid,
             events,
             ring_size,
+            refresh,
+            max_conns,
+            table_dump,
+            thresholds,
         } => record::run(RecordOptions {
             format,
             output,
@@ -141,6 +159,10 @@ fn main() -> ExitCode {
                 kinds: events.into_iter().collect(),
             },
             ring_size,
+            refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
+            max_conns,
+            thresholds: thresholds.thresholds(),
+            table_dump,
         })
         .map(|()| true),
         Command::Snapshot {

@@ -11,15 +11,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use keepalive_common::{RawEvent, maps};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
-use crate::events::{ResetReasons, decode};
+use crate::events::{Kind, ResetReasons, decode};
 use crate::kernel::{check_privileges, loader};
 use crate::output::{self, Clock};
+use crate::snapshot;
+use crate::table::conn_table::{ConnTable, VerdictChange};
+use crate::table::verdict::Thresholds;
+use keepalive_common::ConnStats;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -32,6 +36,13 @@ pub struct RecordOptions {
     pub output: Option<PathBuf>,
     pub filter: Filter,
     pub ring_size: Option<u32>,
+    /// How often the connection table is re-read from the kernel; `None`
+    /// turns the table (and `verdict` events) off.
+    pub refresh: Option<Duration>,
+    pub max_conns: usize,
+    pub thresholds: Thresholds,
+    /// Where to write the final connection table (JSON lines) at exit.
+    pub table_dump: Option<PathBuf>,
 }
 
 /// Where lines go; `flush_each` for files, which readers tail.
@@ -80,6 +91,7 @@ struct Recorder {
     clock: Clock,
     received: u64,
     lost_total: u64,
+    table: Option<ConnTable>,
 }
 
 impl Recorder {
@@ -93,12 +105,45 @@ impl Recorder {
         let Some(ev) = decode(&raw, &self.reasons) else {
             return Ok(Flow::Continue);
         };
-        if !self.filter.matches(&ev) {
+        let change = self.table.as_mut().and_then(|t| t.apply(&ev, raw.ts_ns));
+        if self.filter.matches(&ev) {
+            let line = match self.format {
+                Format::Json => output::event_json(&ev, &self.clock).to_string(),
+                Format::Text => output::event_text(&ev, &self.clock),
+            };
+            if let Flow::Closed = self.sink.line(&line)? {
+                return Ok(Flow::Closed);
+            }
+        }
+        match change {
+            Some(ch) => self.verdict(&ch, raw.ts_ns),
+            None => Ok(Flow::Continue),
+        }
+    }
+
+    /// Writes a verdict change when the filters let verdicts through.
+    fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64) -> Result<Flow> {
+        let f = &self.filter;
+        if !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict) {
+            return Ok(Flow::Continue);
+        }
+        let c = &ch.conn;
+        if !f.ports.is_empty() && !f.ports.iter().any(|&p| p == c.sport || p == c.dport) {
+            return Ok(Flow::Continue);
+        }
+        if !f.cidrs.is_empty()
+            && !f.cidrs.iter().any(|n| {
+                c.saddr.is_some_and(|a| n.contains(&a)) || c.daddr.is_some_and(|a| n.contains(&a))
+            })
+        {
+            return Ok(Flow::Continue);
+        }
+        if !f.pids.is_empty() && !c.owners.iter().any(|o| f.pids.contains(&o.pid)) {
             return Ok(Flow::Continue);
         }
         let line = match self.format {
-            Format::Json => output::event_json(&ev, &self.clock).to_string(),
-            Format::Text => output::event_text(&ev, &self.clock),
+            Format::Json => output::verdict_json(ch, mono_ns, &self.clock).to_string(),
+            Format::Text => output::verdict_text(ch, mono_ns, &self.clock),
         };
         self.sink.line(&line)
     }
@@ -118,6 +163,32 @@ impl Recorder {
             Format::Text => output::lost_text(n, total, now, &self.clock),
         };
         self.sink.line(&line)
+    }
+
+    /// Re-reads every socket and the kernel's per-connection counters.
+    fn refresh(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+        btf: &aya::Btf,
+        stats: &BpfHashMap<MapData, u64, ConnStats>,
+        thresholds: &Thresholds,
+    ) -> Result<Flow> {
+        let Some(table) = self.table.as_mut() else {
+            return Ok(Flow::Continue);
+        };
+        let records = loader::walk_sockets(ebpf, btf)?;
+        let conns = snapshot::conns_from_records(&records, thresholds.owners_known);
+        let now = Clock::mono_now_ns();
+        let mut changes = table.refresh(conns, now);
+        for (cookie, s) in stats.iter().filter_map(Result::ok) {
+            table.set_stats(cookie, s);
+        }
+        for ch in changes.drain(..) {
+            if let Flow::Closed = self.verdict(&ch, now)? {
+                return Ok(Flow::Closed);
+            }
+        }
+        Ok(Flow::Continue)
     }
 }
 
@@ -140,6 +211,22 @@ fn open_sink(output: &Option<PathBuf>) -> Result<Sink> {
     })
 }
 
+/// Writes the table as JSON lines (one connection each, as `snapshot`).
+fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
+    let mut out = BufWriter::new(
+        File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    for (conn, verdict) in table.conns() {
+        let row = snapshot::Row {
+            conn: conn.clone(),
+            verdict: verdict.clone(),
+        };
+        writeln!(out, "{}", snapshot::row_json(&row))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 pub fn run(opts: RecordOptions) -> Result<()> {
     check_privileges().map_err(|e| anyhow!(e))?;
     loader::ensure_object()?;
@@ -148,15 +235,30 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     {
         anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
     }
-    let info = loader::kernel_info(&opts.filter)?;
+    // The table needs every kernel event to judge, whatever is printed.
+    let mut kernel_filter = opts.filter.clone();
+    if opts.filter.kinds.contains(&Kind::Verdict) {
+        kernel_filter.kinds.clear();
+    }
+    let info = loader::kernel_info(&kernel_filter)?;
     let sink = open_sink(&opts.output)?;
+    if let Some(p) = &opts.table_dump {
+        File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+    }
     let mut ebpf = loader::load(&info.config, opts.ring_size)?;
-    let hooks = loader::attach_all(&mut ebpf)?;
+    let (hooks, records) = loader::attach_all(&mut ebpf)?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the event loop")?;
+    let table = opts.refresh.map(|_| {
+        let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
+        let conns = snapshot::conns_from_records(&records, opts.thresholds.owners_known);
+        t.refresh(conns, Clock::mono_now_ns());
+        t
+    });
     let mut rec = Recorder {
         sink,
         format: opts.format,
@@ -165,6 +267,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         clock: Clock::now(),
         received: 0,
         lost_total: 0,
+        table,
     };
     let take = |ebpf: &mut aya::Ebpf, name: &str| {
         ebpf.take_map(name)
@@ -174,6 +277,11 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     let drops: PerCpuArray<MapData, u64> = PerCpuArray::try_from(take(&mut ebpf, maps::DROPS)?)?;
     let emitted: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(take(&mut ebpf, maps::EMITTED)?)?;
+    let stats: BpfHashMap<MapData, u64, ConnStats> =
+        BpfHashMap::try_from(take(&mut ebpf, maps::STATS)?)?;
+    let thresholds = opts.thresholds;
+    let refresh_every = opts.refresh.unwrap_or(Duration::from_secs(3600));
+    let table_dump = opts.table_dump;
 
     rt.block_on(async move {
         // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so
@@ -183,6 +291,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut refresh = tokio::time::interval(refresh_every);
+        refresh.tick().await;
         eprintln!(
             "keepalive: recording; {hooks} hooks attached (pid {})",
             std::process::id()
@@ -210,12 +320,22 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                         break 'outer;
                     }
                 }
+                _ = refresh.tick() => {
+                    if let Flow::Closed = rec.refresh(&mut ebpf, &btf, &stats, &thresholds)? {
+                        break 'outer;
+                    }
+                }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
             }
         }
         // Detach first so the counters stop moving, then drain what is
         // already in the ring and account for drops: emitted == received + lost.
+        let final_walk = if rec.table.is_some() {
+            Some(loader::walk_sockets(&mut ebpf, &btf))
+        } else {
+            None
+        };
         drop(ebpf);
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
@@ -225,11 +345,23 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         }
         let _ = rec.lost(sum(&drops))?;
         let _ = rec.sink.flush()?;
+        if let (Some(table), Some(Ok(records))) = (rec.table.as_mut(), final_walk) {
+            let conns = snapshot::conns_from_records(&records, thresholds.owners_known);
+            table.refresh(conns, Clock::mono_now_ns());
+            for (cookie, s) in stats.iter().filter_map(Result::ok) {
+                table.set_stats(cookie, s);
+            }
+            if let Some(path) = &table_dump {
+                dump_table(path, table)?;
+            }
+        }
         eprintln!(
-            "keepalive: stopped; emitted={} received={} lost={}",
+            "keepalive: stopped; emitted={} received={} lost={} tracked={} evicted={}",
             sum(&emitted),
             rec.received,
-            rec.lost_total
+            rec.lost_total,
+            rec.table.as_ref().map_or(0, ConnTable::len),
+            rec.table.as_ref().map_or(0, |t| t.evictions),
         );
         Ok::<(), anyhow::Error>(())
     })

@@ -15,6 +15,7 @@ use crate::output::{Clock, SCHEMA_VERSION};
 use crate::record::Format;
 use crate::table::verdict::{Thresholds, Verdict, judge};
 use crate::table::{Conn, detect_hz, nearest_hz, owners};
+use keepalive_common::SockRecord;
 
 pub struct SnapshotOptions {
     pub format: Format,
@@ -56,24 +57,18 @@ pub struct Row {
     pub verdict: Verdict,
 }
 
-/// Walks every socket, resolves owners and judges each connection.
-pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
-    check_privileges().map_err(|e| anyhow!(e))?;
-    let info = loader::kernel_info(&Filter::default())?;
-    let mut ebpf = loader::load(&info.config, Some(4096))?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
-    let records = loader::walk_sockets(&mut ebpf, &btf)?;
-    drop(ebpf);
+/// Turns iterator rows into connections with their owners.
+pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
     let hz = records
         .first()
         .and_then(|r| detect_hz(r.now_jiffies, r.now_ns))
         .unwrap_or_else(measure_hz);
-    let owners: HashMap<u64, Vec<Owner>> = if thresholds.owners_known {
+    let owners: HashMap<u64, Vec<Owner>> = if with_owners {
         owners::scan()
     } else {
         HashMap::new()
     };
-    Ok(records
+    records
         .iter()
         .map(|r| {
             let mut conn = Conn::from_record(r, hz);
@@ -82,6 +77,22 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
             {
                 conn.owners = o.clone();
             }
+            conn
+        })
+        .collect()
+}
+
+/// Walks every socket, resolves owners and judges each connection.
+pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
+    check_privileges().map_err(|e| anyhow!(e))?;
+    let info = loader::kernel_info(&Filter::default())?;
+    let mut ebpf = loader::load(&info.config, Some(4096))?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+    let records = loader::walk_sockets(&mut ebpf, &btf)?;
+    drop(ebpf);
+    Ok(conns_from_records(&records, thresholds.owners_known)
+        .into_iter()
+        .map(|conn| {
             let verdict = judge(&conn, thresholds);
             Row { conn, verdict }
         })
@@ -164,6 +175,14 @@ pub fn row_json(row: &Row) -> Value {
         "send_queue": c.send_queue,
         "timer": c.timer.map(|t| json!({"kind": t.kind.name(), "fires_in_ms": t.fires_in_ms})),
         "ino": c.ino,
+        // Kept by the kernel while a monitor runs (record --table-dump).
+        "counters": c.stats.map(|s| json!({
+            "probes": s.probes,
+            "retransmit_segs": s.retransmit_segs,
+            "resets_sent": s.resets_sent,
+            "resets_received": s.resets_received,
+            "timeouts": s.timeouts,
+        })),
     })
 }
 

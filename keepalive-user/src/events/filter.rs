@@ -78,7 +78,7 @@ impl Filter {
     pub fn event_mask(&self) -> u32 {
         Kind::ALL
             .into_iter()
-            .filter(|k| self.kinds.is_empty() || self.kinds.contains(k))
+            .filter(|k| k.is_kernel() && (self.kinds.is_empty() || self.kinds.contains(k)))
             .fold(0, |m, k| m | (1 << k.raw()))
     }
 

@@ -42,16 +42,19 @@ pub enum Kind {
     StateChange,
     KeepaliveProbe,
     Timeout,
+    /// A connection's verdict changed (made in userspace by the table).
+    Verdict,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Retransmit,
         Kind::ResetSent,
         Kind::ResetReceived,
         Kind::StateChange,
         Kind::KeepaliveProbe,
         Kind::Timeout,
+        Kind::Verdict,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Kind {
             Kind::StateChange => "state_change",
             Kind::KeepaliveProbe => "keepalive_probe",
             Kind::Timeout => "timeout",
+            Kind::Verdict => "verdict",
         }
     }
 
@@ -78,11 +82,18 @@ impl Kind {
             Kind::StateChange => kind::STATE_CHANGE,
             Kind::KeepaliveProbe => kind::KEEPALIVE_PROBE,
             Kind::Timeout => kind::TIMEOUT,
+            // Not a kernel event.
+            Kind::Verdict => 0,
         }
     }
 
     fn from_raw(k: u8) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|x| x.raw() == k)
+        Kind::ALL.into_iter().find(|x| x.raw() == k && k != 0)
+    }
+
+    /// Made by the kernel (as opposed to userspace).
+    pub fn is_kernel(self) -> bool {
+        self.raw() != 0
     }
 }
 
@@ -219,6 +230,7 @@ fn comm(raw: &[u8]) -> String {
 /// Decodes a kernel record; `None` for a kind this build does not know.
 pub fn decode(raw: &RawEvent, reasons: &ResetReasons) -> Option<Event> {
     let detail = match Kind::from_raw(raw.kind)? {
+        Kind::Verdict => return None,
         Kind::Retransmit => Detail::Retransmit {
             segs: raw.a,
             syn: raw.flags & flags::SYN != 0,
@@ -378,8 +390,11 @@ mod tests {
     fn kind_names_round_trip() {
         for k in Kind::ALL {
             assert_eq!(Kind::from_name(k.name()), Some(k));
-            assert_eq!(Kind::from_raw(k.raw()), Some(k));
+            if k.is_kernel() {
+                assert_eq!(Kind::from_raw(k.raw()), Some(k));
+            }
         }
+        assert_eq!(Kind::from_raw(0), None);
         assert_eq!(Kind::from_name("nope"), None);
     }
 

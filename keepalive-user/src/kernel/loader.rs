@@ -141,16 +141,17 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
     Ok(())
 }
 
-/// Attaches every hook; the first failure is an error naming the hook.
-pub fn attach_all(ebpf: &mut Ebpf) -> Result<usize> {
+/// Attaches every hook (the first failure is an error naming the hook),
+/// then walks the existing sockets; returns the hook count and the walk.
+pub fn attach_all(ebpf: &mut Ebpf) -> Result<(usize, Vec<SockRecord>)> {
     let btf =
         aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
     for hook in HOOKS {
         attach(ebpf, &btf, hook)?;
     }
     // After the hooks, so every socket is either walked here or seen by them.
-    walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
-    Ok(HOOKS.len())
+    let rows = walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
+    Ok((HOOKS.len(), rows))
 }
 
 /// Runs the `iter/tcp` program once over every TCP socket of every

@@ -180,6 +180,59 @@ pub fn lost_text(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> String 
     )
 }
 
+/// A verdict change, with the connection it concerns.
+pub fn verdict_json(
+    ch: &crate::table::conn_table::VerdictChange,
+    mono_ns: u64,
+    clock: &Clock,
+) -> Value {
+    let c = &ch.conn;
+    let owner = c.owners.first();
+    json!({
+        "v": SCHEMA_VERSION,
+        "event": "verdict",
+        "ts": clock.rfc3339(mono_ns),
+        "ts_mono_ns": mono_ns,
+        "cookie": c.cookie,
+        "netns": c.netns,
+        "saddr": c.saddr.map(|a| a.to_string()),
+        "sport": c.sport,
+        "daddr": c.daddr.map(|a| a.to_string()),
+        "dport": c.dport,
+        "state": state_name(c.state),
+        "pid": owner.map(|o| o.pid),
+        "comm": owner.map(|o| o.comm.clone()),
+        "old": ch.old.name(),
+        "new": ch.new.name(),
+        "reason_code": ch.new.reason_code(),
+        "reason": ch.new.reason(),
+    })
+}
+
+pub fn verdict_text(
+    ch: &crate::table::conn_table::VerdictChange,
+    mono_ns: u64,
+    clock: &Clock,
+) -> String {
+    let c = &ch.conn;
+    let ep = |a: Option<std::net::IpAddr>, p: u16| match a {
+        Some(a) => endpoint(&a, p),
+        None => format!("*:{p}"),
+    };
+    format!(
+        "{} {:<15} {} > {} {} cookie={} {} -> {}: {}",
+        clock.rfc3339(mono_ns),
+        "verdict",
+        ep(c.saddr, c.sport),
+        ep(c.daddr, c.dport),
+        state_name(c.state),
+        c.cookie,
+        ch.old.name(),
+        ch.new.name(),
+        ch.new.reason()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! (from /proc) and, while a monitor runs, the per-connection counters the
 //! kernel keeps.
 
+pub mod conn_table;
 pub mod owners;
 pub mod verdict;
 

@@ -1,0 +1,394 @@
+//! [`ConnTable`]: the daemon's live view of every connection, seeded from
+//! the socket iterator, kept current from the event stream, refreshed
+//! periodically from the kernel, and judged after every change so that a
+//! verdict change can be reported as it happens.
+//!
+//! Memory is bounded: at most `cap` live connections (the least recently
+//! touched is evicted and counted) and tombstones for recently closed
+//! connections expire after [`TOMBSTONE_NS`].
+
+use std::collections::HashMap;
+
+use keepalive_common::ConnStats;
+
+use super::verdict::{Thresholds, Verdict, judge};
+use super::{Conn, Keepalive, TCP_ESTABLISHED, Timer, TimerKind};
+use crate::events::{Detail, Event};
+
+/// How long a closed connection stays resolvable for late events.
+pub const TOMBSTONE_NS: u64 = 10_000_000_000;
+const TCP_CLOSE: u32 = 7;
+
+struct Entry {
+    conn: Conn,
+    verdict: Verdict,
+    touched_ns: u64,
+}
+
+/// A verdict that changed, with the connection as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerdictChange {
+    pub conn: Conn,
+    pub old: Verdict,
+    pub new: Verdict,
+}
+
+pub struct ConnTable {
+    live: HashMap<u64, Entry>,
+    /// Closed connections, with the time they expire.
+    tombstones: HashMap<u64, (Entry, u64)>,
+    cap: usize,
+    thresholds: Thresholds,
+    pub evictions: u64,
+}
+
+impl ConnTable {
+    pub fn new(cap: usize, thresholds: Thresholds) -> Self {
+        ConnTable {
+            live: HashMap::new(),
+            tombstones: HashMap::new(),
+            cap: cap.max(1),
+            thresholds,
+            evictions: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn get(&self, cookie: u64) -> Option<&Conn> {
+        self.live
+            .get(&cookie)
+            .map(|e| &e.conn)
+            .or_else(|| self.tombstones.get(&cookie).map(|(e, _)| &e.conn))
+    }
+
+    pub fn verdict(&self, cookie: u64) -> Option<&Verdict> {
+        self.live.get(&cookie).map(|e| &e.verdict)
+    }
+
+    /// Live connections.
+    pub fn conns(&self) -> impl Iterator<Item = (&Conn, &Verdict)> {
+        self.live.values().map(|e| (&e.conn, &e.verdict))
+    }
+
+    fn make_room(&mut self) {
+        while self.live.len() >= self.cap {
+            let Some((&oldest, _)) = self.live.iter().min_by_key(|(_, e)| e.touched_ns) else {
+                return;
+            };
+            self.live.remove(&oldest);
+            self.evictions += 1;
+        }
+    }
+
+    /// Re-judges `cookie`; returns the change, if any.
+    fn rejudge(&mut self, cookie: u64) -> Option<VerdictChange> {
+        let e = self.live.get_mut(&cookie)?;
+        Self::rejudge_entry(e, &self.thresholds)
+    }
+
+    fn rejudge_entry(e: &mut Entry, thresholds: &Thresholds) -> Option<VerdictChange> {
+        let new = judge(&e.conn, thresholds);
+        if new == e.verdict {
+            return None;
+        }
+        let old = std::mem::replace(&mut e.verdict, new.clone());
+        // Reason numbers move all the time; only a change of verdict or of
+        // reason kind is news.
+        if old.name() == new.name() && old.reason_code() == new.reason_code() {
+            return None;
+        }
+        Some(VerdictChange {
+            conn: e.conn.clone(),
+            old,
+            new,
+        })
+    }
+
+    /// Replaces the table with a fresh walk of the kernel's sockets.
+    /// Connections the walk no longer finds have closed.
+    pub fn refresh(&mut self, conns: Vec<Conn>, now_ns: u64) -> Vec<VerdictChange> {
+        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
+        let mut seen: HashMap<u64, ()> = HashMap::with_capacity(conns.len());
+        let mut changes = Vec::new();
+        for mut conn in conns {
+            let cookie = conn.cookie;
+            if cookie == 0 || !conn.full {
+                continue;
+            }
+            seen.insert(cookie, ());
+            match self.live.get_mut(&cookie) {
+                Some(e) => {
+                    // Kernel state wins; keep what only events know.
+                    conn.stats = e.conn.stats.or(conn.stats);
+                    conn.timed_out = e.conn.timed_out;
+                    if conn.owners.is_empty() && !e.conn.owners.is_empty() && conn.ino == 0 {
+                        conn.owners = e.conn.owners.clone();
+                    }
+                    e.conn = conn;
+                    e.touched_ns = now_ns;
+                }
+                None => {
+                    self.make_room();
+                    let verdict = Verdict::Healthy;
+                    self.live.insert(
+                        cookie,
+                        Entry {
+                            conn,
+                            verdict,
+                            touched_ns: now_ns,
+                        },
+                    );
+                }
+            }
+            changes.extend(self.rejudge(cookie));
+        }
+        let gone: Vec<u64> = self
+            .live
+            .keys()
+            .filter(|c| !seen.contains_key(c))
+            .copied()
+            .collect();
+        for cookie in gone {
+            if let Some(e) = self.live.remove(&cookie) {
+                self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+            }
+        }
+        changes
+    }
+
+    /// Sets the kernel-kept counters of a connection.
+    pub fn set_stats(&mut self, cookie: u64, stats: ConnStats) {
+        if let Some(e) = self.live.get_mut(&cookie) {
+            e.conn.stats = Some(stats);
+        }
+    }
+
+    /// Applies one event; returns the verdict change it caused.
+    pub fn apply(&mut self, ev: &Event, now_ns: u64) -> Option<VerdictChange> {
+        if ev.cookie == 0 {
+            return None;
+        }
+        if !self.live.contains_key(&ev.cookie) {
+            if let Some((e, _)) = self.tombstones.get_mut(&ev.cookie) {
+                // The kernel reports ETIMEDOUT after it closed the socket.
+                if let Detail::Timeout { cause, .. } = ev.detail {
+                    e.conn.timed_out = Some(cause);
+                    return Self::rejudge_entry(e, &self.thresholds);
+                }
+                return None;
+            }
+            // A connection born after the last walk.
+            self.make_room();
+            let conn = Conn {
+                cookie: ev.cookie,
+                netns: ev.netns,
+                saddr: Some(ev.saddr),
+                sport: ev.sport,
+                daddr: Some(ev.daddr),
+                dport: ev.dport,
+                state: ev.state,
+                owners: ev.owner.iter().cloned().collect(),
+                full: true,
+                ..Conn::default()
+            };
+            self.live.insert(
+                ev.cookie,
+                Entry {
+                    conn,
+                    verdict: Verdict::Healthy,
+                    touched_ns: now_ns,
+                },
+            );
+        }
+        let e = self.live.get_mut(&ev.cookie)?;
+        e.touched_ns = now_ns;
+        let c = &mut e.conn;
+        if c.owners.is_empty()
+            && let Some(o) = &ev.owner
+        {
+            c.owners.push(o.clone());
+        }
+        match &ev.detail {
+            Detail::StateChange { new, .. } => {
+                c.state = *new;
+                if *new == TCP_ESTABLISHED {
+                    c.sport = ev.sport;
+                    c.saddr = Some(ev.saddr);
+                }
+            }
+            Detail::KeepaliveProbe { probe } => {
+                // Only a socket with keepalive on is probed.
+                c.keepalive = Keepalive {
+                    enabled: true,
+                    ..c.keepalive
+                };
+                c.probes_out = *probe;
+                c.timer = Some(Timer {
+                    kind: TimerKind::Keepalive,
+                    fires_in_ms: c.keepalive.intvl_ms as i64,
+                });
+            }
+            Detail::Retransmit { segs, err, .. } => {
+                if *err == 0 {
+                    c.total_retrans += segs;
+                }
+            }
+            Detail::Timeout { cause, .. } => c.timed_out = Some(*cause),
+            Detail::ResetSent { .. } | Detail::ResetReceived => {}
+        }
+        let change = self.rejudge(ev.cookie);
+        if let Detail::StateChange { new, .. } = ev.detail
+            && new == TCP_CLOSE
+            && let Some(e) = self.live.remove(&ev.cookie)
+        {
+            self.tombstones
+                .insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
+        }
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Owner, TimeoutCause};
+
+    fn conn(cookie: u64) -> Conn {
+        Conn {
+            cookie,
+            state: TCP_ESTABLISHED,
+            full: true,
+            ino: cookie,
+            owners: vec![Owner {
+                pid: 1,
+                comm: "app".into(),
+            }],
+            keepalive: Keepalive {
+                enabled: true,
+                idle_ms: 1000,
+                intvl_ms: 1000,
+                probes: 3,
+            },
+            ..Conn::default()
+        }
+    }
+
+    fn event(cookie: u64, detail: Detail) -> Event {
+        Event {
+            ts_mono_ns: 0,
+            cookie,
+            netns: 1,
+            saddr: "198.18.0.1".parse().unwrap(),
+            sport: 1,
+            daddr: "198.18.0.2".parse().unwrap(),
+            dport: 2,
+            state: TCP_ESTABLISHED,
+            owner: None,
+            detail,
+        }
+    }
+
+    #[test]
+    fn probe_makes_dead_and_refresh_heals() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        assert!(t.refresh(vec![conn(1)], 0).is_empty());
+        let ch = t
+            .apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+            .expect("verdict change");
+        assert_eq!(ch.old, Verdict::Healthy);
+        assert_eq!(ch.new.reason_code(), "probes_unanswered");
+        // A second probe changes numbers, not the verdict: no news.
+        assert!(
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
+                .is_none()
+        );
+        // The peer answered: the next walk shows no probe outstanding.
+        let ch = t.refresh(vec![conn(1)], 3);
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].new, Verdict::Healthy);
+    }
+
+    #[test]
+    fn timeout_then_close_leaves_a_tombstone() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        t.refresh(vec![conn(7)], 0);
+        let ch = t
+            .apply(
+                &event(
+                    7,
+                    Detail::Timeout {
+                        cause: TimeoutCause::Keepalive,
+                        probes_out: 3,
+                        user_timeout_ms: 0,
+                    },
+                ),
+                1,
+            )
+            .unwrap();
+        assert_eq!(ch.new.reason_code(), "timed_out");
+        t.apply(&event(7, Detail::StateChange { old: 1, new: 7 }), 2);
+        assert_eq!(t.len(), 0);
+        assert!(t.get(7).is_some(), "tombstone resolves late events");
+        // Late events for a tombstone do not resurrect it.
+        assert!(t.apply(&event(7, Detail::ResetReceived), 3).is_none());
+        assert_eq!(t.len(), 0);
+        t.refresh(vec![], 2 + TOMBSTONE_NS + 1);
+        assert!(t.get(7).is_none());
+    }
+
+    #[test]
+    fn timeout_reported_after_close_still_changes_the_verdict() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        t.refresh(vec![conn(8)], 0);
+        t.apply(&event(8, Detail::KeepaliveProbe { probe: 3 }), 1);
+        t.apply(&event(8, Detail::StateChange { old: 1, new: 7 }), 2);
+        let ch = t
+            .apply(
+                &event(
+                    8,
+                    Detail::Timeout {
+                        cause: TimeoutCause::Keepalive,
+                        probes_out: 3,
+                        user_timeout_ms: 0,
+                    },
+                ),
+                3,
+            )
+            .expect("timed_out is news");
+        assert_eq!(ch.old.reason_code(), "probes_unanswered");
+        assert_eq!(ch.new.reason_code(), "timed_out");
+    }
+
+    #[test]
+    fn cap_evicts_least_recently_touched_and_counts() {
+        let mut t = ConnTable::new(2, Thresholds::default());
+        t.refresh(vec![conn(1)], 0);
+        t.apply(&event(2, Detail::ResetReceived), 5);
+        t.apply(&event(3, Detail::ResetReceived), 6);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.evictions, 1);
+        assert!(t.get(1).is_none());
+        assert!(t.get(3).is_some());
+    }
+
+    #[test]
+    fn walk_drops_closed_connections_and_keeps_stats() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        t.refresh(vec![conn(1), conn(2)], 0);
+        let stats = ConnStats {
+            probes: 4,
+            ..ConnStats::default()
+        };
+        t.set_stats(1, stats);
+        t.refresh(vec![conn(1)], 1);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.get(1).unwrap().stats, Some(stats));
+    }
+}
