@@ -293,6 +293,10 @@ pub struct Config {
     pub n_cidrs: u32,
     /// `tcp_retransmit_skb` passes the transmit result (kernels >= 6.12).
     pub retransmit_has_err: u32,
+    /// Wake the reader only once this many bytes wait in the ring; it
+    /// also polls on a short timer. Saves a wakeup (an IPI) per event.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
 }
@@ -337,6 +341,8 @@ impl Config {
             ports: [0; MAX_PORTS],
             n_cidrs: 0,
             retransmit_has_err: 0,
+            wakeup_bytes: 0,
+            _pad: 0,
             cidrs: [Cidr {
                 addr: [0; 16],
                 family: 0,

@@ -28,12 +28,14 @@ use keepalive_common::{
     Config, ConnStats, Owner, RawEvent, SockRecord, TimerFrame, flags, kind, sock_flags,
 };
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const ETIMEDOUT: i32 = 110;
 const TCP_SYN_SENT: u32 = 2;
-const TCP_CLOSE: u32 = 7;
 const TCPHDR_SYN: u8 = 0x02;
 
 /// Filled in by the daemon (`EbpfLoader::set_global`) before load.
@@ -116,35 +118,55 @@ fn bump(counter: &PerCpuArray<u64>) {
     }
 }
 
+/// Loads a `T` at `base + off` directly. Only for trusted BTF pointers
+/// (tracepoint and iterator arguments) and fields inside the pointed-to
+/// struct: the offsets come from read-only data the verifier sees as
+/// constants, so it checks each access against the kernel's BTF and turns
+/// it into a plain load, much cheaper than a probe-read helper call.
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, off: u16) -> T {
+    // SAFETY: see above; the verifier rejects anything else at load time.
+    unsafe { read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
+
 /// Copies the connection identity out of a `struct sock_common` into any
-/// record with the tuple fields (events and snapshot rows).
+/// record with the tuple fields (events and snapshot rows), with `$read`
+/// being [`load`] for trusted pointers and [`read`] otherwise.
 macro_rules! fill_tuple {
-    ($dst:expr, $sk:expr) => {{
+    ($dst:expr, $sk:expr, $read:ident) => {{
         let sk: *const u8 = $sk;
-        let family: u16 = read(sk, cfg!(offsets.skc_family));
+        let family: u16 = $read(sk, cfg!(offsets.skc_family));
         $dst.family = family as u8;
-        $dst.state = read::<u8>(sk, cfg!(offsets.skc_state));
-        $dst.sport = read::<u16>(sk, cfg!(offsets.skc_num));
-        $dst.dport = u16::from_be(read::<u16>(sk, cfg!(offsets.skc_dport)));
+        $dst.state = $read::<u8>(sk, cfg!(offsets.skc_state));
+        $dst.sport = $read::<u16>(sk, cfg!(offsets.skc_num));
+        $dst.dport = u16::from_be($read::<u16>(sk, cfg!(offsets.skc_dport)));
         if family == AF_INET6 {
-            $dst.saddr = read(sk, cfg!(offsets.skc_v6_rcv_saddr));
-            $dst.daddr = read(sk, cfg!(offsets.skc_v6_daddr));
+            $dst.saddr = $read(sk, cfg!(offsets.skc_v6_rcv_saddr));
+            $dst.daddr = $read(sk, cfg!(offsets.skc_v6_daddr));
         } else {
-            let s: [u8; 4] = read(sk, cfg!(offsets.skc_rcv_saddr));
-            let d: [u8; 4] = read(sk, cfg!(offsets.skc_daddr));
+            let s: u32 = $read(sk, cfg!(offsets.skc_rcv_saddr));
+            let d: u32 = $read(sk, cfg!(offsets.skc_daddr));
             $dst.saddr = [0; 16];
             $dst.daddr = [0; 16];
-            $dst.saddr[..4].copy_from_slice(&s);
-            $dst.daddr[..4].copy_from_slice(&d);
+            $dst.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+            $dst.daddr[..4].copy_from_slice(&d.to_ne_bytes());
         }
-        let net: u64 = read(sk, cfg!(offsets.skc_net));
+        // struct net is not what the pointer is typed as here; read it.
+        let net: u64 = $read(sk, cfg!(offsets.skc_net));
         $dst.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
     }};
 }
 
+/// Tuple of a socket reached through an untrusted pointer (timer hooks).
 #[inline(always)]
 fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
-    fill_tuple!(ev, sk);
+    fill_tuple!(ev, sk, read);
+}
+
+/// Tuple of a socket passed as a trusted tracepoint argument.
+#[inline(always)]
+fn fill_sock_direct(ev: &mut RawEvent, sk: *const u8) {
+    fill_tuple!(ev, sk, load);
 }
 
 /// True when `addr` falls in `cidr` (`prefix_len` bits equal).
@@ -230,7 +252,19 @@ fn emit(ev: &mut RawEvent) {
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut slot) => {
             slot.write(*ev);
-            slot.submit(0);
+            // A wakeup per event costs an IPI; wake the reader only when
+            // enough has piled up (it polls on a timer for the rest).
+            // Only the record that crosses the threshold wakes it, so a
+            // lagging reader is not woken once per event.
+            let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+            let threshold = cfg!(wakeup_bytes) as u64;
+            let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
+            let flags = if avail >= threshold && avail < threshold + size {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            slot.submit(flags);
         }
         None => bump(&DROPS),
     }
@@ -263,9 +297,9 @@ fn cookie_of(sk: *const u8) -> u64 {
 #[inline(always)]
 fn protocol(sk: *const u8) -> u16 {
     if cfg!(offsets.sk_protocol_size) == 1 {
-        read::<u8>(sk, cfg!(offsets.sk_protocol)) as u16
+        load::<u8>(sk, cfg!(offsets.sk_protocol)) as u16
     } else {
-        read::<u16>(sk, cfg!(offsets.sk_protocol))
+        load::<u16>(sk, cfg!(offsets.sk_protocol))
     }
 }
 
@@ -310,7 +344,7 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::RETRANSMIT) {
         return 0;
     }
-    fill_sock(&mut ev, sk);
+    fill_sock_direct(&mut ev, sk);
     ev.flags |= timer_flags(sk);
     emit(&mut ev);
     0
@@ -361,7 +395,7 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
     };
     if !sk.is_null() {
         ev.cookie = cookie_of(sk);
-        fill_sock(&mut ev, sk);
+        fill_sock_direct(&mut ev, sk);
         ev.flags |= timer_flags(sk);
     } else if !skb.is_null() {
         ev.flags |= flags::NO_SOCKET;
@@ -394,7 +428,7 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
         cookie: cookie_of(sk),
         ..RawEvent::default()
     };
-    fill_sock(&mut ev, sk);
+    fill_sock_direct(&mut ev, sk);
     emit(&mut ev);
     0
 }
@@ -428,12 +462,12 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
             b: new as u32,
             ..RawEvent::default()
         };
-        fill_sock(&mut ev, sk);
+        fill_sock_direct(&mut ev, sk);
         emit(&mut ev);
     }
-    if new as u32 == TCP_CLOSE {
-        let _ = OWNERS.remove(cookie);
-    }
+    // Owners are not removed at CLOSE: the kernel reports a timeout (and
+    // may send a reset) after the close, and those must still carry the
+    // owner. Cookies are never reused; the LRU map ages entries out.
     0
 }
 
@@ -444,7 +478,7 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() || protocol(sk) != IPPROTO_TCP {
         return 0;
     }
-    let err: i32 = read(sk, cfg!(offsets.sk_err));
+    let err: i32 = load(sk, cfg!(offsets.sk_err));
     if err != ETIMEDOUT {
         return 0;
     }
@@ -460,7 +494,7 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
         c: read::<u8>(sk, cfg!(offsets.icsk_probes_out)) as u32,
         ..RawEvent::default()
     };
-    fill_sock(&mut ev, sk);
+    fill_sock_direct(&mut ev, sk);
     ev.flags |= timer_flags(sk);
     emit(&mut ev);
     0
@@ -573,7 +607,7 @@ extern "C" fn ka_iter_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // SAFETY: helpers without arguments.
     r.now_jiffies = unsafe { bpf_jiffies64() };
     r.now_ns = unsafe { bpf_ktime_get_ns() };
-    fill_tuple!(r, sk);
+    fill_tuple!(r, sk, load);
     // TIME_WAIT and request sockets are smaller structs: their TCP fields
     // read as garbage (safely); userspace ignores them without FULL.
     fill_full(r, sk);

@@ -28,7 +28,7 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
-        /// Write to FILE instead of stdout (flushed per line).
+        /// Write to FILE instead of stdout (whole lines, flushed after every batch).
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
         /// Only connections with this local or remote port (repeatable).

@@ -45,10 +45,10 @@ pub struct RecordOptions {
     pub table_dump: Option<PathBuf>,
 }
 
-/// Where lines go; `flush_each` for files, which readers tail.
+/// Where lines go. Flushed after every batch drained from the ring, so a
+/// reader never waits for a line while we are idle.
 struct Sink {
     out: Box<dyn Write>,
-    flush_each: bool,
 }
 
 /// Whether to keep going after writing.
@@ -60,14 +60,7 @@ enum Flow {
 
 impl Sink {
     fn line(&mut self, s: &str) -> Result<Flow> {
-        let r = writeln!(self.out, "{s}").and_then(|_| {
-            if self.flush_each {
-                self.out.flush()
-            } else {
-                Ok(())
-            }
-        });
-        match r {
+        match writeln!(self.out, "{s}") {
             Ok(()) => Ok(Flow::Continue),
             Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(Flow::Closed),
             Err(e) => Err(anyhow!("writing events: {e}")),
@@ -202,11 +195,9 @@ fn open_sink(output: &Option<PathBuf>) -> Result<Sink> {
             out: Box::new(BufWriter::new(
                 File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
             )),
-            flush_each: true,
         },
         None => Sink {
             out: Box::new(BufWriter::new(io::stdout())),
-            flush_each: false,
         },
     })
 }
@@ -290,7 +281,10 @@ pub fn run(opts: RecordOptions) -> Result<()> {
             .map_err(|e| anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // The kernel wakes us only when the ring fills up; drain it on a
+        // short timer for the rest.
+        let mut tick = tokio::time::interval(loader::POLL_INTERVAL);
+        let mut drops_at = std::time::Instant::now();
         let mut refresh = tokio::time::interval(refresh_every);
         refresh.tick().await;
         eprintln!(
@@ -313,8 +307,17 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                     }
                 }
                 _ = tick.tick() => {
-                    if let Flow::Closed = rec.lost(sum(&drops))? {
-                        break 'outer;
+                    let rb = ring.get_mut();
+                    while let Some(item) = rb.next() {
+                        if let Flow::Closed = rec.event(&item)? {
+                            break 'outer;
+                        }
+                    }
+                    if drops_at.elapsed() >= Duration::from_millis(250) {
+                        drops_at = std::time::Instant::now();
+                        if let Flow::Closed = rec.lost(sum(&drops))? {
+                            break 'outer;
+                        }
                     }
                     if let Flow::Closed = rec.sink.flush()? {
                         break 'outer;

@@ -95,6 +95,7 @@ pub fn kernel_info(filter: &Filter) -> Result<KernelInfo> {
     config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
     config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
     filter.apply_to_kernel(&mut config);
+    config.wakeup_bytes = DEFAULT_WAKEUP_BYTES;
     let reset_reasons = ResetReasons(kbtf.enum_names("sk_rst_reason", "SK_RST_REASON_"));
     Ok(KernelInfo {
         config,
@@ -111,10 +112,21 @@ pub fn ensure_object() -> Result<()> {
     Ok(())
 }
 
+/// Default ring buffer size (must match the eBPF object's EVENTS map).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+const DEFAULT_WAKEUP_BYTES: u32 = DEFAULT_RING_BYTES / 16;
+/// How often the reader drains the ring without being woken.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Loads the object with `config`; `ring_size` overrides the ring buffer size in bytes.
 pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
     ensure_object()?;
     raise_memlock();
+    let mut config = *config;
+    if let Some(size) = ring_size {
+        config.wakeup_bytes = size / 16;
+    }
+    let config = &config;
     let mut loader = EbpfLoader::new();
     loader.override_global("CONFIG", config, true);
     if let Some(size) = ring_size {
