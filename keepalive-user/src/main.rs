@@ -31,15 +31,8 @@ enum Command {
         /// Write to FILE instead of stdout (whole lines, flushed after every batch).
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
-        /// Only connections with this local or remote port (repeatable).
-        #[arg(long, value_name = "PORT")]
-        port: Vec<u16>,
-        /// Only connections with an address in CIDR (repeatable).
-        #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
-        addr: Vec<ipnet::IpNet>,
-        /// Only connections owned by PID (learned at connect; repeatable).
-        #[arg(long, value_name = "PID")]
-        pid: Vec<u32>,
+        #[command(flatten)]
+        conn_filter: ConnFilterArgs,
         /// Only these event kinds (repeatable): retransmit, reset_sent,
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_parser = parse_kind)]
@@ -69,15 +62,8 @@ enum Command {
         /// Output format (json: one object per connection).
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
-        /// Only connections with this local or remote port (repeatable).
-        #[arg(long, value_name = "PORT")]
-        port: Vec<u16>,
-        /// Only connections with an address in CIDR (repeatable).
-        #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
-        addr: Vec<ipnet::IpNet>,
-        /// Only connections held by PID (repeatable).
-        #[arg(long, value_name = "PID")]
-        pid: Vec<u32>,
+        #[command(flatten)]
+        conn_filter: ConnFilterArgs,
         /// Only this verdict (repeatable): dead, orphaned, unprotected, healthy.
         #[arg(long, value_name = "VERDICT")]
         verdict: Vec<String>,
@@ -89,6 +75,32 @@ enum Command {
     },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
+}
+
+/// Which connections to show.
+#[derive(clap::Args)]
+struct ConnFilterArgs {
+    /// Only connections with this local or remote port (repeatable).
+    #[arg(long, value_name = "PORT")]
+    port: Vec<u16>,
+    /// Only connections with an address in CIDR (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    addr: Vec<ipnet::IpNet>,
+    /// Only connections owned by PID (repeatable; `record` learns owners at
+    /// connect(), `snapshot` from /proc).
+    #[arg(long, value_name = "PID")]
+    pid: Vec<u32>,
+}
+
+impl ConnFilterArgs {
+    fn filter(self, kinds: Vec<Kind>) -> Filter {
+        Filter {
+            ports: self.port,
+            cidrs: self.addr,
+            pids: self.pid,
+            kinds: kinds.into_iter().collect(),
+        }
+    }
 }
 
 /// Verdict thresholds (durations like 90s, 5m, 1h30m, 500ms).
@@ -140,9 +152,7 @@ fn main() -> ExitCode {
         Command::Record {
             format,
             output,
-            port,
-            addr,
-            pid,
+            conn_filter,
             events,
             ring_size,
             refresh,
@@ -152,12 +162,7 @@ fn main() -> ExitCode {
         } => record::run(RecordOptions {
             format,
             output,
-            filter: Filter {
-                ports: port,
-                cidrs: addr,
-                pids: pid,
-                kinds: events.into_iter().collect(),
-            },
+            filter: conn_filter.filter(events),
             ring_size,
             refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
             max_conns,
@@ -167,20 +172,13 @@ fn main() -> ExitCode {
         .map(|()| true),
         Command::Snapshot {
             format,
-            port,
-            addr,
-            pid,
+            conn_filter,
             verdict,
             all,
             thresholds,
         } => snapshot::run(SnapshotOptions {
             format,
-            filter: Filter {
-                ports: port,
-                cidrs: addr,
-                pids: pid,
-                kinds: Default::default(),
-            },
+            filter: conn_filter.filter(Vec::new()),
             verdicts: verdict,
             thresholds: thresholds.thresholds(),
             all,

@@ -120,18 +120,7 @@ impl Recorder {
         if !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict) {
             return Ok(Flow::Continue);
         }
-        let c = &ch.conn;
-        if !f.ports.is_empty() && !f.ports.iter().any(|&p| p == c.sport || p == c.dport) {
-            return Ok(Flow::Continue);
-        }
-        if !f.cidrs.is_empty()
-            && !f.cidrs.iter().any(|n| {
-                c.saddr.is_some_and(|a| n.contains(&a)) || c.daddr.is_some_and(|a| n.contains(&a))
-            })
-        {
-            return Ok(Flow::Continue);
-        }
-        if !f.pids.is_empty() && !c.owners.iter().any(|o| f.pids.contains(&o.pid)) {
+        if !f.matches_conn(&ch.conn) {
             return Ok(Flow::Continue);
         }
         let line = match self.format {

@@ -107,28 +107,7 @@ fn wanted(row: &Row, opts: &SnapshotOptions) -> bool {
     if !opts.verdicts.is_empty() && !opts.verdicts.iter().any(|v| v == row.verdict.name()) {
         return false;
     }
-    let f = &opts.filter;
-    if !f.ports.is_empty() && !f.ports.iter().any(|&p| p == c.sport || p == c.dport) {
-        return false;
-    }
-    if !f.cidrs.is_empty() {
-        let unmap = |a: std::net::IpAddr| match a {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(a),
-            a => a,
-        };
-        let (s, d) = (c.saddr.map(unmap), c.daddr.map(unmap));
-        if !f
-            .cidrs
-            .iter()
-            .any(|n| s.is_some_and(|a| n.contains(&a)) || d.is_some_and(|a| n.contains(&a)))
-        {
-            return false;
-        }
-    }
-    if !f.pids.is_empty() && !c.owners.iter().any(|o| f.pids.contains(&o.pid)) {
-        return false;
-    }
-    true
+    opts.filter.matches_conn(c)
 }
 
 fn endpoint(a: Option<std::net::IpAddr>, port: u16) -> String {
@@ -142,15 +121,9 @@ fn endpoint(a: Option<std::net::IpAddr>, port: u16) -> String {
 /// One connection as a JSON object.
 pub fn row_json(row: &Row) -> Value {
     let c = &row.conn;
-    json!({
-        "v": SCHEMA_VERSION,
-        "cookie": c.cookie,
-        "netns": c.netns,
-        "saddr": c.saddr.map(|a| a.to_string()),
-        "sport": c.sport,
-        "daddr": c.daddr.map(|a| a.to_string()),
-        "dport": c.dport,
-        "state": state_name(c.state),
+    let mut v = json!({"v": SCHEMA_VERSION});
+    crate::output::conn_identity(&mut v, c);
+    let rest = json!({
         "verdict": row.verdict.name(),
         "reason_code": row.verdict.reason_code(),
         "reason": row.verdict.reason(),
@@ -183,7 +156,11 @@ pub fn row_json(row: &Row) -> Value {
             "resets_received": s.resets_received,
             "timeouts": s.timeouts,
         })),
-    })
+    });
+    if let (Value::Object(m), Value::Object(r)) = (&mut v, rest) {
+        m.extend(r);
+    }
+    v
 }
 
 /// Header and rows of the text table.

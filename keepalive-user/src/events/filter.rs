@@ -74,6 +74,26 @@ impl Filter {
         true
     }
 
+    /// Whether a tracked connection passes the port, address and owner
+    /// filters (kinds do not apply to connections).
+    pub fn matches_conn(&self, c: &crate::table::Conn) -> bool {
+        if !self.ports.is_empty() && !self.ports.iter().any(|&p| p == c.sport || p == c.dport) {
+            return false;
+        }
+        if !self.cidrs.is_empty() {
+            let (s, d) = (c.saddr.map(unmapped), c.daddr.map(unmapped));
+            let hit =
+                |a: Option<IpAddr>| a.is_some_and(|a| self.cidrs.iter().any(|n| n.contains(&a)));
+            if !hit(s) && !hit(d) {
+                return false;
+            }
+        }
+        if !self.pids.is_empty() && !c.owners.iter().any(|o| self.pids.contains(&o.pid)) {
+            return false;
+        }
+        true
+    }
+
     /// Bit mask of kinds for the kernel.
     pub fn event_mask(&self) -> u32 {
         Kind::ALL

@@ -180,6 +180,19 @@ pub fn lost_text(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> String 
     )
 }
 
+/// Adds a connection's identity (cookie, namespace, tuple, state) to a JSON object.
+pub fn conn_identity(v: &mut Value, c: &crate::table::Conn) {
+    if let Value::Object(m) = v {
+        m.insert("cookie".into(), json!(c.cookie));
+        m.insert("netns".into(), json!(c.netns));
+        m.insert("saddr".into(), json!(c.saddr.map(|a| a.to_string())));
+        m.insert("sport".into(), json!(c.sport));
+        m.insert("daddr".into(), json!(c.daddr.map(|a| a.to_string())));
+        m.insert("dport".into(), json!(c.dport));
+        m.insert("state".into(), json!(state_name(c.state)));
+    }
+}
+
 /// A verdict change, with the connection it concerns.
 pub fn verdict_json(
     ch: &crate::table::conn_table::VerdictChange,
@@ -188,25 +201,22 @@ pub fn verdict_json(
 ) -> Value {
     let c = &ch.conn;
     let owner = c.owners.first();
-    json!({
+    let mut v = json!({
         "v": SCHEMA_VERSION,
         "event": "verdict",
         "ts": clock.rfc3339(mono_ns),
         "ts_mono_ns": mono_ns,
-        "cookie": c.cookie,
-        "netns": c.netns,
-        "saddr": c.saddr.map(|a| a.to_string()),
-        "sport": c.sport,
-        "daddr": c.daddr.map(|a| a.to_string()),
-        "dport": c.dport,
-        "state": state_name(c.state),
-        "pid": owner.map(|o| o.pid),
-        "comm": owner.map(|o| o.comm.clone()),
-        "old": ch.old.name(),
-        "new": ch.new.name(),
-        "reason_code": ch.new.reason_code(),
-        "reason": ch.new.reason(),
-    })
+    });
+    conn_identity(&mut v, c);
+    if let Value::Object(m) = &mut v {
+        m.insert("pid".into(), json!(owner.map(|o| o.pid)));
+        m.insert("comm".into(), json!(owner.map(|o| o.comm.clone())));
+        m.insert("old".into(), json!(ch.old.name()));
+        m.insert("new".into(), json!(ch.new.name()));
+        m.insert("reason_code".into(), json!(ch.new.reason_code()));
+        m.insert("reason".into(), json!(ch.new.reason()));
+    }
+    v
 }
 
 pub fn verdict_text(
