@@ -151,9 +151,10 @@ macro_rules! fill_tuple {
             $dst.saddr[..4].copy_from_slice(&s.to_ne_bytes());
             $dst.daddr[..4].copy_from_slice(&d.to_ne_bytes());
         }
-        // struct net is not what the pointer is typed as here; read it.
-        let net: u64 = $read(sk, cfg!(offsets.skc_net));
-        $dst.netns = read(net as *const u8, cfg!(offsets.net_ns_inum));
+        // Through a trusted socket the loaded `struct net *` is itself a
+        // BTF pointer the verifier lets us load from (fault-safe).
+        let net: *const u8 = $read(sk, cfg!(offsets.skc_net));
+        $dst.netns = $read(net, cfg!(offsets.net_ns_inum));
     }};
 }
 

@@ -158,9 +158,14 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
 pub fn attach_all(ebpf: &mut Ebpf) -> Result<(usize, Vec<SockRecord>)> {
     let btf =
         aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
+    // Walk once before attaching so that every socket that already exists
+    // has its cookie assigned before a timer hook can see it (those hooks
+    // can only read the cookie, not create it)...
+    walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
     for hook in HOOKS {
         attach(ebpf, &btf, hook)?;
     }
+    // ...and once after, for the sockets born in between.
     // After the hooks, so every socket is either walked here or seen by them.
     let rows = walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
     Ok((HOOKS.len(), rows))
