@@ -173,8 +173,9 @@ fn test(args: &[String]) -> Result<()> {
     }
     let bin = build(true)?;
     // keepalive-ebpf only builds for bpfel-unknown-none; keepalive-user's
-    // build.rs builds it, and it has no host tests.
-    let status = Command::new(cargo())
+    // build.rs builds it, and it has no host tests. No doc tests: there are
+    // none, and their empty summary would end the log.
+    let mut child = Command::new(cargo())
         .current_dir(root())
         .args([
             "test",
@@ -182,6 +183,9 @@ fn test(args: &[String]) -> Result<()> {
             "--exclude",
             "keepalive-ebpf",
             "--release",
+            "--lib",
+            "--bins",
+            "--tests",
             "--",
             "--test-threads=1",
         ])
@@ -189,10 +193,59 @@ fn test(args: &[String]) -> Result<()> {
         .env("KEEPALIVE_BIN", &bin)
         .env("KEEPALIVE_REQUIRE_EBPF", "1")
         .stdin(Stdio::null())
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("cannot run cargo: is it on PATH? (source ~/.cargo/env)")?;
+    // Pass the output through and add up the per-binary summaries.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some((p, f)) = parse_summary(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("tests failed ({status}): see the output above");
     }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+/// `test result: ok. 5 passed; 1 failed; ...` -> (5, 1).
+fn parse_summary(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let num = |word: &str| -> Option<u64> {
+        rest.split(';')
+            .find_map(|part| part.trim().strip_suffix(word).map(str::trim))
+            .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+    };
+    Some((num("passed")?, num("failed")?))
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::parse_summary;
+
+    #[test]
+    fn parses_cargo_test_summaries() {
+        assert_eq!(
+            parse_summary(
+                "test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 4.20s"
+            ),
+            Some((5, 0))
+        );
+        assert_eq!(
+            parse_summary("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_summary("running 5 tests"), None);
+    }
 }
