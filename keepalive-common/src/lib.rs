@@ -149,6 +149,9 @@ pub struct SnapOffsets {
     pub net_retries2: u16,
     /// Bit number of SOCK_KEEPOPEN in `sk_flags`.
     pub sock_keepopen_bit: u16,
+    /// `inet_timewait_sock.tw_substate`: FIN_WAIT2 or TIME_WAIT.
+    pub tw_substate: u16,
+    pub _pad: [u16; 3],
 }
 
 impl SnapOffsets {
@@ -182,6 +185,8 @@ impl SnapOffsets {
             net_keepalive_probes: 0,
             net_retries2: 0,
             sock_keepopen_bit: 0,
+            tw_substate: 0,
+            _pad: [0; 3],
         }
     }
 }

@@ -583,6 +583,7 @@ pub struct IterTcpCtx {
     uid: u32,
 }
 
+const TCP_FIN_WAIT2: u8 = 5;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_LISTEN: u8 = 10;
 const TCP_NEW_SYN_RECV: u8 = 12;
@@ -612,8 +613,17 @@ extern "C" fn ka_iter_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // TIME_WAIT and request sockets are smaller structs: their TCP fields
     // read as garbage (safely); userspace ignores them without FULL.
     fill_full(r, sk);
-    if r.state == TCP_TIME_WAIT || r.state == TCP_NEW_SYN_RECV {
-        r.flags &= !sock_flags::FULL;
+    if r.state == TCP_TIME_WAIT {
+        // An orphan that reaches FIN_WAIT2 with the default tcp_fin_timeout
+        // becomes a timewait minisock that still waits for the peer's FIN.
+        let sub: u8 = read(sk, config().snap.tw_substate);
+        r.flags = 0;
+        if sub == TCP_FIN_WAIT2 {
+            r.state = TCP_FIN_WAIT2;
+            r.flags = sock_flags::ORPHAN;
+        }
+    } else if r.state == TCP_NEW_SYN_RECV {
+        r.flags = 0;
     }
     // SAFETY: meta is the trusted iterator metadata; seq is its first field.
     let seq = unsafe { *(meta as *const *mut core::ffi::c_void) };

@@ -101,7 +101,9 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
 
 fn wanted(row: &Row, opts: &SnapshotOptions) -> bool {
     let c = &row.conn;
-    if !opts.all && (!c.full || c.state == crate::table::TCP_LISTEN) {
+    // Listeners, TIME_WAIT and request sockets only with --all; orphans
+    // always (a FIN_WAIT2 orphan may be a minisock).
+    if !opts.all && !c.kernel_orphan && (!c.full || c.state == crate::table::TCP_LISTEN) {
         return false;
     }
     if !opts.verdicts.is_empty() && !opts.verdicts.iter().any(|v| v == row.verdict.name()) {

@@ -1384,12 +1384,9 @@ fn fin_wait2_orphan_with_the_default_fin_timeout() {
 
     let rows = snapshot(&["--port", &lp.to_string()]);
     let got = by_key(&rows, &[na]);
-    // PRODUCT BUG (reported): the snapshot leaves this orphan out. It is a
-    // timewait minisock whose skc_state reads TIME_WAIT (substate
-    // FIN_WAIT2); the snapshot hides non-full sockets, and with --all
-    // shows it as state TIME_WAIT, verdict healthy, with fields read from
-    // the wrong struct (ino, send_queue, retransmits, ... are garbage).
-    // `ss` shows FIN-WAIT-2 with ino:0 and queues 0.
+    // A timewait minisock whose skc_state reads TIME_WAIT (substate
+    // FIN_WAIT2): it must still be reported as the FIN_WAIT2 orphan it is,
+    // like `ss` (FIN-WAIT-2, ino:0, queues 0).
     let r = got.get(&(na, cp, lp)).unwrap_or_else(|| {
         panic!("FIN_WAIT2 orphan {cp}->{lp} (ss: {ss_row:?}) missing from the snapshot: {rows:#?}")
     });
@@ -1443,11 +1440,9 @@ fn time_wait_rows_with_all_agree_with_ss() {
     assert_eq!(r["verdict"], "healthy", "{r}");
     assert_eq!(r["cookie"], ss_row.cookie, "cookie vs ss sk: {r}");
     assert_eq!(r["owners"], serde_json::json!([]), "{r}");
-    // PRODUCT BUG (reported): a timewait minisock has no inode, queues or
-    // retransmission state (`ss`: `TIME-WAIT 0 0 ... ino:0`), but the
-    // snapshot prints whatever lies at the full-socket offsets of the
-    // smaller struct, e.g. ino 18446612687441708672, send_queue
-    // 2199948000, retransmits 152, user_timeout_ms 3675552137.
+    // A timewait minisock has no inode, queues or retransmission state
+    // (`ss`: `TIME-WAIT 0 0 ... ino:0`); nothing read at full-socket
+    // offsets of the smaller struct may leak into the row.
     assert_eq!(
         (
             r["ino"].as_u64(),

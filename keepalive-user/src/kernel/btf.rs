@@ -246,6 +246,8 @@ impl KernelBtf {
             net_keepalive_probes: off("net", "ipv4.sysctl_tcp_keepalive_probes")?,
             net_retries2: off("net", "ipv4.sysctl_tcp_retries2")?,
             sock_keepopen_bit: keepopen as u16,
+            tw_substate: off("inet_timewait_sock", "tw_substate")?,
+            _pad: [0; 3],
         })
     }
 

@@ -128,7 +128,7 @@ impl ConnTable {
         let mut changes = Vec::new();
         for mut conn in conns {
             let cookie = conn.cookie;
-            if cookie == 0 || !conn.full {
+            if cookie == 0 || (!conn.full && !conn.kernel_orphan) {
                 continue;
             }
             seen.insert(cookie, ());

@@ -177,7 +177,7 @@ impl Conn {
                 fires_in_ms: delta * 1000 / hz.max(1) as i64,
             }
         });
-        Conn {
+        let mut conn = Conn {
             cookie: r.cookie,
             netns: r.netns,
             saddr: Some(addr(r.family, &r.saddr)),
@@ -186,7 +186,8 @@ impl Conn {
             dport: r.dport,
             state: r.state as u32,
             ino: r.ino,
-            kernel_orphan: full && r.flags & sock_flags::ORPHAN != 0,
+            // A timewait minisock in FIN_WAIT2 is an orphan too.
+            kernel_orphan: r.flags & sock_flags::ORPHAN != 0,
             owners: Vec::new(),
             keepalive: Keepalive {
                 enabled: r.flags & sock_flags::KEEPALIVE != 0,
@@ -201,16 +202,32 @@ impl Conn {
             user_timeout_ms: r.user_timeout_ms,
             rto_ms: ms(r.rto_jiffies as u64),
             retries2: r.net_retries2 as u32,
-            last_send_ms: if full { age(r.lsndtime) } else { 0 },
-            last_recv_ms: if full { age(r.lrcvtime) } else { 0 },
-            last_ack_ms: if full { age(r.rcv_tstamp) } else { 0 },
+            last_send_ms: age(r.lsndtime),
+            last_recv_ms: age(r.lrcvtime),
+            last_ack_ms: age(r.rcv_tstamp),
             recv_queue: r.recv_queue,
             send_queue: r.send_queue,
             timer,
             stats: None,
             timed_out: None,
             full,
+        };
+        if !full {
+            // TIME_WAIT and request sockets are smaller structs: only the
+            // tuple and state mean anything.
+            conn = Conn {
+                cookie: conn.cookie,
+                netns: conn.netns,
+                saddr: conn.saddr,
+                sport: conn.sport,
+                daddr: conn.daddr,
+                dport: conn.dport,
+                state: conn.state,
+                kernel_orphan: conn.kernel_orphan,
+                ..Conn::default()
+            };
         }
+        conn
     }
 
     /// Time since anything was received or sent.

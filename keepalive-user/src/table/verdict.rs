@@ -240,8 +240,7 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
             });
         }
     }
-    if c.full
-        && c.kernel_orphan
+    if c.kernel_orphan
         && matches!(
             c.state,
             TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
