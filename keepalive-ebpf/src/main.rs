@@ -13,14 +13,15 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
             bpf_get_socket_cookie, bpf_jiffies64, bpf_probe_read_kernel as gen_probe_read,
-            bpf_seq_write,
+            bpf_seq_write, bpf_sk_storage_get,
         },
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_map, btf_tracepoint, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
@@ -53,9 +54,32 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Socket cookie -> owning process, learned in process context.
-#[map]
-static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
+/// The owning process, stored on the socket itself (learned at connect(),
+/// freed with the socket): a lookup is a pointer chase, not a hash.
+#[btf_map]
+static OWNERS: SkStorage<Owner> = SkStorage::new();
+
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+
+/// The owner stored on a trusted socket, if any.
+#[inline(always)]
+fn owner_of(sk: *const u8) -> Option<Owner> {
+    // SAFETY: trusted socket pointer; the map pointer is the map's address.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&OWNERS).cast_mut().cast(),
+            sk as *mut _,
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const Owner;
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null storage of our value type.
+        Some(unsafe { *p })
+    }
+}
 
 /// Socket cookie -> counters, updated whatever the ring buffer does.
 #[map]
@@ -235,18 +259,19 @@ fn passes_filters(ev: &RawEvent) -> bool {
     true
 }
 
-/// Adds the owner learned at connect time, then filters and submits.
+/// Adds the owner learned at connect time (for trusted sockets; the
+/// timer hooks cannot reach socket storage and leave it to userspace),
+/// then filters and submits.
 #[inline(always)]
-fn emit(ev: &mut RawEvent) {
+fn emit(ev: &mut RawEvent, trusted_sk: *const u8) {
     if !passes_filters(ev) {
         return;
     }
-    if ev.cookie != 0 {
-        // SAFETY: the value is copied out at once.
-        if let Some(o) = unsafe { OWNERS.get(ev.cookie) } {
-            ev.pid = o.pid;
-            ev.comm = o.comm;
-        }
+    if !trusted_sk.is_null()
+        && let Some(o) = owner_of(trusted_sk)
+    {
+        ev.pid = o.pid;
+        ev.comm = o.comm;
     }
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     bump(&EMITTED);
@@ -347,7 +372,7 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     }
     fill_sock_direct(&mut ev, sk);
     ev.flags |= timer_flags(sk);
-    emit(&mut ev);
+    emit(&mut ev, sk);
     0
 }
 
@@ -409,7 +434,7 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
         ev.b = reason as u32;
         ev.flags |= flags::HAS_REASON;
     }
-    emit(&mut ev);
+    emit(&mut ev, sk);
     0
 }
 
@@ -430,7 +455,7 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
         ..RawEvent::default()
     };
     fill_sock_direct(&mut ev, sk);
-    emit(&mut ev);
+    emit(&mut ev, sk);
     0
 }
 
@@ -453,7 +478,15 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
             _pad: 0,
             comm: bpf_get_current_comm().unwrap_or_default(),
         };
-        let _ = OWNERS.insert(cookie, owner, 0);
+        // SAFETY: trusted socket pointer; `owner` is copied into the storage.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&OWNERS).cast_mut().cast(),
+                sk as *mut _,
+                (&raw const owner).cast_mut().cast(),
+                BPF_SK_STORAGE_GET_F_CREATE,
+            )
+        };
     }
     if wanted(kind::STATE_CHANGE) {
         let mut ev = RawEvent {
@@ -464,11 +497,10 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
             ..RawEvent::default()
         };
         fill_sock_direct(&mut ev, sk);
-        emit(&mut ev);
+        emit(&mut ev, sk);
     }
-    // Owners are not removed at CLOSE: the kernel reports a timeout (and
-    // may send a reset) after the close, and those must still carry the
-    // owner. Cookies are never reused; the LRU map ages entries out.
+    // The owner lives as long as the socket, so a timeout reported after
+    // CLOSE still carries it.
     0
 }
 
@@ -497,7 +529,7 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     };
     fill_sock_direct(&mut ev, sk);
     ev.flags |= timer_flags(sk);
-    emit(&mut ev);
+    emit(&mut ev, sk);
     0
 }
 
@@ -571,7 +603,7 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
         ..RawEvent::default()
     };
     fill_sock(&mut ev, sk);
-    emit(&mut ev);
+    emit(&mut ev, core::ptr::null());
     0
 }
 

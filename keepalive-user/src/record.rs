@@ -95,9 +95,16 @@ impl Recorder {
         }
         // SAFETY: RawEvent is plain old data and the slice is long enough.
         let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let Some(ev) = decode(&raw, &self.reasons) else {
+        let Some(mut ev) = decode(&raw, &self.reasons) else {
             return Ok(Flow::Continue);
         };
+        // The timer hooks cannot reach the owner stored on the socket;
+        // the table knows it.
+        if ev.owner.is_none()
+            && let Some(c) = self.table.as_ref().and_then(|t| t.get(ev.cookie))
+        {
+            ev.owner = c.owners.first().cloned();
+        }
         let change = self.table.as_mut().and_then(|t| t.apply(&ev, raw.ts_ns));
         if self.filter.matches(&ev) {
             let line = match self.format {

@@ -420,6 +420,19 @@ impl Monitor {
         self.stop_with(libc::SIGTERM)
     }
 
+    /// Stops and checks that the kernel dropped nothing, so that exact
+    /// comparisons with kernel counters fail for the right reason.
+    pub fn stop_lossless(&mut self) -> Vec<Value> {
+        let events = self.stop();
+        assert_eq!(
+            self.summary("lost"),
+            0,
+            "the ring buffer overflowed during the test: {:?}",
+            self.stderr
+        );
+        events
+    }
+
     /// Events written so far.
     pub fn events(&self) -> Vec<Value> {
         let mut text = String::new();
@@ -512,3 +525,7 @@ pub fn loaded_prog_ids() -> Vec<u32> {
         .map(|p| p.id())
         .collect()
 }
+
+/// Kernel-side filter to the addresses [`Pair`] uses, so that a busy host
+/// cannot crowd the test's events out of the ring buffer.
+pub const PAIR_ONLY: [&str; 4] = ["--addr", "198.18.0.0/15", "--addr", "fd00:ca::/32"];

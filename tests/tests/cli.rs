@@ -105,6 +105,7 @@ fn closed_stdout_ends_quietly() {
     require_root();
     // `keepalive record | head -1`: the reader goes away after one line.
     let ns = Netns::new("pipe");
+    let _ = std::fs::remove_file("/tmp/ka-pipe-err");
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -114,7 +115,10 @@ fn closed_stdout_ends_quietly() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let ready = wait_for(std::time::Duration::from_secs(60), || {
+        std::fs::read_to_string("/tmp/ka-pipe-err").is_ok_and(|e| e.contains("hooks attached"))
+    });
+    assert!(ready, "keepalive did not start");
     // Make a few connections so the monitor has something to write.
     ns.enter(|| {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

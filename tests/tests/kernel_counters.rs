@@ -29,7 +29,7 @@ fn read_err(s: &TcpStream, limit: Duration) -> std::io::Error {
 #[test]
 fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
     let pair = Pair::new("kp");
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
     let (a0, b0) = (pair.a.counters(), pair.b.counters());
 
     // Idle: probed every second after one idle second, each answered.
@@ -52,7 +52,7 @@ fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
     drop(idle);
     std::thread::sleep(Duration::from_millis(200));
     let (a1, b1) = (pair.a.counters(), pair.b.counters());
-    let events = mon.stop();
+    let events = mon.stop_lossless();
 
     let probes = of_kind(&events, pair.a.inode(), "keepalive_probe");
     let kernel = a0.delta(&a1, "TcpExt.TCPKeepAlive");
@@ -87,7 +87,7 @@ fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
 #[test]
 fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     let pair = Pair::new("sp");
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
     let c = connect_pair(&pair, &pair.b4);
     let ck = cookie(&c.client);
     let a0 = pair.a.counters();
@@ -101,7 +101,7 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
         "application saw {err}"
     );
     let a1 = pair.a.counters();
-    let events = mon.stop();
+    let events = mon.stop_lossless();
 
     let ns = pair.a.inode();
     let probes: Vec<u64> = of_kind(&events, ns, "keepalive_probe")
@@ -132,7 +132,7 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
 fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     let pair = Pair::new("rt");
     pair.a.sysctl("net.ipv4.tcp_syn_retries", "6");
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
     let (a0, b0) = (pair.a.counters(), pair.b.counters());
 
     // Data dropped for a while, then let through.
@@ -159,7 +159,7 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     unblackhole(&pair.b);
     std::thread::sleep(Duration::from_millis(200));
     let (a1, b1) = (pair.a.counters(), pair.b.counters());
-    let events = mon.stop();
+    let events = mon.stop_lossless();
 
     let rt = of_kind(&events, pair.a.inode(), "retransmit");
     assert!(rt.iter().all(|e| e["err"] == 0), "{rt:#?}");
@@ -188,7 +188,7 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
 #[test]
 fn resets_match_outrsts_per_namespace_with_matching_receives() {
     let pair = Pair::new("rs");
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
     let (a0, b0) = (pair.a.counters(), pair.b.counters());
 
     // Closed port, over IPv4 and IPv6: no socket in b, the kernel answers RST.
@@ -204,7 +204,7 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
     drop(c.client);
     std::thread::sleep(Duration::from_millis(200));
     let (a1, b1) = (pair.a.counters(), pair.b.counters());
-    let events = mon.stop();
+    let events = mon.stop_lossless();
     let (na, nb) = (pair.a.inode(), pair.b.inode());
 
     let sent_b = of_kind(&events, nb, "reset_sent");
@@ -254,7 +254,7 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
 fn rto_deaths_report_user_timeout_or_retransmission() {
     let pair = Pair::new("to");
     pair.a.sysctl("net.ipv4.tcp_retries2", "3");
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
 
     let ut = connect_pair(&pair, &pair.b4);
     set_user_timeout(&ut.client, 1500);
@@ -271,7 +271,7 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
             "application saw {e}"
         );
     }
-    let events = mon.stop();
+    let events = mon.stop_lossless();
 
     let timeouts = of_kind(&events, pair.a.inode(), "timeout");
     assert_eq!(timeouts.len(), 2, "{timeouts:#?}");
@@ -289,9 +289,9 @@ fn connections_opened_before_the_monitor_keep_their_real_cookie() {
     // kernel for its cookie yet (SO_COOKIE would assign one).
     let c = connect_pair(&pair, &pair.b4);
     set_keepalive(&c.client, 1, 1, 5);
-    let mut mon = Monitor::start(&[]);
+    let mut mon = Monitor::start(&PAIR_ONLY);
     std::thread::sleep(Duration::from_millis(2500));
-    let events = mon.stop();
+    let events = mon.stop_lossless();
     let ck = cookie(&c.client);
     let probes = of_kind(&events, pair.a.inode(), "keepalive_probe");
     assert!(!probes.is_empty(), "no probes seen");

@@ -12,7 +12,14 @@ use serde_json::Value;
 #[test]
 fn a_silenced_peer_turns_dead_in_the_stream() {
     let pair = Pair::new("vd");
-    let mut mon = Monitor::start(&["--refresh", "1s"]);
+    let mut mon = Monitor::start(&[
+        "--refresh",
+        "1s",
+        PAIR_ONLY[0],
+        PAIR_ONLY[1],
+        PAIR_ONLY[2],
+        PAIR_ONLY[3],
+    ]);
     let c = connect_pair(&pair, &pair.b4);
     let ck = cookie(&c.client);
     set_keepalive(&c.client, 1, 1, 3);
