@@ -70,7 +70,10 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
-    /// Build release, then run the benchmarks.
+    /// Build release, then run the benchmarks: the monitor's overhead
+    /// (options: `cargo xtask bench -- --help`), or with `--snapshot`
+    /// `keepalive snapshot` against `ss` on 10k and 100k connections
+    /// (options: `cargo xtask bench --snapshot --help`).
     Bench {
         /// Arguments for the benchmark runner.
         #[arg(
@@ -78,6 +81,12 @@ enum Cmd {
             allow_hyphen_values = true,
             value_name = "ARGS"
         )]
+        args: Vec<String>,
+    },
+    /// Internal: holds the connections of `bench --snapshot`.
+    #[command(name = "bench-hold-conns", hide = true)]
+    BenchHoldConns {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
@@ -93,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Bench { args } => setup::ensure()
             .and_then(|()| build(true))
             .and_then(|bin| bench::run(&bin, &args)),
+        Cmd::BenchHoldConns { args } => bench::hold_conns(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
