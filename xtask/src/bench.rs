@@ -46,15 +46,16 @@
 //! bench-hold-conns`) enters it, sets its `net.ipv4.ip_local_port_range`
 //! to "1024 65535", raises RLIMIT_NOFILE to 2N + 64 (`fs.nr_open` is
 //! raised too if needed and restored afterwards), listens on 127.0.0.1-4 x
-//! 4+ ports, then connects and accepts N connections: 2N ESTABLISHED
-//! sockets, held until the benchmark ends (the helper also dies with it).
-//! Without CAP_SYS_RESOURCE (e.g. in a container) RLIMIT_NOFILE cannot go
-//! above its hard limit, so the connections are spread over as many
-//! helpers (each on its own ports) as that limit requires; the report
-//! says how many and why.
+//! 4+ ports (below 1024, outside that range), then connects and accepts N
+//! connections: 2N ESTABLISHED sockets, held until the benchmark ends (the
+//! helper also dies with it). Without CAP_SYS_RESOURCE (e.g. in a
+//! container) RLIMIT_NOFILE cannot go above its hard limit, so the
+//! connections are spread over as many helpers (each on its own ports) as
+//! that limit requires; the report says how many and why.
+//!
 //! Then these commands run, one untimed check run each (output counted:
 //! how many sockets each listed, how many of the test namespace's 2N, how
-//! many attributed to the helper), then `--rounds` timed rounds, each
+//! many attributed to a helper), then `--rounds` timed rounds, each
 //! running every command once with stdout to /dev/null, the order rotating
 //! from round to round:
 //! - `ip netns exec NS ss -tanoi`
@@ -1362,8 +1363,12 @@ const HOLD_ADDRS: [[u8; 4]; 4] = [
     [127, 0, 0, 3],
     [127, 0, 0, 4],
 ];
-/// ...on ports HOLD_BASE_PORT.. (in the test namespace only).
-const HOLD_BASE_PORT: u16 = 5001;
+/// ...on ports HOLD_BASE_PORT.. (in the test namespace only), below the
+/// ephemeral range so that no helper's client takes a port another helper
+/// is about to listen on.
+const HOLD_BASE_PORT: u16 = 101;
+/// Listening ports end below this (the start of HOLD_PORT_RANGE).
+const HOLD_PORTS_END: u16 = 1024;
 /// Connections per (address, port) destination at most, well below the
 /// 64512 ports of the ephemeral range the helper sets.
 const CONNS_PER_DEST: u64 = 25_000;
@@ -1764,13 +1769,18 @@ fn snapshot_size(bin: &Path, exe: &Path, conns: u64, cfg: &SnapConfig) -> Result
     }
     let t0 = Instant::now();
     let mut holders = Vec::new();
-    let mut first_port = HOLD_BASE_PORT;
+    let mut first_port = u64::from(HOLD_BASE_PORT);
     for h in 0..helpers {
         // Spread evenly: the first `conns % helpers` get one more.
         let n = conns / helpers + u64::from(h < conns % helpers);
         let ports = n.div_ceil(HOLD_ADDRS.len() as u64 * CONNS_PER_DEST).max(4);
-        holders.push(Holder::spawn(exe, &ns.path(), n, first_port, ports)?);
-        first_port += ports as u16;
+        if first_port + ports > u64::from(HOLD_PORTS_END) {
+            bail!(
+                "{helpers} helper processes need more listening ports than {HOLD_BASE_PORT}..{HOLD_PORTS_END}: use a smaller --conns"
+            );
+        }
+        holders.push(Holder::spawn(exe, &ns.path(), n, first_port as u16, ports)?);
+        first_port += ports;
     }
     for h in &mut holders {
         h.wait_ready()?;
