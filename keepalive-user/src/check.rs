@@ -137,7 +137,7 @@ fn hooks_report() -> Result<Vec<Line>> {
     let info = loader::kernel_info(&Filter::default())?;
     let mut ebpf = loader::load(&info.config, None)?;
     let btf = aya::Btf::from_sys_fs()?;
-    Ok(loader::HOOKS
+    let mut lines: Vec<Line> = loader::HOOKS
         .iter()
         .map(|h| {
             let r = loader::attach(&mut ebpf, &btf, h);
@@ -151,5 +151,19 @@ fn hooks_report() -> Result<Vec<Line>> {
                 },
             )
         })
-        .collect())
+        .collect();
+    let walk = loader::walk_sockets(&mut ebpf, &btf);
+    lines.push(line(
+        "iter/tcp",
+        walk.is_ok(),
+        true,
+        match walk {
+            Ok(rows) => format!(
+                "walks every namespace ({} sockets now); provides snapshot, the connection table, cookies of existing connections",
+                rows.len()
+            ),
+            Err(e) => format!("{e:#}; without it: no snapshot, no connection table"),
+        },
+    ));
+    Ok(lines)
 }

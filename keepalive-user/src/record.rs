@@ -330,7 +330,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         }
         // Detach first so the counters stop moving, then drain what is
         // already in the ring and account for drops: emitted == received + lost.
-        let final_walk = if rec.table.is_some() {
+        // Only a table dump needs a last look at the sockets.
+        let final_walk = if rec.table.is_some() && table_dump.is_some() {
             Some(loader::walk_sockets(&mut ebpf, &btf))
         } else {
             None

@@ -203,7 +203,7 @@ pub fn table_lines(rows: &[&Row]) -> Vec<String> {
             .map(|t| format!("{}:{}ms", t.kind.name(), t.fires_in_ms))
             .unwrap_or_else(|| "-".into());
         out.push(format!(
-            "{:<11} {:<11} {:<45} {:<45} {:<18} {:<16} {:>6} {:>5} {:>7}s {:<20} {}",
+            "{:<11} {:<11} {:<45} {:<45} {:<18} {:<16} {:>6} {:>5} {:>8} {:<20} {}",
             row.verdict.name(),
             state_name(c.state),
             endpoint(c.saddr, c.sport),
@@ -212,7 +212,12 @@ pub fn table_lines(rows: &[&Row]) -> Vec<String> {
             ka,
             c.probes_out,
             c.total_retrans,
-            c.idle_ms() / 1000,
+            // Listeners and minisocks have no traffic stamps.
+            if c.full && c.state != crate::table::TCP_LISTEN {
+                format!("{}s", c.idle_ms() / 1000)
+            } else {
+                "-".to_string()
+            },
             timer,
             row.verdict.reason()
         ));

@@ -238,7 +238,10 @@ impl ConnTable {
                     enabled: true,
                     ..c.keepalive
                 };
-                c.probes_out = *probe;
+                // Sending probe N means N-1 went unanswered; the new one
+                // has not had its chance yet (a live peer answers within an
+                // RTT), so probe 1 alone is no sign of death.
+                c.probes_out = probe.saturating_sub(1);
                 c.timer = Some(Timer {
                     kind: TimerKind::Keepalive,
                     fires_in_ms: c.keepalive.intvl_ms as i64,
@@ -308,14 +311,20 @@ mod tests {
     fn probe_makes_dead_and_refresh_heals() {
         let mut t = ConnTable::new(10, Thresholds::default());
         assert!(t.refresh(vec![conn(1)], 0).is_empty());
+        // The first probe is not evidence yet: a live peer answers it.
+        assert!(
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+                .is_none()
+        );
         let ch = t
-            .apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+            .apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
             .expect("verdict change");
         assert_eq!(ch.old, Verdict::Healthy);
         assert_eq!(ch.new.reason_code(), "probes_unanswered");
-        // A second probe changes numbers, not the verdict: no news.
+        assert!(ch.new.reason().contains("1 of 3"), "{}", ch.new.reason());
+        // A third probe changes numbers, not the verdict: no news.
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 3 }), 2)
                 .is_none()
         );
         // The peer answered: the next walk shows no probe outstanding.

@@ -252,10 +252,11 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
             idle_ms: c.idle_ms(),
         });
     }
-    if c.state == TCP_CLOSE_WAIT && c.last_recv_ms >= t.close_wait_ms {
-        return Verdict::Orphaned(Orphaned::CloseWaitLeak {
-            idle_ms: c.last_recv_ms,
-        });
+    // A bare FIN does not move the last-data stamp, but it is an ACK and
+    // moves the last-ACK one: the peer closed at most this long ago.
+    let since_fin = c.last_recv_ms.min(c.last_ack_ms);
+    if c.state == TCP_CLOSE_WAIT && since_fin >= t.close_wait_ms {
+        return Verdict::Orphaned(Orphaned::CloseWaitLeak { idle_ms: since_fin });
     }
     if c.state == TCP_ESTABLISHED
         && t.owners_known
@@ -431,12 +432,24 @@ mod tests {
         let mut c = established();
         c.state = TCP_CLOSE_WAIT;
         c.last_recv_ms = 59_999;
+        c.last_ack_ms = 59_999;
         assert_eq!(judge(&c, &t()), Verdict::Healthy);
         c.last_recv_ms = 60_000;
+        c.last_ack_ms = 60_000;
         assert_eq!(
             judge(&c, &t()),
             Verdict::Orphaned(Orphaned::CloseWaitLeak { idle_ms: 60_000 })
         );
+    }
+
+    #[test]
+    fn close_wait_counts_from_the_fin_not_the_last_data() {
+        // Idle for ten minutes, then the peer's bare FIN a second ago.
+        let mut c = established();
+        c.state = TCP_CLOSE_WAIT;
+        c.last_recv_ms = 600_000;
+        c.last_ack_ms = 1_000;
+        assert_eq!(judge(&c, &t()), Verdict::Healthy);
     }
 
     #[test]
