@@ -134,13 +134,13 @@ pub fn run() -> Result<bool> {
 }
 
 fn hooks_report() -> Result<Vec<Line>> {
-    let info = loader::kernel_info(&Filter::default())?;
+    let info = loader::kernel_info(&Filter::default(), loader::Use::Monitor)?;
     let mut ebpf = loader::load(&info.config, None)?;
-    let btf = aya::Btf::from_sys_fs()?;
+    let btf = loader::aya_btf()?;
     let mut lines: Vec<Line> = loader::HOOKS
         .iter()
         .map(|h| {
-            let r = loader::attach(&mut ebpf, &btf, h);
+            let r = loader::attach(&mut ebpf, btf, h);
             line(
                 format!("tp_btf/{}", h.tracepoint),
                 r.is_ok(),
@@ -152,7 +152,7 @@ fn hooks_report() -> Result<Vec<Line>> {
             )
         })
         .collect();
-    let walk = loader::walk_sockets(&mut ebpf, &btf);
+    let walk = loader::walk_sockets(&mut ebpf, btf);
     lines.push(line(
         "iter/tcp",
         walk.is_ok(),

@@ -208,7 +208,7 @@ fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
             conn: conn.clone(),
             verdict: verdict.clone(),
         };
-        writeln!(out, "{}", snapshot::row_json(&row))?;
+        snapshot::write_row_json(&mut out, &row)?;
     }
     out.flush()?;
     Ok(())
@@ -227,14 +227,14 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     if opts.filter.kinds.contains(&Kind::Verdict) {
         kernel_filter.kinds.clear();
     }
-    let info = loader::kernel_info(&kernel_filter)?;
+    let info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
     let sink = open_sink(&opts.output)?;
     if let Some(p) = &opts.table_dump {
         File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
     }
     let mut ebpf = loader::load(&info.config, opts.ring_size)?;
     let (hooks, records) = loader::attach_all(&mut ebpf)?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+    let btf = loader::aya_btf()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -320,7 +320,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                     }
                 }
                 _ = refresh.tick() => {
-                    if let Flow::Closed = rec.refresh(&mut ebpf, &btf, &stats, &thresholds)? {
+                    if let Flow::Closed = rec.refresh(&mut ebpf, btf, &stats, &thresholds)? {
                         break 'outer;
                     }
                 }
@@ -332,7 +332,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         // already in the ring and account for drops: emitted == received + lost.
         // Only a table dump needs a last look at the sockets.
         let final_walk = if rec.table.is_some() && table_dump.is_some() {
-            Some(loader::walk_sockets(&mut ebpf, &btf))
+            Some(loader::walk_sockets(&mut ebpf, btf))
         } else {
             None
         };

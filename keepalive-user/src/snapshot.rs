@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, BufWriter, ErrorKind, Write};
 
 use anyhow::{Result, anyhow};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::events::filter::Filter;
 use crate::events::{Owner, state_name};
@@ -85,10 +85,10 @@ pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn
 /// Walks every socket, resolves owners and judges each connection.
 pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
     check_privileges().map_err(|e| anyhow!(e))?;
-    let info = loader::kernel_info(&Filter::default())?;
+    let info = loader::kernel_info(&Filter::default(), loader::Use::Snapshot)?;
     let mut ebpf = loader::load(&info.config, Some(4096))?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
-    let records = loader::walk_sockets(&mut ebpf, &btf)?;
+    let btf = loader::aya_btf()?;
+    let records = loader::walk_sockets(&mut ebpf, btf)?;
     drop(ebpf);
     Ok(conns_from_records(&records, thresholds.owners_known)
         .into_iter()
@@ -120,49 +120,123 @@ fn endpoint(a: Option<std::net::IpAddr>, port: u16) -> String {
     }
 }
 
-/// One connection as a JSON object.
-pub fn row_json(row: &Row) -> Value {
-    let c = &row.conn;
-    let mut v = json!({"v": SCHEMA_VERSION});
-    crate::output::conn_identity(&mut v, c);
-    let rest = json!({
-        "verdict": row.verdict.name(),
-        "reason_code": row.verdict.reason_code(),
-        "reason": row.verdict.reason(),
-        "owners": c.owners.iter().map(|o| json!({"pid": o.pid, "comm": o.comm})).collect::<Vec<_>>(),
-        "kernel_orphan": c.kernel_orphan,
-        "keepalive": {
-            "enabled": c.keepalive.enabled,
-            "idle_ms": c.keepalive.idle_ms,
-            "intvl_ms": c.keepalive.intvl_ms,
-            "probes": c.keepalive.probes,
-        },
-        "probes_out": c.probes_out,
-        "retransmits": c.retransmits,
-        "total_retrans": c.total_retrans,
-        "backoff": c.backoff,
-        "rto_ms": c.rto_ms,
-        "user_timeout_ms": c.user_timeout_ms,
-        "last_send_ms": c.last_send_ms,
-        "last_recv_ms": c.last_recv_ms,
-        "last_ack_ms": c.last_ack_ms,
-        "recv_queue": c.recv_queue,
-        "send_queue": c.send_queue,
-        "timer": c.timer.map(|t| json!({"kind": t.kind.name(), "fires_in_ms": t.fires_in_ms})),
-        "ino": c.ino,
-        // Kept by the kernel while a monitor runs (record --table-dump).
-        "counters": c.stats.map(|s| json!({
-            "probes": s.probes,
-            "retransmit_segs": s.retransmit_segs,
-            "resets_sent": s.resets_sent,
-            "resets_received": s.resets_received,
-            "timeouts": s.timeouts,
-        })),
-    });
-    if let (Value::Object(m), Value::Object(r)) = (&mut v, rest) {
-        m.extend(r);
+/// The JSON form of a connection row, serialised straight to the output
+/// (building a `serde_json::Value` per row costs several times more).
+#[derive(serde::Serialize)]
+pub struct RowOut<'a> {
+    v: u32,
+    cookie: u64,
+    netns: u32,
+    saddr: Option<String>,
+    sport: u16,
+    daddr: Option<String>,
+    dport: u16,
+    state: &'static str,
+    verdict: &'static str,
+    reason_code: &'static str,
+    reason: String,
+    owners: &'a [Owner],
+    kernel_orphan: bool,
+    keepalive: KeepaliveOut,
+    probes_out: u32,
+    retransmits: u32,
+    total_retrans: u32,
+    backoff: u32,
+    rto_ms: u64,
+    user_timeout_ms: u32,
+    last_send_ms: u64,
+    last_recv_ms: u64,
+    last_ack_ms: u64,
+    recv_queue: u32,
+    send_queue: u32,
+    timer: Option<TimerOut>,
+    ino: u64,
+    /// Kept by the kernel while a monitor runs (record --table-dump).
+    counters: Option<CountersOut>,
+}
+
+#[derive(serde::Serialize)]
+pub struct KeepaliveOut {
+    enabled: bool,
+    idle_ms: u64,
+    intvl_ms: u64,
+    probes: u32,
+}
+
+#[derive(serde::Serialize)]
+pub struct TimerOut {
+    kind: &'static str,
+    fires_in_ms: i64,
+}
+
+#[derive(serde::Serialize)]
+pub struct CountersOut {
+    probes: u32,
+    retransmit_segs: u32,
+    resets_sent: u32,
+    resets_received: u32,
+    timeouts: u32,
+}
+
+impl<'a> RowOut<'a> {
+    pub fn new(row: &'a Row) -> Self {
+        let c = &row.conn;
+        RowOut {
+            v: SCHEMA_VERSION,
+            cookie: c.cookie,
+            netns: c.netns,
+            saddr: c.saddr.map(|a| a.to_string()),
+            sport: c.sport,
+            daddr: c.daddr.map(|a| a.to_string()),
+            dport: c.dport,
+            state: state_name(c.state),
+            verdict: row.verdict.name(),
+            reason_code: row.verdict.reason_code(),
+            reason: row.verdict.reason(),
+            owners: &c.owners,
+            kernel_orphan: c.kernel_orphan,
+            keepalive: KeepaliveOut {
+                enabled: c.keepalive.enabled,
+                idle_ms: c.keepalive.idle_ms,
+                intvl_ms: c.keepalive.intvl_ms,
+                probes: c.keepalive.probes,
+            },
+            probes_out: c.probes_out,
+            retransmits: c.retransmits,
+            total_retrans: c.total_retrans,
+            backoff: c.backoff,
+            rto_ms: c.rto_ms,
+            user_timeout_ms: c.user_timeout_ms,
+            last_send_ms: c.last_send_ms,
+            last_recv_ms: c.last_recv_ms,
+            last_ack_ms: c.last_ack_ms,
+            recv_queue: c.recv_queue,
+            send_queue: c.send_queue,
+            timer: c.timer.map(|t| TimerOut {
+                kind: t.kind.name(),
+                fires_in_ms: t.fires_in_ms,
+            }),
+            ino: c.ino,
+            counters: c.stats.map(|s| CountersOut {
+                probes: s.probes,
+                retransmit_segs: s.retransmit_segs,
+                resets_sent: s.resets_sent,
+                resets_received: s.resets_received,
+                timeouts: s.timeouts,
+            }),
+        }
     }
-    v
+}
+
+/// One connection as a JSON value.
+pub fn row_json(row: &Row) -> Value {
+    serde_json::to_value(RowOut::new(row)).unwrap_or(Value::Null)
+}
+
+/// Writes one connection as a JSON line.
+pub fn write_row_json(out: &mut impl Write, row: &Row) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &RowOut::new(row)).map_err(io::Error::other)?;
+    out.write_all(b"\n")
 }
 
 /// Header and rows of the text table.
@@ -244,9 +318,7 @@ pub fn run(opts: SnapshotOptions) -> Result<()> {
     });
     let mut out = BufWriter::new(io::stdout().lock());
     let result = match opts.format {
-        Format::Json => shown
-            .iter()
-            .try_for_each(|r| writeln!(out, "{}", row_json(r))),
+        Format::Json => shown.iter().try_for_each(|r| write_row_json(&mut out, r)),
         Format::Text => table_lines(&shown)
             .iter()
             .try_for_each(|l| writeln!(out, "{l}")),

@@ -164,7 +164,7 @@ pub enum Detail {
 }
 
 /// A process that owns a connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Owner {
     pub pid: u32,
     pub comm: String,

@@ -16,6 +16,8 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// The kernel's type information.
 pub struct KernelBtf {
     btf: Btf,
+    /// Structs looked up so far: each lookup by name scans every type.
+    structs: std::cell::RefCell<std::collections::HashMap<String, btf_rs::Struct>>,
 }
 
 /// Where a field sits inside its struct, in bytes.
@@ -37,13 +39,29 @@ impl KernelBtf {
                 path.display()
             );
         }
-        let btf = Btf::from_file(path)
+        // Mmap: parse lazily. We look up a few dozen types once; parsing
+        // all of vmlinux's BTF up front costs ~100 ms.
+        let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
             .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", path.display()))?;
-        Ok(Self { btf })
+        Ok(Self {
+            btf,
+            structs: Default::default(),
+        })
     }
 
     /// The struct or union named `name`.
     fn find_struct(&self, name: &str) -> Result<btf_rs::Struct> {
+        if let Some(s) = self.structs.borrow().get(name) {
+            return Ok(s.clone());
+        }
+        let s = self.find_struct_uncached(name)?;
+        self.structs
+            .borrow_mut()
+            .insert(name.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn find_struct_uncached(&self, name: &str) -> Result<btf_rs::Struct> {
         let types = self
             .btf
             .resolve_types_by_name(name)

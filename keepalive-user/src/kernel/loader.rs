@@ -83,15 +83,26 @@ pub struct KernelInfo {
     pub reset_reasons: ResetReasons,
 }
 
-/// Reads BTF and kallsyms and builds the program configuration.
-pub fn kernel_info(filter: &Filter) -> Result<KernelInfo> {
+/// What the programs will be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// Every hook (needs timer addresses from kallsyms).
+    Monitor,
+    /// Only the socket iterator.
+    Snapshot,
+}
+
+/// Reads BTF (and kallsyms for the hooks) and builds the program configuration.
+pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
     let kbtf = KernelBtf::load()?;
     let mut config = Config::zeroed();
     config.offsets = kbtf.offsets()?;
     config.snap = kbtf.snap_offsets()?;
-    let timers = symbols::timer_symbols()?;
-    config.keepalive_timer_fn = timers.keepalive_timer;
-    config.write_timer_fn = timers.write_timer;
+    if usage == Use::Monitor {
+        let timers = symbols::timer_symbols()?;
+        config.keepalive_timer_fn = timers.keepalive_timer;
+        config.write_timer_fn = timers.write_timer;
+    }
     config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
     config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
     filter.apply_to_kernel(&mut config);
@@ -118,6 +129,16 @@ const DEFAULT_WAKEUP_BYTES: u32 = DEFAULT_RING_BYTES / 16;
 /// How often the reader drains the ring without being woken.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The kernel's BTF as aya reads it, parsed once per process.
+pub fn aya_btf() -> Result<&'static aya::Btf> {
+    static BTF: std::sync::OnceLock<aya::Btf> = std::sync::OnceLock::new();
+    if let Some(b) = BTF.get() {
+        return Ok(b);
+    }
+    let b = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+    Ok(BTF.get_or_init(|| b))
+}
+
 /// Loads the object with `config`; `ring_size` overrides the ring buffer size in bytes.
 pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
     ensure_object()?;
@@ -128,6 +149,7 @@ pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
     }
     let config = &config;
     let mut loader = EbpfLoader::new();
+    loader.btf(Some(aya_btf()?));
     loader.override_global("CONFIG", config, true);
     if let Some(size) = ring_size {
         loader.map_max_entries(keepalive_common::maps::EVENTS, size);
@@ -156,18 +178,17 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
 /// Attaches every hook (the first failure is an error naming the hook),
 /// then walks the existing sockets; returns the hook count and the walk.
 pub fn attach_all(ebpf: &mut Ebpf) -> Result<(usize, Vec<SockRecord>)> {
-    let btf =
-        aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF for the loader: {e}"))?;
+    let btf = aya_btf()?;
     // Walk once before attaching so that every socket that already exists
     // has its cookie assigned before a timer hook can see it (those hooks
     // can only read the cookie, not create it)...
-    walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
+    walk_sockets(ebpf, btf).context("walking existing TCP sockets (iter/tcp)")?;
     for hook in HOOKS {
-        attach(ebpf, &btf, hook)?;
+        attach(ebpf, btf, hook)?;
     }
     // ...and once after, for the sockets born in between.
     // After the hooks, so every socket is either walked here or seen by them.
-    let rows = walk_sockets(ebpf, &btf).context("walking existing TCP sockets (iter/tcp)")?;
+    let rows = walk_sockets(ebpf, btf).context("walking existing TCP sockets (iter/tcp)")?;
     Ok((HOOKS.len(), rows))
 }
 

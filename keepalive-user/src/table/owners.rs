@@ -16,20 +16,14 @@ pub fn scan() -> HashMap<u64, Vec<Owner>> {
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+        let Some(fds) = FdDir::open(pid) else {
             continue;
         };
         let mut comm: Option<String> = None;
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(ino) = socket_inode(target.as_os_str().to_str().unwrap_or("")) else {
-                continue;
-            };
+        for ino in fds.socket_inodes() {
             let comm = comm
                 .get_or_insert_with(|| {
-                    std::fs::read_to_string(p.path().join("comm"))
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
                         .map(|s| s.trim_end().to_string())
                         .unwrap_or_default()
                 })
@@ -41,6 +35,60 @@ pub fn scan() -> HashMap<u64, Vec<Owner>> {
         }
     }
     map
+}
+
+/// An open /proc/PID/fd directory. Links are read relative to it
+/// (readlinkat), which spares the kernel a full path walk per descriptor.
+struct FdDir {
+    fd: std::os::fd::OwnedFd,
+    names: Vec<std::ffi::OsString>,
+}
+
+impl FdDir {
+    fn open(pid: u32) -> Option<FdDir> {
+        use std::os::fd::FromRawFd;
+        let path = std::ffi::CString::new(format!("/proc/{pid}/fd")).ok()?;
+        // SAFETY: valid C string; the returned fd is owned below.
+        let raw = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return None;
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let names = std::fs::read_dir(format!("/proc/self/fd/{raw}"))
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        Some(FdDir { fd, names })
+    }
+
+    fn socket_inodes(&self) -> impl Iterator<Item = u64> + '_ {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let mut buf = [0u8; 64];
+        self.names.iter().filter_map(move |name| {
+            let name = std::ffi::CString::new(name.as_bytes()).ok()?;
+            // SAFETY: valid dir fd, C string and buffer of the given size.
+            let n = unsafe {
+                libc::readlinkat(
+                    self.fd.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n <= 0 {
+                return None;
+            }
+            socket_inode(std::str::from_utf8(&buf[..n as usize]).ok()?)
+        })
+    }
 }
 
 /// `socket:[12345]` -> 12345.
