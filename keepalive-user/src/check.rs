@@ -135,7 +135,7 @@ pub fn run() -> Result<bool> {
 
 fn hooks_report() -> Result<Vec<Line>> {
     let info = loader::kernel_info(&Filter::default(), loader::Use::Monitor)?;
-    let mut ebpf = loader::load(&info.config, None)?;
+    let mut ebpf = loader::load(&info.config, loader::Sizes::default())?;
     let btf = loader::aya_btf()?;
     let mut lines: Vec<Line> = loader::HOOKS
         .iter()

@@ -60,7 +60,11 @@ enum Flow {
 
 impl Sink {
     fn line(&mut self, s: &str) -> Result<Flow> {
-        match writeln!(self.out, "{s}") {
+        Self::result(writeln!(self.out, "{s}"))
+    }
+
+    fn result(r: io::Result<()>) -> Result<Flow> {
+        match r {
             Ok(()) => Ok(Flow::Continue),
             Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(Flow::Closed),
             Err(e) => Err(anyhow!("writing events: {e}")),
@@ -107,11 +111,14 @@ impl Recorder {
         }
         let change = self.table.as_mut().and_then(|t| t.apply(&ev, raw.ts_ns));
         if self.filter.matches(&ev) {
-            let line = match self.format {
-                Format::Json => output::event_json(&ev, &self.clock).to_string(),
-                Format::Text => output::event_text(&ev, &self.clock),
+            let flow = match self.format {
+                Format::Json => {
+                    let r = output::write_event_json(&mut self.sink.out, &ev, &self.clock);
+                    Sink::result(r)?
+                }
+                Format::Text => self.sink.line(&output::event_text(&ev, &self.clock))?,
             };
-            if let Flow::Closed = self.sink.line(&line)? {
+            if let Flow::Closed = flow {
                 return Ok(Flow::Closed);
             }
         }
@@ -198,6 +205,20 @@ fn open_sink(output: &Option<PathBuf>) -> Result<Sink> {
     })
 }
 
+/// True once nobody reads our stdout any more (`| head` exited): a pipe
+/// whose reader closed reports an error to poll() on the writing end, so
+/// we notice without waiting for the next event to fail to write.
+fn stdout_reader_gone() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 /// Writes the table as JSON lines (one connection each, as `snapshot`).
 fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
     let mut out = BufWriter::new(
@@ -232,7 +253,14 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     if let Some(p) = &opts.table_dump {
         File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
     }
-    let mut ebpf = loader::load(&info.config, opts.ring_size)?;
+    let mut ebpf = loader::load(
+        &info.config,
+        loader::Sizes {
+            ring: opts.ring_size,
+            // The kernel keeps counters for as many connections as the table.
+            stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
+        },
+    )?;
     let (hooks, records) = loader::attach_all(&mut ebpf)?;
     let btf = loader::aya_btf()?;
 
@@ -269,6 +297,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     let thresholds = opts.thresholds;
     let refresh_every = opts.refresh.unwrap_or(Duration::from_secs(3600));
     let table_dump = opts.table_dump;
+    let writes_to_stdout = opts.output.is_none();
 
     rt.block_on(async move {
         // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so
@@ -316,6 +345,9 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                         }
                     }
                     if let Flow::Closed = rec.sink.flush()? {
+                        break 'outer;
+                    }
+                    if writes_to_stdout && stdout_reader_gone() {
                         break 'outer;
                     }
                 }

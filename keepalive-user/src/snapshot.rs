@@ -86,7 +86,13 @@ pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn
 pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
     check_privileges().map_err(|e| anyhow!(e))?;
     let info = loader::kernel_info(&Filter::default(), loader::Use::Snapshot)?;
-    let mut ebpf = loader::load(&info.config, Some(4096))?;
+    let mut ebpf = loader::load(
+        &info.config,
+        loader::Sizes {
+            ring: Some(4096),
+            stats: Some(1),
+        },
+    )?;
     let btf = loader::aya_btf()?;
     let records = loader::walk_sockets(&mut ebpf, btf)?;
     drop(ebpf);

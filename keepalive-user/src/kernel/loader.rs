@@ -139,8 +139,18 @@ pub fn aya_btf() -> Result<&'static aya::Btf> {
     Ok(BTF.get_or_init(|| b))
 }
 
-/// Loads the object with `config`; `ring_size` overrides the ring buffer size in bytes.
-pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
+/// Map sizes chosen at load time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    /// Ring buffer bytes (default [`DEFAULT_RING_BYTES`]).
+    pub ring: Option<u32>,
+    /// Connections whose counters the kernel keeps (default 65536).
+    pub stats: Option<u32>,
+}
+
+/// Loads the object with `config` and map sizes.
+pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
+    let ring_size = sizes.ring;
     ensure_object()?;
     raise_memlock();
     let mut config = *config;
@@ -153,6 +163,9 @@ pub fn load(config: &Config, ring_size: Option<u32>) -> Result<Ebpf> {
     loader.override_global("CONFIG", config, true);
     if let Some(size) = ring_size {
         loader.map_max_entries(keepalive_common::maps::EVENTS, size);
+    }
+    if let Some(n) = sizes.stats {
+        loader.map_max_entries(keepalive_common::maps::STATS, n.max(1));
     }
     loader
         .load(EBPF_OBJECT)
