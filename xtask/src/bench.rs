@@ -655,16 +655,7 @@ impl Monitor {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, lines) = mpsc::channel();
-        // Ends when the child's stderr closes, i.e. when it exits.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(stderr);
         let mut mon = Monitor {
             child,
             stopped: false,
@@ -2147,15 +2138,7 @@ impl Holder {
             .spawn()
             .with_context(|| format!("starting {} {HOLD_SUBCOMMAND}", exe.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(stdout);
         Ok(Holder {
             child,
             lines,
@@ -2564,6 +2547,20 @@ impl SnapReport {
             ("sizes", Arr(sizes)),
         ])
     }
+}
+
+/// Lines read from `r` on a thread, until it closes (the child exits).
+fn line_channel(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
 
 #[cfg(test)]

@@ -307,6 +307,17 @@ mod tests {
         }
     }
 
+    fn keepalive_timeout(cookie: u64) -> Event {
+        event(
+            cookie,
+            Detail::Timeout {
+                cause: TimeoutCause::Keepalive,
+                probes_out: 3,
+                user_timeout_ms: 0,
+            },
+        )
+    }
+
     #[test]
     fn probe_makes_dead_and_refresh_heals() {
         let mut t = ConnTable::new(10, Thresholds::default());
@@ -337,19 +348,7 @@ mod tests {
     fn timeout_then_close_leaves_a_tombstone() {
         let mut t = ConnTable::new(10, Thresholds::default());
         t.refresh(vec![conn(7)], 0);
-        let ch = t
-            .apply(
-                &event(
-                    7,
-                    Detail::Timeout {
-                        cause: TimeoutCause::Keepalive,
-                        probes_out: 3,
-                        user_timeout_ms: 0,
-                    },
-                ),
-                1,
-            )
-            .unwrap();
+        let ch = t.apply(&keepalive_timeout(7), 1).unwrap();
         assert_eq!(ch.new.reason_code(), "timed_out");
         t.apply(&event(7, Detail::StateChange { old: 1, new: 7 }), 2);
         assert_eq!(t.len(), 0);
@@ -368,17 +367,7 @@ mod tests {
         t.apply(&event(8, Detail::KeepaliveProbe { probe: 3 }), 1);
         t.apply(&event(8, Detail::StateChange { old: 1, new: 7 }), 2);
         let ch = t
-            .apply(
-                &event(
-                    8,
-                    Detail::Timeout {
-                        cause: TimeoutCause::Keepalive,
-                        probes_out: 3,
-                        user_timeout_ms: 0,
-                    },
-                ),
-                3,
-            )
+            .apply(&keepalive_timeout(8), 3)
             .expect("timed_out is news");
         assert_eq!(ch.old.reason_code(), "probes_unanswered");
         assert_eq!(ch.new.reason_code(), "timed_out");
