@@ -6,6 +6,7 @@
 //! them together.
 
 pub mod check;
+pub mod config;
 pub mod events;
 pub mod kernel;
 pub mod output;

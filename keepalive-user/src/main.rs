@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keepalive::config;
 use keepalive::events::Kind;
 use keepalive::events::filter::{Filter, parse_cidr, parse_kind};
 use keepalive::record::{self, Format, RecordOptions};
@@ -103,43 +104,51 @@ impl ConnFilterArgs {
     }
 }
 
-/// Verdict thresholds (durations like 90s, 5m, 1h30m, 500ms).
+/// Verdict thresholds (durations like 90s, 5m, 1h30m, 500ms). Flags win
+/// over `--config`, which wins over the defaults.
 #[derive(clap::Args)]
 struct ThresholdArgs {
-    /// Established and idle this long without working keepalive: unprotected.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    idle_threshold: u64,
-    /// NAT/load-balancer idle timeout keepalive must beat.
-    #[arg(long, value_name = "DURATION", default_value = "350s", value_parser = parse_duration)]
-    middlebox_timeout: u64,
-    /// CLOSE_WAIT this long: a leak.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    close_wait_threshold: u64,
-    /// Consecutive unanswered retransmissions that make a connection dead.
-    #[arg(long, value_name = "N", default_value = "3")]
-    dead_retransmits: u32,
+    /// TOML file with a [thresholds] table (idle, middlebox_timeout,
+    /// close_wait, dead_retransmits).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Established and idle this long without working keepalive: unprotected [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_threshold: Option<u64>,
+    /// NAT/load-balancer idle timeout keepalive must beat [default: 350s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    middlebox_timeout: Option<u64>,
+    /// CLOSE_WAIT this long: a leak [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    close_wait_threshold: Option<u64>,
+    /// Consecutive unanswered retransmissions that make a connection dead [default: 3].
+    #[arg(long, value_name = "N")]
+    dead_retransmits: Option<u32>,
     /// Skip the /proc scan for owning processes (faster; no `no_owner` verdicts).
     #[arg(long)]
     no_owners: bool,
 }
 
 impl ThresholdArgs {
-    fn thresholds(&self) -> Thresholds {
-        Thresholds {
-            close_wait_ms: self.close_wait_threshold,
+    fn thresholds(&self) -> anyhow::Result<Thresholds> {
+        let file = self
+            .config
+            .as_deref()
+            .map(config::Loaded::load)
+            .transpose()?;
+        let flags = config::ThresholdFlags {
             idle_ms: self.idle_threshold,
             middlebox_idle_ms: self.middlebox_timeout,
+            close_wait_ms: self.close_wait_threshold,
             dead_retransmits: self.dead_retransmits,
-            owners_known: !self.no_owners,
-        }
+            no_owners: self.no_owners,
+        };
+        config::thresholds(&flags, file.as_ref())
     }
 }
 
-/// Parses `90s`, `5m`, `1h30m`, `250ms` into milliseconds.
 fn parse_duration(s: &str) -> Result<u64, String> {
-    humantime::parse_duration(s)
-        .map(|d| d.as_millis() as u64)
-        .map_err(|e| format!("invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"))
+    config::parse_duration(s)
 }
 
 fn main() -> ExitCode {
@@ -159,31 +168,35 @@ fn main() -> ExitCode {
             max_conns,
             table_dump,
             thresholds,
-        } => record::run(RecordOptions {
-            format,
-            output,
-            filter: conn_filter.filter(events),
-            ring_size,
-            refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
-            max_conns,
-            thresholds: thresholds.thresholds(),
-            table_dump,
-        })
-        .map(|()| true),
+        } => thresholds.thresholds().and_then(|thresholds| {
+            record::run(RecordOptions {
+                format,
+                output,
+                filter: conn_filter.filter(events),
+                ring_size,
+                refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
+                max_conns,
+                thresholds,
+                table_dump,
+            })
+            .map(|()| true)
+        }),
         Command::Snapshot {
             format,
             conn_filter,
             verdict,
             all,
             thresholds,
-        } => snapshot::run(SnapshotOptions {
-            format,
-            filter: conn_filter.filter(Vec::new()),
-            verdicts: verdict,
-            thresholds: thresholds.thresholds(),
-            all,
-        })
-        .map(|()| true),
+        } => thresholds.thresholds().and_then(|thresholds| {
+            snapshot::run(SnapshotOptions {
+                format,
+                filter: conn_filter.filter(Vec::new()),
+                verdicts: verdict,
+                thresholds,
+                all,
+            })
+            .map(|()| true)
+        }),
         Command::Check => keepalive::check::run(),
     };
     match result {

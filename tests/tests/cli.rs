@@ -134,3 +134,28 @@ fn closed_stdout_ends_quietly() {
     let err = std::fs::read_to_string("/tmp/ka-pipe-err").unwrap_or_default();
     assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn bad_config_names_file_and_line() {
+    let path = std::env::temp_dir().join(format!("ka-bad-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[thresholds]\nidle = \"1m\"\n\nclose_wait = \"later\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    assert_clean_failure(
+        &["snapshot", "--config", p],
+        &format!("{p}:4: thresholds.close_wait: invalid duration `later`"),
+    );
+    assert_clean_failure(
+        &["record", "--config", p],
+        &format!("{p}:4: thresholds.close_wait"),
+    );
+    std::fs::write(&path, "[thresholds]\nidel = \"1m\"\n").unwrap();
+    assert_clean_failure(
+        &["snapshot", "--config", p],
+        &format!("{p}:2: unknown field `idel`"),
+    );
+    let _ = std::fs::remove_file(&path);
+}
