@@ -241,7 +241,10 @@ impl ConnTable {
                 // Sending probe N means N-1 went unanswered; the new one
                 // has not had its chance yet (a live peer answers within an
                 // RTT), so probe 1 alone is no sign of death.
-                c.probes_out = probe.saturating_sub(1);
+                // A refresh may already have seen this probe outstanding
+                // (it reads the kernel live; events lag by up to a poll):
+                // never lower the count here, only a refresh does.
+                c.probes_out = c.probes_out.max(probe.saturating_sub(1));
                 c.timer = Some(Timer {
                     kind: TimerKind::Keepalive,
                     fires_in_ms: c.keepalive.intvl_ms as i64,
@@ -342,6 +345,25 @@ mod tests {
         let ch = t.refresh(vec![conn(1)], 3);
         assert_eq!(ch.len(), 1);
         assert_eq!(ch[0].new, Verdict::Healthy);
+    }
+
+    #[test]
+    fn a_late_probe_event_does_not_undo_what_a_refresh_saw() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        let mut seen = conn(1);
+        seen.probes_out = 1;
+        seen.timer = Some(Timer {
+            kind: TimerKind::Keepalive,
+            fires_in_ms: 900,
+        });
+        let ch = t.refresh(vec![seen], 0);
+        assert_eq!(ch.len(), 1, "the refresh sees the unanswered probe");
+        // The event for that same probe arrives afterwards: no flap.
+        assert!(
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+                .is_none()
+        );
+        assert_eq!(t.verdict(1).unwrap().reason_code(), "probes_unanswered");
     }
 
     #[test]
