@@ -149,27 +149,13 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
     if wants_snapshot(args) {
         return run_snapshot(bin, args);
     }
-    let opts = match Opts::try_parse_from(
-        std::iter::once("cargo xtask bench".to_string()).chain(args.iter().cloned()),
-    ) {
-        Ok(o) => o,
-        Err(e) if !e.use_stderr() => {
-            // --help / --version
-            print!("{e}");
-            return Ok(());
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            bail!("{}", msg.trim_start_matches("error: ").trim_end())
-        }
+    let Some(opts) = parse_opts::<Opts>("cargo xtask bench", args)? else {
+        return Ok(());
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("bench loads eBPF programs and sets kernel.bpf_stats_enabled: run it as root");
-    }
-    if !bin.is_file() {
-        bail!("{} does not exist", bin.display());
-    }
+    require_root_and(
+        bin,
+        "bench loads eBPF programs and sets kernel.bpf_stats_enabled",
+    )?;
     let _signals = SignalGuard::install();
     let cfg = Config {
         dur: Duration::from_secs(opts.seconds),
@@ -178,12 +164,43 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
     };
     let report = measure(bin, &cfg)?;
     print!("{}", report.table(bin, &cfg));
-    let path = summary_path(bin);
+    write_summary(&summary_path(bin), &report.json(bin, &cfg))
+}
+
+/// Parses the benchmark's own options; `None` after printing `--help`.
+fn parse_opts<T: Parser>(name: &str, args: &[String]) -> Result<Option<T>> {
+    match T::try_parse_from(std::iter::once(name.to_string()).chain(args.iter().cloned())) {
+        Ok(o) => Ok(Some(o)),
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            print!("{e}");
+            Ok(None)
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            bail!("{}", msg.trim_start_matches("error: ").trim_end())
+        }
+    }
+}
+
+/// Fails unless we are root (`why` says what needs it) and `bin` exists.
+fn require_root_and(bin: &Path, why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run it as root");
+    }
+    if !bin.is_file() {
+        bail!("{} does not exist", bin.display());
+    }
+    Ok(())
+}
+
+/// Writes a report's JSON to `path` (creating its directory) and says where.
+fn write_summary(path: &Path, json: &impl fmt::Display) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::write(&path, format!("{}\n", report.json(bin, &cfg)))
-        .with_context(|| format!("writing {}", path.display()))?;
+    fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))?;
     println!("summary: {}", path.display());
     Ok(())
 }
@@ -1422,29 +1439,14 @@ struct SnapConfig {
 }
 
 fn run_snapshot(bin: &Path, args: &[String]) -> Result<()> {
-    let opts = match SnapshotOpts::try_parse_from(
-        std::iter::once("cargo xtask bench --snapshot".to_string()).chain(args.iter().cloned()),
-    ) {
-        Ok(o) => o,
-        Err(e) if !e.use_stderr() => {
-            print!("{e}");
-            return Ok(());
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            bail!("{}", msg.trim_start_matches("error: ").trim_end())
-        }
+    let Some(opts) = parse_opts::<SnapshotOpts>("cargo xtask bench --snapshot", args)? else {
+        return Ok(());
     };
     debug_assert!(opts.snapshot);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "bench --snapshot creates a network namespace and loads eBPF programs: run it as root"
-        );
-    }
-    if !bin.is_file() {
-        bail!("{} does not exist", bin.display());
-    }
+    require_root_and(
+        bin,
+        "bench --snapshot creates a network namespace and loads eBPF programs",
+    )?;
     for tool in ["ip", "ss"] {
         let found = Command::new(tool)
             .arg("-V")
@@ -1474,14 +1476,10 @@ fn run_snapshot(bin: &Path, args: &[String]) -> Result<()> {
         ss_version: ss_version(),
     };
     print!("{}", report.table(bin, &cfg));
-    let path = summary_path(bin).with_file_name("snapshot.json");
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    fs::write(&path, format!("{}\n", report.json(bin, &cfg)))
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("summary: {}", path.display());
-    Ok(())
+    write_summary(
+        &summary_path(bin).with_file_name("snapshot.json"),
+        &report.json(bin, &cfg),
+    )
 }
 
 fn ss_version() -> String {
