@@ -408,9 +408,8 @@ fn fill_from_skb(ev: &mut RawEvent, skb: *const u8) {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    if !sk.is_null() {
-        count(cookie_of(sk), |s| s.resets_sent += 1);
-    }
+    let cookie = if sk.is_null() { 0 } else { cookie_of(sk) };
+    count(cookie, |s| s.resets_sent += 1);
     if !wanted(kind::RESET_SENT) {
         return 0;
     }
@@ -420,7 +419,7 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
         ..RawEvent::default()
     };
     if !sk.is_null() {
-        ev.cookie = cookie_of(sk);
+        ev.cookie = cookie;
         fill_sock_direct(&mut ev, sk);
         ev.flags |= timer_flags(sk);
     } else if !skb.is_null() {
@@ -445,13 +444,14 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    count(cookie_of(sk), |s| s.resets_received += 1);
+    let cookie = cookie_of(sk);
+    count(cookie, |s| s.resets_received += 1);
     if !wanted(kind::RESET_RECEIVED) {
         return 0;
     }
     let mut ev = RawEvent {
         kind: kind::RESET_RECEIVED,
-        cookie: cookie_of(sk),
+        cookie,
         ..RawEvent::default()
     };
     fill_sock_direct(&mut ev, sk);
@@ -515,13 +515,14 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     if err != ETIMEDOUT {
         return 0;
     }
-    count(cookie_of(sk), |s| s.timeouts += 1);
+    let cookie = cookie_of(sk);
+    count(cookie, |s| s.timeouts += 1);
     if !wanted(kind::TIMEOUT) {
         return 0;
     }
     let mut ev = RawEvent {
         kind: kind::TIMEOUT,
-        cookie: cookie_of(sk),
+        cookie,
         a: err as u32,
         b: read::<u32>(sk, cfg!(offsets.icsk_user_timeout)),
         c: read::<u8>(sk, cfg!(offsets.icsk_probes_out)) as u32,

@@ -98,16 +98,19 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
     let mut config = Config::zeroed();
     config.offsets = kbtf.offsets()?;
     config.snap = kbtf.snap_offsets()?;
+    // Only the hooks need timer addresses, tracepoint signatures and the
+    // names of reset reasons; the iterator alone does not.
+    let mut reset_reasons = ResetReasons::default();
     if usage == Use::Monitor {
         let timers = symbols::timer_symbols()?;
         config.keepalive_timer_fn = timers.keepalive_timer;
         config.write_timer_fn = timers.write_timer;
+        config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
+        config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
+        reset_reasons = ResetReasons(kbtf.enum_names("sk_rst_reason", "SK_RST_REASON_"));
     }
-    config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
-    config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
     filter.apply_to_kernel(&mut config);
     config.wakeup_bytes = DEFAULT_WAKEUP_BYTES;
-    let reset_reasons = ResetReasons(kbtf.enum_names("sk_rst_reason", "SK_RST_REASON_"));
     Ok(KernelInfo {
         config,
         reset_reasons,
