@@ -128,6 +128,16 @@ impl Recorder {
         }
     }
 
+    /// Handles every record waiting in the ring.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<Flow> {
+        while let Some(item) = ring.next() {
+            if let Flow::Closed = self.event(&item)? {
+                return Ok(Flow::Closed);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
     /// Writes a verdict change when the filters let verdicts through.
     fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64) -> Result<Flow> {
         let f = &self.filter;
@@ -173,19 +183,32 @@ impl Recorder {
             return Ok(Flow::Continue);
         };
         let records = loader::walk_sockets(ebpf, btf)?;
-        let conns = snapshot::conns_from_records(&records, thresholds.owners_known);
         let now = Clock::mono_now_ns();
-        let mut changes = table.refresh(conns, now);
-        for (cookie, s) in stats.iter().filter_map(Result::ok) {
-            table.set_stats(cookie, s);
-        }
-        for ch in changes.drain(..) {
+        let changes = update_table(table, &records, stats, thresholds, now);
+        for ch in changes {
             if let Flow::Closed = self.verdict(&ch, now)? {
                 return Ok(Flow::Closed);
             }
         }
         Ok(Flow::Continue)
     }
+}
+
+/// Replaces the table's view with a walk of the sockets plus the kernel's
+/// per-connection counters; returns the verdict changes.
+fn update_table(
+    table: &mut ConnTable,
+    records: &[keepalive_common::SockRecord],
+    stats: &BpfHashMap<MapData, u64, ConnStats>,
+    thresholds: &Thresholds,
+    now: u64,
+) -> Vec<VerdictChange> {
+    let conns = snapshot::conns_from_records(records, thresholds.owners_known);
+    let changes = table.refresh(conns, now);
+    for (cookie, s) in stats.iter().filter_map(Result::ok) {
+        table.set_stats(cookie, s);
+    }
+    changes
 }
 
 fn sum(counter: &PerCpuArray<MapData, u64>) -> u64 {
@@ -320,11 +343,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    let rb = guard.get_inner_mut();
-                    while let Some(item) = rb.next() {
-                        if let Flow::Closed = rec.event(&item)? {
-                            break 'outer;
-                        }
+                    if let Flow::Closed = rec.drain(guard.get_inner_mut())? {
+                        break 'outer;
                     }
                     guard.clear_ready();
                     if let Flow::Closed = rec.sink.flush()? {
@@ -332,11 +352,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
                     }
                 }
                 _ = tick.tick() => {
-                    let rb = ring.get_mut();
-                    while let Some(item) = rb.next() {
-                        if let Flow::Closed = rec.event(&item)? {
-                            break 'outer;
-                        }
+                    if let Flow::Closed = rec.drain(ring.get_mut())? {
+                        break 'outer;
                     }
                     if drops_at.elapsed() >= Duration::from_millis(250) {
                         drops_at = std::time::Instant::now();
@@ -369,20 +386,12 @@ pub fn run(opts: RecordOptions) -> Result<()> {
             None
         };
         drop(ebpf);
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            if let Flow::Closed = rec.event(&item)? {
-                break;
-            }
-        }
+        let _ = rec.drain(ring.get_mut())?;
         let _ = rec.lost(sum(&drops))?;
         let _ = rec.sink.flush()?;
         if let (Some(table), Some(Ok(records))) = (rec.table.as_mut(), final_walk) {
-            let conns = snapshot::conns_from_records(&records, thresholds.owners_known);
-            table.refresh(conns, Clock::mono_now_ns());
-            for (cookie, s) in stats.iter().filter_map(Result::ok) {
-                table.set_stats(cookie, s);
-            }
+            // Nobody reads verdict changes after the stream ended.
+            let _ = update_table(table, &records, &stats, &thresholds, Clock::mono_now_ns());
             if let Some(path) = &table_dump {
                 dump_table(path, table)?;
             }

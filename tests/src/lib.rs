@@ -356,15 +356,7 @@ impl Monitor {
             .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start keepalive");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = line_channel(child.stderr.take().unwrap());
         let mut m = Monitor {
             child: Some(child),
             out,
@@ -529,3 +521,16 @@ pub fn loaded_prog_ids() -> Vec<u32> {
 /// Kernel-side filter to the addresses [`Pair`] uses, so that a busy host
 /// cannot crowd the test's events out of the ring buffer.
 pub const PAIR_ONLY: [&str; 4] = ["--addr", "198.18.0.0/15", "--addr", "fd00:ca::/32"];
+
+/// Lines read from `r` on a thread, until it closes (the child exits).
+pub fn line_channel(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -15,7 +15,7 @@
 //! and are bounded; child processes are killed on drop.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -319,15 +319,7 @@ impl Py {
             .stdout(Stdio::piped())
             .spawn()
             .expect("cannot run python3 (ip netns exec NS python3)");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(child.stdout.take().unwrap());
         Py { child, lines }
     }
 

@@ -56,42 +56,50 @@ impl Filter {
         if !self.kinds.is_empty() && !self.kinds.contains(&e.kind()) {
             return false;
         }
-        if !self.ports.is_empty() && !self.ports.iter().any(|&p| p == e.sport || p == e.dport) {
-            return false;
-        }
-        if !self.cidrs.is_empty() {
-            let (s, d) = (unmapped(e.saddr), unmapped(e.daddr));
-            if !self.cidrs.iter().any(|c| c.contains(&s) || c.contains(&d)) {
-                return false;
-            }
-        }
-        if !self.pids.is_empty() {
-            match &e.owner {
-                Some(o) if self.pids.contains(&o.pid) => {}
-                _ => return false,
-            }
-        }
-        true
+        self.matches_tuple(
+            e.sport,
+            e.dport,
+            Some(e.saddr),
+            Some(e.daddr),
+            e.owner.iter().map(|o| o.pid),
+        )
     }
 
     /// Whether a tracked connection passes the port, address and owner
     /// filters (kinds do not apply to connections).
     pub fn matches_conn(&self, c: &crate::table::Conn) -> bool {
-        if !self.ports.is_empty() && !self.ports.iter().any(|&p| p == c.sport || p == c.dport) {
+        self.matches_tuple(
+            c.sport,
+            c.dport,
+            c.saddr,
+            c.daddr,
+            c.owners.iter().map(|o| o.pid),
+        )
+    }
+
+    /// Port (either side), address (either side, IPv4-mapped too) and
+    /// owner filters; an unknown owner fails a pid filter.
+    fn matches_tuple(
+        &self,
+        sport: u16,
+        dport: u16,
+        saddr: Option<IpAddr>,
+        daddr: Option<IpAddr>,
+        mut owner_pids: impl Iterator<Item = u32>,
+    ) -> bool {
+        if !self.ports.is_empty() && !self.ports.iter().any(|&p| p == sport || p == dport) {
             return false;
         }
         if !self.cidrs.is_empty() {
-            let (s, d) = (c.saddr.map(unmapped), c.daddr.map(unmapped));
-            let hit =
-                |a: Option<IpAddr>| a.is_some_and(|a| self.cidrs.iter().any(|n| n.contains(&a)));
-            if !hit(s) && !hit(d) {
+            let hit = |a: Option<IpAddr>| {
+                a.map(unmapped)
+                    .is_some_and(|a| self.cidrs.iter().any(|n| n.contains(&a)))
+            };
+            if !hit(saddr) && !hit(daddr) {
                 return false;
             }
         }
-        if !self.pids.is_empty() && !c.owners.iter().any(|o| self.pids.contains(&o.pid)) {
-            return false;
-        }
-        true
+        self.pids.is_empty() || owner_pids.any(|pid| self.pids.contains(&pid))
     }
 
     /// Bit mask of kinds for the kernel.
