@@ -385,3 +385,6 @@ mod tests {
         assert_eq!(v["lost_total"], 10);
     }
 }
+
+#[cfg(test)]
+mod golden;
