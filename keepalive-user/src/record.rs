@@ -5,8 +5,6 @@
 //! place in the ring buffer, and each increase becomes a `lost` record in
 //! the stream and a line on stderr.
 
-use std::fs::File;
-use std::io::{self, BufWriter, ErrorKind, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::events::filter::Filter;
 use crate::events::{Kind, ResetReasons, decode};
 use crate::kernel::{check_privileges, loader};
+use crate::output::file::{FileOptions, LineFile, WriteError};
 use crate::output::{self, Clock};
 use crate::snapshot;
 use crate::table::conn_table::{ConnTable, VerdictChange};
@@ -48,35 +47,39 @@ pub struct RecordOptions {
 /// Where lines go. Flushed after every batch drained from the ring, so a
 /// reader never waits for a line while we are idle.
 struct Sink {
-    out: Box<dyn Write>,
+    out: LineFile,
+    /// The first write that failed (disk full): recording stops, the
+    /// totals are still printed, and the exit is non-zero.
+    error: Option<anyhow::Error>,
 }
 
 /// Whether to keep going after writing.
 enum Flow {
     Continue,
-    /// The reader went away (`| head`): stop quietly.
+    /// The reader went away (`| head`) or the output failed: stop.
     Closed,
 }
 
 impl Sink {
     fn line(&mut self, s: &str) -> Result<Flow> {
-        Self::result(writeln!(self.out, "{s}"))
+        let r = self.out.write_line(s.as_bytes());
+        Ok(self.result(r))
     }
 
-    fn result(r: io::Result<()>) -> Result<Flow> {
+    fn result(&mut self, r: Result<(), WriteError>) -> Flow {
         match r {
-            Ok(()) => Ok(Flow::Continue),
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(Flow::Closed),
-            Err(e) => Err(anyhow!("writing events: {e}")),
+            Ok(()) => Flow::Continue,
+            Err(e) if e.is_broken_pipe() => Flow::Closed,
+            Err(e) => {
+                self.error.get_or_insert(anyhow::Error::new(e));
+                Flow::Closed
+            }
         }
     }
 
     fn flush(&mut self) -> Result<Flow> {
-        match self.out.flush() {
-            Ok(()) => Ok(Flow::Continue),
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(Flow::Closed),
-            Err(e) => Err(anyhow!("writing events: {e}")),
-        }
+        let r = self.out.flush();
+        Ok(self.result(r))
     }
 }
 
@@ -113,8 +116,9 @@ impl Recorder {
         if self.filter.matches(&ev) {
             let flow = match self.format {
                 Format::Json => {
-                    let r = output::write_event_json(&mut self.sink.out, &ev, &self.clock);
-                    Sink::result(r)?
+                    let clock = &self.clock;
+                    let r = (self.sink.out).line_with(|b| output::write_event_json(b, &ev, clock));
+                    self.sink.result(r)
                 }
                 Format::Text => self.sink.line(&output::event_text(&ev, &self.clock))?,
             };
@@ -216,16 +220,11 @@ fn sum(counter: &PerCpuArray<MapData, u64>) -> u64 {
 }
 
 fn open_sink(output: &Option<PathBuf>) -> Result<Sink> {
-    Ok(match output {
-        Some(path) => Sink {
-            out: Box::new(BufWriter::new(
-                File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-            )),
-        },
-        None => Sink {
-            out: Box::new(BufWriter::new(io::stdout())),
-        },
-    })
+    let out = match output {
+        Some(path) => LineFile::create(path, FileOptions::default())?,
+        None => LineFile::stdout().context("cannot write to stdout")?,
+    };
+    Ok(Sink { out, error: None })
 }
 
 /// True once nobody reads our stdout any more (`| head` exited): a pipe
@@ -243,16 +242,13 @@ fn stdout_reader_gone() -> bool {
 }
 
 /// Writes the table as JSON lines (one connection each, as `snapshot`).
-fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
-    let mut out = BufWriter::new(
-        File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-    );
+fn dump_table(out: &mut LineFile, table: &ConnTable) -> Result<()> {
     for (conn, verdict) in table.conns() {
         let row = snapshot::Row {
             conn: conn.clone(),
             verdict: verdict.clone(),
         };
-        snapshot::write_row_json(&mut out, &row)?;
+        out.line_with(|b| snapshot::write_row_json(b, &row))?;
     }
     out.flush()?;
     Ok(())
@@ -273,9 +269,12 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     }
     let info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
     let sink = open_sink(&opts.output)?;
-    if let Some(p) = &opts.table_dump {
-        File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
-    }
+    // Opened now so a bad path fails before anything is attached.
+    let mut table_dump = opts
+        .table_dump
+        .as_deref()
+        .map(|p| LineFile::create(p, FileOptions::default()))
+        .transpose()?;
     let mut ebpf = loader::load(
         &info.config,
         loader::Sizes {
@@ -319,7 +318,6 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         BpfHashMap::try_from(take(&mut ebpf, maps::STATS)?)?;
     let thresholds = opts.thresholds;
     let refresh_every = opts.refresh.unwrap_or(Duration::from_secs(3600));
-    let table_dump = opts.table_dump;
     let writes_to_stdout = opts.output.is_none();
 
     rt.block_on(async move {
@@ -392,8 +390,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         if let (Some(table), Some(Ok(records))) = (rec.table.as_mut(), final_walk) {
             // Nobody reads verdict changes after the stream ended.
             let _ = update_table(table, &records, &stats, &thresholds, Clock::mono_now_ns());
-            if let Some(path) = &table_dump {
-                dump_table(path, table)?;
+            if let Some(out) = table_dump.as_mut() {
+                dump_table(out, table)?;
             }
         }
         eprintln!(
@@ -404,6 +402,9 @@ pub fn run(opts: RecordOptions) -> Result<()> {
             rec.table.as_ref().map_or(0, ConnTable::len),
             rec.table.as_ref().map_or(0, |t| t.evictions),
         );
-        Ok::<(), anyhow::Error>(())
+        match rec.sink.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
 }

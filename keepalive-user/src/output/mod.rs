@@ -8,6 +8,8 @@ use serde_json::{Value, json};
 use crate::events::{Detail, Event, state_name};
 
 /// Version of the JSON schema, written as `v` in every record.
+pub mod file;
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Converts the kernel's CLOCK_MONOTONIC stamps to wall-clock time.
