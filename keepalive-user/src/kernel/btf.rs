@@ -207,12 +207,13 @@ impl KernelBtf {
             tcb_gso_segs: off("tcp_skb_cb", "tcp_gso_segs")?,
             tcb_tcp_flags: off("tcp_skb_cb", "tcp_flags")?,
             timer_function: off("timer_list", "function")?,
+            inet_sport: off("inet_sock", "inet_sport")?,
             // Only for counting keepalive probes exactly (see
             // `keepalive_probe_offsets`); filled in for the hooks alone.
             net_mib_stats: Offsets::MISSING,
             mib_tcp_keepalive: Offsets::MISSING,
             bpf_array_pptrs: Offsets::MISSING,
-            _pad: [0; 2],
+            _pad: 0,
         })
     }
 
