@@ -8,17 +8,16 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Runs `sh -c CMD`; its stdout, or an error with its stderr.
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
+/// Runs `cmd` (`what` names it in errors); its stdout, or an error with
+/// its stderr.
+fn stdout_of(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
-        .context("cannot run sh")?;
+        .with_context(|| format!("cannot run `{what}`: run `cargo xtask setup`"))?;
     if !out.status.success() {
         bail!(
-            "`{cmd}` failed ({}): {}",
+            "`{what}` failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -26,22 +25,18 @@ pub fn sh(cmd: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `ip ARGS`, failing with its stderr.
+/// Runs `sh -c CMD`; its stdout.
+pub fn sh(cmd: &str) -> Result<String> {
+    stdout_of(Command::new("sh").arg("-c").arg(cmd), cmd)
+}
+
+/// Runs `ip ARGS` (iproute2).
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run ip (iproute2): run `cargo xtask setup`")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    stdout_of(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+    )
+    .map(drop)
 }
 
 /// A network namespace with `lo` up; deleted on drop.
@@ -76,20 +71,10 @@ impl NamedNetns {
 
     /// Runs the shell command `cmd` inside the namespace; its stdout.
     pub fn exec(&self, cmd: &str) -> Result<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run ip netns exec")?;
-        if !out.status.success() {
-            bail!(
-                "`{cmd}` in {} failed ({}): {}",
-                self.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(
+            Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", cmd]),
+            &format!("{cmd}` in `{}", self.name),
+        )
     }
 
     /// Runs `f` on a new thread that has joined the namespace: sockets it
