@@ -407,3 +407,97 @@ pub fn loaded_prog_ids() -> Vec<u32> {
 /// Kernel-side filter to the addresses [`Pair`] uses, so that a busy host
 /// cannot crowd the test's events out of the ring buffer.
 pub const PAIR_ONLY: [&str; 4] = ["--addr", "198.18.0.0/15", "--addr", "fd00:ca::/32"];
+
+/// What `ka-peer` (tests/src/bin/ka-peer.rs) shows as its comm.
+pub const PEER_COMM: &str = "ka-peer";
+
+/// The `ka-peer` helper: $KEEPALIVE_PEER_BIN, else next to the test
+/// binary's directory (target/<profile>/ka-peer; cargo builds it with the
+/// tests).
+pub fn peer_bin() -> PathBuf {
+    let p = std::env::var_os("KEEPALIVE_PEER_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            // target/<profile>/deps/<test> -> target/<profile>/ka-peer
+            Some(exe.parent()?.parent()?.join(PEER_COMM))
+        })
+        .unwrap_or_else(|| PathBuf::from(PEER_COMM));
+    assert!(
+        p.is_file(),
+        "{} not found: it is built with the tests (`cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+/// `ka-peer MODE ARGS` run inside a namespace in its own process group
+/// (the whole group is killed on drop). Modes: `connect-exit`,
+/// `connect-hold`, `connect-hold-fork`, `connect-leak` (see the binary).
+pub struct PeerProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl PeerProcess {
+    pub fn spawn(ns: &Netns, mode: &str, args: &[&str]) -> PeerProcess {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(peer_bin())
+            .arg(mode)
+            .args(args)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cannot run ip netns exec NS ka-peer");
+        let lines = line_channel(child.stdout.take().unwrap());
+        PeerProcess { child, lines }
+    }
+
+    /// `ip netns exec` execs ka-peer, so this is ka-peer's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line it prints, as whitespace-separated numbers.
+    pub fn line(&mut self) -> Vec<u32> {
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "ka-peer printed nothing (exit {:?})",
+                    self.child.try_wait().ok().flatten()
+                )
+            });
+        l.split_whitespace()
+            .map(|w| w.parse().unwrap_or_else(|_| panic!("ka-peer said {l:?}")))
+            .collect()
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ka-peer {} did not exit",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group of our own child.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
