@@ -218,7 +218,8 @@ pub fn set_keepalive(s: &TcpStream, idle: i32, intvl: i32, cnt: i32) {
 
 /// SO_KEEPALIVE off: the kernel deletes the keepalive timer.
 pub fn set_keepalive_off(s: &TcpStream) {
-    setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
+    sock::set_keepalive_enabled(s, false)
+        .unwrap_or_else(|e| panic!("turning SO_KEEPALIVE off: {e}"));
 }
 
 pub fn set_user_timeout(s: &TcpStream, ms: i32) {
