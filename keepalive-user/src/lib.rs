@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod events;
 pub mod kernel;
+pub mod metrics;
 pub mod output;
 pub mod record;
 pub mod snapshot;
