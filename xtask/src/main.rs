@@ -6,6 +6,7 @@
 //! without eBPF programs is never produced silently.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::ffi::OsString;
@@ -83,6 +84,9 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
+    /// Build release, then the Debian package (binary, systemd unit,
+    /// default config, man pages, completions) into target/dist.
+    Dist,
     /// Internal: holds the connections of `bench --snapshot`.
     #[command(name = "bench-hold-conns", hide = true)]
     BenchHoldConns {
@@ -103,6 +107,9 @@ fn main() -> ExitCode {
             .and_then(|()| build(true))
             .and_then(|bin| bench::run(&bin, &args)),
         Cmd::BenchHoldConns { args } => bench::hold_conns(&args),
+        Cmd::Dist => build(true)
+            .and_then(|bin| dist::run_dist(&bin))
+            .map(|deb| println!("{}", deb.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
