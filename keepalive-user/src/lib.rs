@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod events;
 pub mod kernel;
+pub mod metrics;
 pub mod monitor;
 pub mod output;
 pub mod table;
