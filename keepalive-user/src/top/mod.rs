@@ -1,0 +1,5 @@
+//! `keepalive top`: a live terminal UI over the monitor engine.
+
+pub mod app;
+pub mod model;
+pub mod query;
