@@ -210,7 +210,7 @@ pub struct App {
     /// Selected event in the filtered log; `None`: follow the newest.
     pub event_selected: Option<usize>,
     pub event_offset: usize,
-    /// Scroll of the detail view's timeline.
+    /// Lines the detail view's timeline is scrolled up from its newest.
     pub detail_scroll: usize,
     /// Display frozen at this copy of the model (ingestion goes on).
     pub frozen: Option<Box<Model>>,
@@ -336,6 +336,11 @@ impl App {
         {
             self.selected = i;
         }
+        self.clamp();
+    }
+
+    /// Keeps the selection on the page after the page size changed.
+    pub fn sync_page(&mut self) {
         self.clamp();
     }
 
@@ -512,8 +517,9 @@ impl App {
                 // Back at the newest: follow again.
                 self.event_selected = (i + 1 < n).then_some(i);
             }
+            // The timeline is scrolled up from its newest line.
             View::Detail(_) => {
-                self.detail_scroll = (self.detail_scroll as i64 + delta).max(0) as usize;
+                self.detail_scroll = (self.detail_scroll as i64 - delta).max(0) as usize;
             }
         }
     }
@@ -532,7 +538,12 @@ impl App {
                     _ => None,
                 };
             }
-            View::Detail(_) => self.detail_scroll = at.unwrap_or(usize::MAX / 2),
+            View::Detail(_) => {
+                self.detail_scroll = match at {
+                    Some(_) => usize::MAX / 2,
+                    None => 0,
+                }
+            }
         }
     }
 

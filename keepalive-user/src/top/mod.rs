@@ -3,3 +3,7 @@
 pub mod app;
 pub mod model;
 pub mod query;
+pub mod ui;
+
+#[cfg(test)]
+mod ui_tests;
