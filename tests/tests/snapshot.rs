@@ -1334,7 +1334,7 @@ fn bad_snapshot_flags_fail_with_a_clear_message() {
         "{err}"
     );
     let err = run(&["--verdict", "dead", "--verdict", "Dead"]);
-    assert!(err.contains("`Dead`"), "{err}");
+    assert!(err.contains("'Dead'"), "{err}");
 
     for flag in [
         "--idle-threshold",

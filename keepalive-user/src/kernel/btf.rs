@@ -42,7 +42,7 @@ impl KernelBtf {
         // Mmap: parse lazily. We look up a few dozen types once; parsing
         // all of vmlinux's BTF up front costs ~100 ms.
         let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
-            .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", path.display()))?;
+            .with_context(|| format!("cannot parse kernel BTF {}", path.display()))?;
         Ok(Self {
             btf,
             structs: Default::default(),
