@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod monitor;
 pub mod output;
 pub mod table;
+pub mod top;
