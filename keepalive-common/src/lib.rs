@@ -7,6 +7,8 @@
 //! meaning of every field is decided in `keepalive-user`.
 #![no_std]
 
+pub mod tune;
+
 /// Event kinds, as written in [`RawEvent::kind`].
 pub mod kind {
     pub const RETRANSMIT: u8 = 1;
@@ -401,4 +403,11 @@ mod pod {
     unsafe impl aya::Pod for SnapOffsets {}
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for ConnStats {}
+    unsafe impl aya::Pod for tune::TuneRule {}
+    unsafe impl aya::Pod for tune::TuneConfig {}
+    unsafe impl aya::Pod for tune::TuneReport {}
+    unsafe impl aya::Pod for tune::TuneState {}
+    unsafe impl aya::Pod for tune::RateWindow {}
+    unsafe impl aya::Pod for tune::DestKey {}
+    unsafe impl aya::Pod for tune::KaValues {}
 }

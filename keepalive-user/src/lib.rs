@@ -13,3 +13,4 @@ pub mod output;
 pub mod record;
 pub mod snapshot;
 pub mod table;
+pub mod tune;
