@@ -260,6 +260,11 @@ pub fn set_keepalive(s: &TcpStream, idle: i32, intvl: i32, cnt: i32) {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, cnt);
 }
 
+/// SO_KEEPALIVE off: the kernel deletes the keepalive timer.
+pub fn set_keepalive_off(s: &TcpStream) {
+    setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
+}
+
 pub fn set_user_timeout(s: &TcpStream, ms: i32) {
     setsockopt_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
 }

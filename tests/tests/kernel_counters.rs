@@ -84,6 +84,68 @@ fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
     );
 }
 
+/// `tcpi_probes` from TCP_INFO: the kernel's `icsk_probes_out`.
+fn unanswered_probes(s: &TcpStream) -> u8 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; valid fd, pointer and length.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as u32;
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_probes
+}
+
+/// A probe the local qdisc refuses (local congestion) is still a probe to
+/// the kernel: tcp_write_wakeup counts it in TCPKeepAlive, then the timer
+/// retries in 500 ms without raising `icsk_probes_out`. Every attempt must
+/// be an event, or the stream disagrees with the kernel's counter (and a
+/// keepalive stalled by local congestion stays invisible).
+#[test]
+fn keepalive_probes_refused_by_the_local_qdisc_match_tcpext_tcpkeepalive() {
+    let pair = Pair::new("kq");
+    let mut mon = Monitor::start(&PAIR_ONLY);
+    let c = connect_pair(&pair, &pair.b4);
+    let ck = cookie(&c.client);
+    let a0 = pair.a.counters();
+    // A queue that holds nothing: every transmit returns NET_XMIT_DROP.
+    let dev = "$(ls /sys/class/net | grep ^kva)";
+    pair.a
+        .exec(&format!("tc qdisc add dev {dev} root pfifo limit 0"));
+    set_keepalive(&c.client, 1, 1, 3);
+    std::thread::sleep(Duration::from_millis(3300));
+    let probes_out = unanswered_probes(&c.client);
+    // Keepalive off deletes the timer: nothing is counted after `a1`.
+    set_keepalive_off(&c.client);
+    let a1 = pair.a.counters();
+    pair.a.exec(&format!("tc qdisc del dev {dev} root"));
+    drop(c);
+    let events = mon.stop_lossless();
+
+    let kernel = a0.delta(&a1, "TcpExt.TCPKeepAlive");
+    // Idle 1 s, then an attempt every 500 ms.
+    assert!(kernel >= 3, "TCPKeepAlive delta {kernel}");
+    assert_eq!(probes_out, 0, "the kernel counted a refused probe as sent");
+    let probes: Vec<&Value> = of_kind(&events, pair.a.inode(), "keepalive_probe")
+        .into_iter()
+        .filter(|e| e["cookie"] == ck)
+        .collect();
+    assert_eq!(
+        probes.len() as i64,
+        kernel,
+        "probe events vs TcpExt.TCPKeepAlive: {probes:#?}"
+    );
+    // None was answered or counted: each is the first unanswered one.
+    assert!(probes.iter().all(|p| p["probe"] == 1), "{probes:#?}");
+}
+
 #[test]
 fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     let pair = Pair::new("sp");

@@ -207,8 +207,47 @@ impl KernelBtf {
             tcb_gso_segs: off("tcp_skb_cb", "tcp_gso_segs")?,
             tcb_tcp_flags: off("tcp_skb_cb", "tcp_flags")?,
             timer_function: off("timer_list", "function")?,
-            _pad: 0,
+            // Only for counting keepalive probes exactly (see
+            // `keepalive_probe_offsets`); filled in for the hooks alone.
+            net_mib_stats: Offsets::MISSING,
+            mib_tcp_keepalive: Offsets::MISSING,
+            bpf_array_pptrs: Offsets::MISSING,
+            _pad: [0; 2],
         })
+    }
+
+    /// Where the hooks find this CPU's TcpExt.TCPKeepAlive counter of a
+    /// namespace: `net.mib.net_statistics`, the counter's index
+    /// (`LINUX_MIB_TCPKEEPALIVE`, in an anonymous enum) and `bpf_array.pptrs`.
+    /// `None` when this kernel lacks one of them (the hooks then fall back
+    /// to watching `icsk_probes_out`, which can miss a probe whose answer
+    /// is processed on another CPU before the timer tracepoint returns).
+    pub fn keepalive_probe_offsets(&self) -> Option<(u16, u16, u16)> {
+        let off = |root: &str, path: &str| {
+            let f = self.field(root, path).ok()?;
+            u16::try_from(f.offset).ok()
+        };
+        let stats = off("net", "mib.net_statistics")?;
+        let pptrs = off("bpf_array", "pptrs")?;
+        let index = self.enumerator("LINUX_MIB_TCPKEEPALIVE")?;
+        Some((stats, u16::try_from(index).ok()?, pptrs))
+    }
+
+    /// The value of enumerator `name` in any enum (named or not).
+    pub fn enumerator(&self, name: &str) -> Option<u32> {
+        // Type ids are dense from 1; the first that does not resolve ends them.
+        let mut id = 1;
+        while let Ok(t) = self.btf.resolve_type_by_id(id) {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).is_ok_and(|n| n == name) {
+                        return Some(m.val());
+                    }
+                }
+            }
+            id += 1;
+        }
+        None
     }
 }
 
@@ -344,5 +383,17 @@ mod tests {
             assert_eq!(names[0].as_deref(), Some("NOT_SPECIFIED"));
             assert_eq!(names[1].as_deref(), Some("NO_SOCKET"));
         }
+    }
+
+    #[test]
+    fn keepalive_counter_offsets() {
+        let Some(k) = kernel() else { return };
+        let (stats, index, pptrs) = k.keepalive_probe_offsets().unwrap();
+        // LINUX_MIB_NUM is 0; the counter array has __LINUX_MIB_MAX entries.
+        assert_eq!(k.enumerator("LINUX_MIB_NUM"), Some(0));
+        let max = k.enumerator("__LINUX_MIB_MAX").unwrap();
+        assert!(index > 0 && (index as u32) < max, "{index} of {max}");
+        assert!(stats > 0 && pptrs > 0);
+        assert_eq!(k.enumerator("NO_SUCH_ENUMERATOR_ANYWHERE"), None);
     }
 }
