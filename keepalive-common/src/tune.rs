@@ -531,7 +531,6 @@ mod tests {
         let mut k = key(1);
         k.raddr[1] = 2;
         assert_eq!(first_match(&r, 1, &k, |_| 0), Match::None);
-        k.family = 10;
         assert_eq!(
             first_match(&r, 1, &key(1).with_family(10), |_| 0),
             Match::None
