@@ -6,6 +6,7 @@
 //! Both are written for the BPF verifier: fixed-size arrays, bounded loops,
 //! no slices, no panics.
 
+use crate::filter::in_cidr;
 use crate::{Cidr, TASK_COMM_LEN};
 
 /// Most rules a policy may hold (the kernel tries them in order).
@@ -140,6 +141,21 @@ impl Default for TuneRule {
     }
 }
 
+/// The whole policy as the kernel holds it (array map `TUNE_RULES`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub rules: [TuneRule; MAX_RULES],
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet {
+            rules: [TuneRule::zeroed(); MAX_RULES],
+        }
+    }
+}
+
 /// What a socket is, for matching. Addresses as in [`crate::RawEvent`];
 /// an IPv4-mapped IPv6 remote is given as IPv4.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -164,32 +180,6 @@ pub enum Match {
     NeedOwner(u32),
 }
 
-/// True when `addr` (of `family`) is inside `c`.
-#[inline(always)]
-pub fn cidr_contains(c: &Cidr, family: u8, addr: &[u8; 16]) -> bool {
-    if c.family != family {
-        return false;
-    }
-    let bits = c.prefix_len as usize;
-    let mut i = 0;
-    while i < 16 {
-        let left = bits.saturating_sub(i * 8);
-        if left == 0 {
-            return true;
-        }
-        let mask: u8 = if left >= 8 {
-            0xff
-        } else {
-            0xffu8 << (8 - left)
-        };
-        if (addr[i] ^ c.addr[i]) & mask != 0 {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 /// The first rule (of the first `n`) whose every criterion holds.
 /// `cgroup_at(level)` is the kernfs id of the socket's cgroup ancestor at
 /// that depth (0 when it is not that deep).
@@ -209,7 +199,7 @@ pub fn first_match(
         let c = r.criteria;
         let ok = (c & crit::REMOTE_PORT == 0 || (s.rport >= r.rport_lo && s.rport <= r.rport_hi))
             && (c & crit::LOCAL_PORT == 0 || (s.lport >= r.lport_lo && s.lport <= r.lport_hi))
-            && (c & crit::REMOTE == 0 || cidr_contains(&r.remote, s.family, &s.raddr))
+            && (c & crit::REMOTE == 0 || in_cidr(&s.raddr, s.family, &r.remote))
             && (c & crit::CGROUP == 0 || cgroup_at(r.cgroup_level) == r.cgroup_id);
         if ok {
             if c & crit::COMM == 0 {
@@ -342,7 +332,8 @@ pub struct TuneReport {
     pub set: u8,
     pub kept: u8,
     pub failed: u8,
-    pub _pad: u8,
+    /// TCP state (kernel numbering).
+    pub state: u8,
     /// The first `bpf_setsockopt` error (negative errno), 0 when none failed.
     pub err: i32,
     /// The socket's own values before (0: not set).
@@ -465,6 +456,18 @@ pub mod names {
     pub const SETSOCKOPT: &str = "ka_tune_setsockopt";
     pub const WALK: &str = "ka_tune_iter";
 }
+
+// The layouts both sides rely on, without implicit padding.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<KaValues>() == 20);
+    assert!(size_of::<TuneRule>() == 96);
+    assert!(size_of::<RuleSet>() == 96 * MAX_RULES);
+    assert!(size_of::<TuneReport>() == 144);
+    assert!(size_of::<TuneState>() == 64);
+    assert!(size_of::<TuneConfig>() == 24);
+    assert!(size_of::<DestKey>() == 20);
+};
 
 #[cfg(test)]
 mod tests {
