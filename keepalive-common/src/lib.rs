@@ -163,7 +163,10 @@ pub struct Offsets {
     pub mib_tcp_keepalive: u16,
     /// `bpf_array.pptrs`: where a per-CPU array map keeps its per-CPU pointers.
     pub bpf_array_pptrs: u16,
-    pub _pad: [u16; 2],
+    /// `inet_sock.inet_sport` (network order): the local port, kept after
+    /// the kernel zeroes `skc_num` on releasing the port at close.
+    pub inet_sport: u16,
+    pub _pad: u16,
 }
 
 impl Offsets {

@@ -362,3 +362,77 @@ fn connections_opened_before_the_monitor_keep_their_real_cookie() {
         "ck {ck}: {probes:#?}"
     );
 }
+
+/// The kernel releases the local port (zeroes `skc_num`) before the
+/// `→ CLOSE` state change, so every event of a closing connection must
+/// take its port from elsewhere (`inet_sport`), or it reads `:0` and a
+/// `--port` filter drops it. Loopback in one namespace, the server aborts
+/// with SO_LINGER 0: its CLOSE and reset, and the client's CLOSE, all
+/// carry the real ports through `--port 7998`.
+#[test]
+fn ports_survive_close_and_port_filter_keeps_the_closing_events() {
+    const PORT: u16 = 7998;
+    let ns = Netns::new("pc");
+    let mut mon = Monitor::start(&["--port", "7998"]);
+    let c0 = ns.counters();
+    let listener = listen(&ns, &format!("127.0.0.1:{PORT}"));
+    let client = connect_in(&ns, listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let eph = client.local_addr().unwrap().port();
+    let (client_ck, server_ck) = (cookie(&client), cookie(&server));
+    let listener_ck = cookie(&listener);
+    set_linger_zero(&server);
+    drop(server);
+    // The client reads the reset: its side is CLOSE too.
+    let err = read_err(&client, Duration::from_secs(5));
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+    let c1 = ns.counters();
+    let events = mon.stop_lossless();
+
+    let inode = ns.inode();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["netns"] == inode && e["event"] != "verdict")
+        .collect();
+    for e in &mine {
+        let ports = (e["sport"].as_u64().unwrap(), e["dport"].as_u64().unwrap());
+        let real = if e["cookie"] == listener_ck {
+            ports == (PORT as u64, 0)
+        } else if e["new_state"] == "SYN_SENT" {
+            // connect() enters SYN_SENT before it picks the local port
+            // (the kernel's own tracepoint shows 0 there too).
+            ports == (0, PORT as u64)
+        } else {
+            ports == (PORT as u64, eph as u64) || ports == (eph as u64, PORT as u64)
+        };
+        assert!(real, "an event without its real ports: {e:#}");
+    }
+    let closes = |ck: u64| -> Vec<&Value> {
+        of_kind(&events, inode, "state_change")
+            .into_iter()
+            .filter(|e| e["cookie"] == ck && e["new_state"] == "CLOSE")
+            .collect()
+    };
+    let server_close = closes(server_ck);
+    assert_eq!(server_close.len(), 1, "server's CLOSE missing: {mine:#?}");
+    assert_eq!(server_close[0]["old_state"], "ESTABLISHED");
+    assert_eq!(server_close[0]["sport"], PORT);
+    assert_eq!(server_close[0]["dport"], eph);
+    let client_close = closes(client_ck);
+    assert_eq!(client_close.len(), 1, "client's CLOSE missing: {mine:#?}");
+    assert_eq!(client_close[0]["sport"], eph);
+    assert_eq!(client_close[0]["dport"], PORT);
+    let resets = of_kind(&events, inode, "reset_sent");
+    assert_eq!(
+        resets.len() as i64,
+        c0.delta(&c1, "Tcp.OutRsts"),
+        "{resets:#?}"
+    );
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0]["cookie"], server_ck);
+    assert_eq!(resets[0]["sport"], PORT);
+    assert_eq!(resets[0]["dport"], eph);
+    let received = of_kind(&events, inode, "reset_received");
+    assert_eq!(received.len(), 1, "{mine:#?}");
+    assert_eq!(received[0]["cookie"], client_ck);
+}

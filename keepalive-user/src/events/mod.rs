@@ -16,8 +16,13 @@ pub const AF_INET6: u8 = 10;
 /// TCP states, kernel numbering (include/net/tcp_states.h).
 pub use keepalive_common::tcp_state::name as state_name;
 
-/// Event kinds, as named on the command line and in the output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Event kinds, as named on the command line (`--event`) and in the
+/// output (`event`): clap and serde derive both from the variant names.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Kind {
     Retransmit,
     ResetSent,
@@ -50,10 +55,6 @@ impl Kind {
             Kind::Timeout => "timeout",
             Kind::Verdict => "verdict",
         }
-    }
-
-    pub fn from_name(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == s)
     }
 
     /// The number the kernel side uses.
@@ -373,14 +374,16 @@ mod tests {
 
     #[test]
     fn kind_names_round_trip() {
+        use clap::ValueEnum;
         for k in Kind::ALL {
-            assert_eq!(Kind::from_name(k.name()), Some(k));
+            assert_eq!(Kind::from_str(k.name(), false), Ok(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
             if k.is_kernel() {
                 assert_eq!(Kind::from_raw(k.raw()), Some(k));
             }
         }
         assert_eq!(Kind::from_raw(0), None);
-        assert_eq!(Kind::from_name("nope"), None);
+        assert!(Kind::from_str("nope", false).is_err());
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl KernelBtf {
         // Mmap: parse lazily. We look up a few dozen types once; parsing
         // all of vmlinux's BTF up front costs ~100 ms.
         let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
-            .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", path.display()))?;
+            .with_context(|| format!("cannot parse kernel BTF {}", path.display()))?;
         Ok(Self {
             btf,
             structs: Default::default(),
@@ -207,12 +207,13 @@ impl KernelBtf {
             tcb_gso_segs: off("tcp_skb_cb", "tcp_gso_segs")?,
             tcb_tcp_flags: off("tcp_skb_cb", "tcp_flags")?,
             timer_function: off("timer_list", "function")?,
+            inet_sport: off("inet_sock", "inet_sport")?,
             // Only for counting keepalive probes exactly (see
             // `keepalive_probe_offsets`); filled in for the hooks alone.
             net_mib_stats: Offsets::MISSING,
             mib_tcp_keepalive: Offsets::MISSING,
             bpf_array_pptrs: Offsets::MISSING,
-            _pad: [0; 2],
+            _pad: 0,
         })
     }
 

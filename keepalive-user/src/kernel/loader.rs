@@ -148,7 +148,7 @@ pub fn aya_btf() -> Result<&'static aya::Btf> {
     if let Some(b) = BTF.get() {
         return Ok(b);
     }
-    let b = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+    let b = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     Ok(BTF.get_or_init(|| b))
 }
 
@@ -182,7 +182,7 @@ pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
     }
     loader
         .load(EBPF_OBJECT)
-        .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
+        .context("loading the eBPF object failed")
 }
 
 /// Loads and attaches one hook's program.
@@ -196,7 +196,6 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
         .map_err(|e| anyhow!("{}", verifier_summary(&e)))
         .with_context(|| format!("loading {} for tp_btf/{}", hook.program, hook.tracepoint))?;
     prog.attach()
-        .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("attaching tp_btf/{}", hook.tracepoint))?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod conn_table;
 pub mod owners;
 pub mod verdict;
+pub mod walk;
 
 use std::net::IpAddr;
 

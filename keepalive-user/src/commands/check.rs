@@ -33,8 +33,8 @@ pub fn run() -> Result<bool> {
         privileged.is_ok(),
         true,
         privileged
-            .clone()
             .err()
+            .map(|e| e.to_string())
             .unwrap_or_else(|| "root / CAP_BPF+CAP_PERFMON".into()),
     ));
     let obj = loader::ensure_object();
