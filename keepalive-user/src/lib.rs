@@ -14,3 +14,4 @@ pub mod monitor;
 pub mod output;
 pub mod table;
 pub mod top;
+pub mod tune;

@@ -98,6 +98,7 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
     let mut config = Config::zeroed();
     config.offsets = kbtf.offsets()?;
     config.snap = kbtf.snap_offsets()?;
+    config.tune = kbtf.tune_offsets();
     // Only the hooks need timer addresses, tracepoint signatures and the
     // names of reset reasons; the iterator alone does not.
     let mut reset_reasons = ResetReasons::default();
