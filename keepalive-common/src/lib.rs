@@ -5,7 +5,11 @@
 //! daemon writes into the programs' read-only data ([`Config`]), and the
 //! per-connection owner record ([`Owner`]). Nothing here has behaviour; the
 //! meaning of every field is decided in `keepalive-user`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod filter;
+
+pub mod tune;
 
 /// Event kinds, as written in [`RawEvent::kind`].
 pub mod kind {
@@ -31,6 +35,44 @@ pub mod flags {
     pub const HAS_REASON: u8 = 1 << 3;
     /// There was no socket (e.g. a reset for a closed port); the tuple comes from the packet.
     pub const NO_SOCKET: u8 = 1 << 4;
+}
+
+/// TCP states, kernel numbering (include/net/tcp_states.h), as the
+/// `inet_sock_set_state` tracepoint passes them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+    pub const NEW_SYN_RECV: u32 = 12;
+    pub const BOUND_INACTIVE: u32 = 13;
+
+    /// The kernel's name of a state (`UNKNOWN` for a number it does not have).
+    pub const fn name(state: u32) -> &'static str {
+        match state {
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW_SYN_RECV",
+            BOUND_INACTIVE => "BOUND_INACTIVE",
+            _ => "UNKNOWN",
+        }
+    }
 }
 
 pub const TASK_COMM_LEN: usize = 16;
@@ -61,23 +103,31 @@ pub struct RawEvent {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
-    /// retransmit: segments in the skb; keepalive_probe: probe number;
-    /// state_change: old state; timeout: socket error (errno).
-    pub a: u32,
-    /// retransmit: return value of the transmit (errno, negative);
-    /// reset_sent: reason; state_change: new state; timeout: TCP_USER_TIMEOUT (ms).
-    pub b: u32,
-    /// timeout / keepalive_probe: `icsk_probes_out`.
-    pub c: u32,
-    pub _pad: u32,
+    /// reset_sent: `enum sk_rst_reason` (with [`flags::HAS_REASON`]).
+    pub reason: u32,
+    /// timeout: the socket's TCP_USER_TIMEOUT (ms, 0: none).
+    pub user_timeout_ms: u32,
+    /// retransmit: result of the transmit (0 or a negative errno, which
+    /// the kernel keeps above -4096).
+    pub err: i16,
+    /// retransmit: segments in the skb (`tcp_skb_cb.tcp_gso_segs`).
+    pub segs: u16,
+    /// state_change: the state left.
+    pub old_state: u8,
+    /// state_change: the state entered.
+    pub new_state: u8,
+    /// keepalive_probe: the probe number (1 = first unanswered);
+    /// timeout: unanswered probes when the kernel gave up (`icsk_probes_out`).
+    pub probes_out: u8,
+    pub _pad: u8,
 }
 
 /// Field offsets the programs need, resolved from the running kernel's BTF
 /// at load time (rustc emits no CO-RE relocations, so nothing is baked in).
 ///
-/// `u16::MAX` marks an offset the kernel does not have.
+/// [`Offsets::MISSING`] marks an offset the kernel does not have.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offsets {
     pub skc_daddr: u16,
     pub skc_rcv_saddr: u16,
@@ -107,17 +157,27 @@ pub struct Offsets {
     /// Size of `sk_protocol` in bytes (1 or 2; a bitfield on old kernels is not supported).
     pub sk_protocol_size: u16,
     pub icsk_retransmit_timer: u16,
+    /// `net.mib.net_statistics`: the namespace's per-CPU `struct linux_mib`.
+    pub net_mib_stats: u16,
+    /// `LINUX_MIB_TCPKEEPALIVE`: index of TcpExt.TCPKeepAlive in `linux_mib.mibs`.
+    pub mib_tcp_keepalive: u16,
+    /// `bpf_array.pptrs`: where a per-CPU array map keeps its per-CPU pointers.
+    pub bpf_array_pptrs: u16,
+    /// `inet_sock.inet_sport` (network order): the local port, kept after
+    /// the kernel zeroes `skc_num` on releasing the port at close.
+    pub inet_sport: u16,
     pub _pad: u16,
 }
 
 impl Offsets {
+    /// The kernel has no such field.
     pub const MISSING: u16 = u16::MAX;
 }
 
 /// Offsets the socket iterator needs (one snapshot row per socket).
-/// `u16::MAX` marks a field this kernel does not have.
+/// [`Offsets::MISSING`] marks a field this kernel does not have.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnapOffsets {
     pub sk_flags: u16,
     pub sk_socket: u16,
@@ -152,43 +212,6 @@ pub struct SnapOffsets {
     /// `inet_timewait_sock.tw_substate`: FIN_WAIT2 or TIME_WAIT.
     pub tw_substate: u16,
     pub _pad: [u16; 3],
-}
-
-impl SnapOffsets {
-    pub const fn zeroed() -> Self {
-        SnapOffsets {
-            sk_flags: 0,
-            sk_socket: 0,
-            sk_ino: 0,
-            sk_ack_backlog: 0,
-            sk_max_ack_backlog: 0,
-            socket_to_ino: 0,
-            icsk_retransmits: 0,
-            icsk_pending: 0,
-            icsk_backoff: 0,
-            icsk_rto: 0,
-            icsk_lrcvtime: 0,
-            timer_expires: 0,
-            timer_pprev: 0,
-            tp_keepalive_time: 0,
-            tp_keepalive_intvl: 0,
-            tp_keepalive_probes: 0,
-            tp_total_retrans: 0,
-            tp_lsndtime: 0,
-            tp_rcv_tstamp: 0,
-            tp_copied_seq: 0,
-            tp_rcv_nxt: 0,
-            tp_write_seq: 0,
-            tp_snd_una: 0,
-            net_keepalive_time: 0,
-            net_keepalive_intvl: 0,
-            net_keepalive_probes: 0,
-            net_retries2: 0,
-            sock_keepopen_bit: 0,
-            tw_substate: 0,
-            _pad: [0; 3],
-        }
-    }
 }
 
 /// Bits of [`SockRecord::flags`].
@@ -282,7 +305,7 @@ pub struct Cidr {
 /// Runtime configuration, written by the daemon into the programs'
 /// read-only data before load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub offsets: Offsets,
     /// Bit `1 << kind` set: emit that kind.
@@ -304,58 +327,31 @@ pub struct Config {
     pub _pad: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
+    pub tune: TuneOffsets,
+}
+
+/// Offsets the tuning programs need to find a socket's cgroup and its
+/// ancestors (`sock.sk_cgrp_data.cgroup`, `cgroup.level`,
+/// `cgroup.ancestors`, `cgroup.kn`, `kernfs_node.id`).
+/// `u16::MAX` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TuneOffsets {
+    pub sk_cgroup: u16,
+    pub cgroup_level: u16,
+    pub cgroup_ancestors: u16,
+    pub cgroup_kn: u16,
+    pub kernfs_id: u16,
+    pub _pad: [u16; 3],
 }
 
 impl Config {
+    /// All zero: no offsets, no events, no filters. A `const fn` (unlike
+    /// `Default`) so it can initialise the programs' `static`.
     pub const fn zeroed() -> Self {
-        Config {
-            offsets: Offsets {
-                skc_daddr: 0,
-                skc_rcv_saddr: 0,
-                skc_dport: 0,
-                skc_num: 0,
-                skc_family: 0,
-                skc_state: 0,
-                skc_v6_daddr: 0,
-                skc_v6_rcv_saddr: 0,
-                skc_net: 0,
-                skc_cookie: 0,
-                sk_protocol: 0,
-                sk_err: 0,
-                sk_timer: 0,
-                icsk_probes_out: 0,
-                icsk_user_timeout: 0,
-                net_ns_inum: 0,
-                skb_cb: 0,
-                skb_head: 0,
-                skb_network_header: 0,
-                skb_transport_header: 0,
-                skb_dev: 0,
-                dev_nd_net: 0,
-                tcb_gso_segs: 0,
-                tcb_tcp_flags: 0,
-                timer_function: 0,
-                sk_protocol_size: 0,
-                icsk_retransmit_timer: 0,
-                _pad: 0,
-            },
-            event_mask: 0,
-            reset_has_reason: 0,
-            keepalive_timer_fn: 0,
-            write_timer_fn: 0,
-            ports: [0; MAX_PORTS],
-            n_cidrs: 0,
-            retransmit_has_err: 0,
-            wakeup_bytes: 0,
-            _pad: 0,
-            cidrs: [Cidr {
-                addr: [0; 16],
-                family: 0,
-                prefix_len: 0,
-                _pad: [0; 6],
-            }; MAX_CIDRS],
-            snap: SnapOffsets::zeroed(),
-        }
+        // SAFETY: Config is repr(C) and made only of integers and arrays of
+        // integers, for which all-zero bytes are a valid value.
+        unsafe { core::mem::zeroed() }
     }
 }
 
@@ -375,8 +371,14 @@ pub struct Owner {
 pub struct TimerFrame {
     pub timer: u64,
     pub sk: u64,
+    /// This CPU's TcpExt.TCPKeepAlive counter of the socket's namespace
+    /// (0 when the kernel lacks the offsets to find it).
+    pub mib_addr: u64,
+    /// Its value when the callback started.
+    pub keepalives_before: u64,
     /// flags::IN_KEEPALIVE_TIMER or flags::IN_WRITE_TIMER, 0 when idle.
     pub which: u32,
+    /// `icsk_probes_out` when the callback started.
     pub probes_before: u32,
 }
 
@@ -388,6 +390,28 @@ pub mod maps {
     pub const OWNERS: &str = "OWNERS";
     pub const STATS: &str = "STATS";
 }
+
+// The kernel and userspace see these records through raw bytes: a field
+// added, removed or reordered on one side only must not compile.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<RawEvent>() == 96 && align_of::<RawEvent>() == 8);
+    assert!(offset_of!(RawEvent, kind) == 24);
+    assert!(offset_of!(RawEvent, saddr) == 32);
+    assert!(offset_of!(RawEvent, comm) == 64);
+    assert!(offset_of!(RawEvent, reason) == 80);
+    assert!(size_of::<Offsets>() == 64 && align_of::<Offsets>() == 2);
+    assert!(size_of::<SnapOffsets>() == 64 && align_of::<SnapOffsets>() == 2);
+    assert!(size_of::<SockRecord>() == 152 && align_of::<SockRecord>() == 8);
+    assert!(size_of::<ConnStats>() == 24 && align_of::<ConnStats>() == 4);
+    assert!(size_of::<Cidr>() == 24 && align_of::<Cidr>() == 1);
+    assert!(size_of::<Owner>() == 24 && align_of::<Owner>() == 4);
+    assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
+    assert!(offset_of!(Config, event_mask) == 64);
+    assert!(offset_of!(Config, cidrs) == 120);
+    assert!(size_of::<Config>() == 296 && align_of::<Config>() == 8);
+    assert!(size_of::<TuneOffsets>() == 16);
+};
 
 #[cfg(feature = "user")]
 mod pod {
@@ -401,4 +425,13 @@ mod pod {
     unsafe impl aya::Pod for SnapOffsets {}
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for ConnStats {}
+    unsafe impl aya::Pod for tune::TuneRule {}
+    unsafe impl aya::Pod for tune::RuleSet {}
+    unsafe impl aya::Pod for TuneOffsets {}
+    unsafe impl aya::Pod for tune::TuneConfig {}
+    unsafe impl aya::Pod for tune::TuneReport {}
+    unsafe impl aya::Pod for tune::TuneState {}
+    unsafe impl aya::Pod for tune::RateWindow {}
+    unsafe impl aya::Pod for tune::DestKey {}
+    unsafe impl aya::Pod for tune::KaValues {}
 }

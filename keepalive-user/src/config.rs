@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -77,7 +77,7 @@ impl Loaded {
 
     pub fn load(path: &Path) -> Result<Loaded> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow!("cannot read config {}: {e}", path.display()))?;
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 

@@ -1,15 +1,17 @@
 //! keepalive: an eBPF TCP connection monitor.
 //!
-//! Data flows kernel → events → outputs: [`kernel`] loads the programs and
-//! knows the running kernel, [`events`] decodes and filters what they emit,
-//! [`output`] renders it, and the subcommands ([`record`], [`check`]) tie
-//! them together.
+//! Layers only point down: [`commands`] → [`monitor`] (the running engine)
+//! and [`output`] → [`table`] (connections and verdicts) and [`events`]
+//! (decoded kernel events) → [`kernel`] (BTF, symbols, loading the eBPF
+//! programs). See docs/architecture.md.
 
-pub mod check;
+pub mod commands;
 pub mod config;
 pub mod events;
 pub mod kernel;
+pub mod metrics;
+pub mod monitor;
 pub mod output;
-pub mod record;
-pub mod snapshot;
 pub mod table;
+pub mod top;
+pub mod tune;

@@ -3,13 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use keepalive::commands::record::{self, RecordOptions};
+use keepalive::commands::snapshot::{self, SnapshotOptions};
 use keepalive::config;
+use keepalive::diag;
 use keepalive::events::Kind;
-use keepalive::events::filter::{Filter, parse_cidr, parse_kind};
-use keepalive::record::{self, Format, RecordOptions};
-use keepalive::snapshot::{self, SnapshotOptions};
-use keepalive::table::verdict::Thresholds;
+use keepalive::events::filter::{Filter, parse_cidr};
+use keepalive::output::{Format, is_broken_pipe};
+use keepalive::table::verdict::{Thresholds, VerdictKind};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +20,32 @@ use keepalive::table::verdict::Thresholds;
     about = "Watch every TCP connection from the kernel: keepalive probes, retransmits, resets, timeouts"
 )]
 struct Cli {
+    /// Diagnostics on stderr: error, warn, info, debug or trace (or a
+    /// tracing filter such as `keepalive=debug`); RUST_LOG works too.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Sends `tracing` diagnostics to stderr, filtered by `--log-level` (or
+/// RUST_LOG when set). Data never goes there: it has its own outputs.
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::try_new(env),
+        _ => EnvFilter::try_new(level),
+    }
+    .map_err(|e| anyhow::anyhow!("invalid --log-level `{level}`: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        // Its fallback for a failed write is eprintln!, which panics when
+        // stderr is gone: a lost diagnostic must not stop the monitor.
+        .log_internal_errors(false)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -36,7 +62,7 @@ enum Command {
         conn_filter: ConnFilterArgs,
         /// Only these event kinds (repeatable): retransmit, reset_sent,
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
-        #[arg(long = "event", value_name = "KIND", value_parser = parse_kind)]
+        #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
         /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
         #[arg(long, value_name = "BYTES")]
@@ -66,8 +92,8 @@ enum Command {
         #[command(flatten)]
         conn_filter: ConnFilterArgs,
         /// Only this verdict (repeatable): dead, orphaned, unprotected, healthy.
-        #[arg(long, value_name = "VERDICT")]
-        verdict: Vec<String>,
+        #[arg(long, value_name = "VERDICT", value_enum)]
+        verdict: Vec<VerdictKind>,
         /// Also show listeners, TIME_WAIT and half-open (SYN_RECV) sockets.
         #[arg(long)]
         all: bool,
@@ -76,6 +102,18 @@ enum Command {
     },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
+    /// Print the shell completion script for SHELL to stdout, e.g.
+    /// `keepalive completions bash > /etc/bash_completion.d/keepalive`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or with --out-dir write
+    /// keepalive.1 and a keepalive-COMMAND.1 page for each command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Which connections to show.
@@ -151,12 +189,75 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     config::parse_duration(s)
 }
 
+/// Writes all of `bytes` to stdout; the error keeps its io::Error, so a
+/// reader that went away (`| head`) is told apart.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
+/// Man pages generated from the command definitions, so they never drift.
+fn man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| anyhow::anyhow!("rendering the man page: {e}"))?;
+            write_stdout(&page)
+        }
+    }
+}
+
+/// Help and version go out as clap writes them; a usage error becomes one
+/// line on stderr (the message, its tip or the possible values) and exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return ExitCode::from(2);
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    diag!("{line}");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
+    // The hook itself must not panic when stderr is gone (that aborts).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("keepalive: internal error: {info}; please report this");
+        diag!("internal error: {info}; please report this");
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    if let Err(e) = init_logging(&cli.log_level) {
+        diag!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Record {
             format,
@@ -197,13 +298,22 @@ fn main() -> ExitCode {
             })
             .map(|()| true)
         }),
-        Command::Check => keepalive::check::run(),
+        Command::Check => keepalive::commands::check::run(),
+        Command::Completions { shell } => {
+            // Generated in memory: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "keepalive", &mut script);
+            write_stdout(&script).map(|()| true)
+        }
+        Command::Man { out_dir } => man(out_dir).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        // The reader of our output went away (`| head`): not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keepalive: error: {e:#}");
+            diag!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -35,7 +35,7 @@ fn assert_clean_failure(args: &[&str], expect: &str) {
 fn bad_flags_are_one_line_errors() {
     assert_clean_failure(
         &["record", "--event", "probe"],
-        "unknown event kind `probe`",
+        "invalid value 'probe' for '--event <KIND>'",
     );
     assert_clean_failure(&["record", "--addr", "10.0.0.0/99"], "invalid address");
     assert_clean_failure(&["record", "--port", "http"], "invalid value");

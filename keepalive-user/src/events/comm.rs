@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 /// A process name, as the kernel has it (up to 15 bytes, anything but NUL).
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Comm {
     /// The name as UTF-8, with U+FFFD for bytes that are not.
     text: String,
@@ -51,6 +51,14 @@ impl Comm {
     /// The name made safe for a line of text (see [`escape_text`]).
     pub fn escaped(&self) -> Cow<'_, str> {
         escape_text(self.as_bytes())
+    }
+}
+
+/// The UTF-8 form, for matching and sorting; text output uses `Display`.
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
     }
 }
 

@@ -17,27 +17,15 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 
 /// TCP states, kernel numbering (include/net/tcp_states.h).
-pub fn state_name(state: u32) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        13 => "BOUND_INACTIVE",
-        _ => "UNKNOWN",
-    }
-}
+pub use keepalive_common::tcp_state::name as state_name;
 
-/// Event kinds, as named on the command line and in the output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Event kinds, as named on the command line (`--event`) and in the
+/// output (`event`): clap and serde derive both from the variant names.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Kind {
     Retransmit,
     ResetSent,
@@ -70,10 +58,6 @@ impl Kind {
             Kind::Timeout => "timeout",
             Kind::Verdict => "verdict",
         }
-    }
-
-    pub fn from_name(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == s)
     }
 
     /// The number the kernel side uses.
@@ -231,24 +215,26 @@ pub fn decode(raw: &RawEvent, reasons: &ResetReasons) -> Option<Event> {
     let detail = match Kind::from_raw(raw.kind)? {
         Kind::Verdict => return None,
         Kind::Retransmit => Detail::Retransmit {
-            segs: raw.a,
+            segs: raw.segs as u32,
             syn: raw.flags & flags::SYN != 0,
-            err: raw.b as i32,
+            err: raw.err as i32,
         },
         Kind::ResetSent => Detail::ResetSent {
-            reason: (raw.flags & flags::HAS_REASON != 0).then(|| reasons.name(raw.b)),
+            reason: (raw.flags & flags::HAS_REASON != 0).then(|| reasons.name(raw.reason)),
             no_socket: raw.flags & flags::NO_SOCKET != 0,
         },
         Kind::ResetReceived => Detail::ResetReceived,
         Kind::StateChange => Detail::StateChange {
-            old: raw.a,
-            new: raw.b,
+            old: raw.old_state as u32,
+            new: raw.new_state as u32,
         },
-        Kind::KeepaliveProbe => Detail::KeepaliveProbe { probe: raw.a },
+        Kind::KeepaliveProbe => Detail::KeepaliveProbe {
+            probe: raw.probes_out as u32,
+        },
         Kind::Timeout => Detail::Timeout {
-            cause: TimeoutCause::classify(raw.flags, raw.b),
-            probes_out: raw.c,
-            user_timeout_ms: raw.b,
+            cause: TimeoutCause::classify(raw.flags, raw.user_timeout_ms),
+            probes_out: raw.probes_out as u32,
+            user_timeout_ms: raw.user_timeout_ms,
         },
     };
     Some(Event {
@@ -291,7 +277,7 @@ mod tests {
     #[test]
     fn decodes_ipv4_tuple_and_owner() {
         let mut r = raw(kind::RETRANSMIT);
-        r.a = 3;
+        r.segs = 3;
         r.flags = flags::SYN;
         r.pid = 42;
         r.comm[..4].copy_from_slice(b"curl");
@@ -331,7 +317,7 @@ mod tests {
     fn reset_reason_only_when_kernel_has_one() {
         let reasons = ResetReasons(vec![Some("NOT_SPECIFIED".into()), Some("NO_SOCKET".into())]);
         let mut r = raw(kind::RESET_SENT);
-        r.b = 1;
+        r.reason = 1;
         let e = decode(&r, &reasons).unwrap();
         assert_eq!(
             e.detail,
@@ -349,7 +335,7 @@ mod tests {
                 no_socket: true
             }
         );
-        r.b = 99;
+        r.reason = 99;
         let e = decode(&r, &reasons).unwrap();
         assert!(
             matches!(e.detail, Detail::ResetSent { reason: Some(ref s), .. } if s == "UNKNOWN_99")
@@ -387,14 +373,16 @@ mod tests {
 
     #[test]
     fn kind_names_round_trip() {
+        use clap::ValueEnum;
         for k in Kind::ALL {
-            assert_eq!(Kind::from_name(k.name()), Some(k));
+            assert_eq!(Kind::from_str(k.name(), false), Ok(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
             if k.is_kernel() {
                 assert_eq!(Kind::from_raw(k.raw()), Some(k));
             }
         }
         assert_eq!(Kind::from_raw(0), None);
-        assert_eq!(Kind::from_name("nope"), None);
+        assert!(Kind::from_str("nope", false).is_err());
     }
 
     #[test]

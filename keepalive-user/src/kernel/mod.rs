@@ -26,7 +26,7 @@ fn effective_caps() -> u64 {
 }
 
 /// `Ok` when this process may load and attach tracing programs.
-pub fn check_privileges() -> Result<(), String> {
+pub fn check_privileges() -> anyhow::Result<()> {
     let caps = effective_caps();
     let has = |c: u32| caps & (1u64 << c) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
@@ -34,9 +34,9 @@ pub fn check_privileges() -> Result<(), String> {
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    Err(format!(
+    anyhow::bail!(
         "keepalive needs root (or CAP_BPF and CAP_PERFMON); running as uid {euid}: re-run with sudo"
-    ))
+    )
 }
 
 /// Where cgroup v2 is mounted, from /proc/mounts.

@@ -4,7 +4,7 @@
 //! `tcp_keepalive_timer` (and `tcp_write_timer`) by address in the generic
 //! timer tracepoints, so we need those addresses.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 pub const KALLSYMS: &str = "/proc/kallsyms";
 
@@ -33,8 +33,8 @@ pub fn find(text: &str, names: &[&str]) -> Vec<u64> {
 }
 
 pub fn timer_symbols() -> Result<TimerSymbols> {
-    let text = std::fs::read_to_string(KALLSYMS)
-        .map_err(|e| anyhow::anyhow!("cannot read {KALLSYMS}: {e}"))?;
+    let text =
+        std::fs::read_to_string(KALLSYMS).with_context(|| format!("cannot read {KALLSYMS}"))?;
     parse_timer_symbols(&text)
 }
 

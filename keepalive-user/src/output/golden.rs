@@ -224,15 +224,21 @@ pub(crate) fn fixture_conns() -> Vec<(Conn, Verdict)> {
     ]
 }
 
-/// Every record, serialised by today's code, one per line: JSON then text.
+/// Every record, one per line: JSON then text.
 fn render_all() -> String {
-    use super::*;
+    use super::Clock;
+    use super::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
+    use super::text::{event_text, lost_text, table_lines, verdict_text};
+    use crate::table::walk::Row;
     let clock = Clock::fixed(1_764_000_000_000_000_000);
     let mut out = Vec::new();
-    for e in fixture_events() {
-        write_event_json(&mut out, &e, &clock).unwrap();
-        out.extend_from_slice(event_text(&e, &clock).as_bytes());
+    let text = |out: &mut Vec<u8>, l: String| {
+        out.extend_from_slice(l.as_bytes());
         out.push(b'\n');
+    };
+    for e in fixture_events() {
+        write_line(&mut out, &EventOut::new(&e, &clock)).unwrap();
+        text(&mut out, event_text(&e, &clock));
     }
     let conns = fixture_conns();
     for (i, (conn, verdict)) in conns.iter().enumerate() {
@@ -242,33 +248,24 @@ fn render_all() -> String {
             new: verdict.clone(),
         };
         let ts = 5_000_000_000 + i as u64;
-        out.extend_from_slice(verdict_json(&ch, ts, &clock).to_string().as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(verdict_text(&ch, ts, &clock).as_bytes());
-        out.push(b'\n');
-        let row = crate::snapshot::Row {
+        write_line(&mut out, &VerdictOut::new(&ch, ts, &clock)).unwrap();
+        text(&mut out, verdict_text(&ch, ts, &clock));
+        let row = Row {
             conn: conn.clone(),
             verdict: verdict.clone(),
         };
-        crate::snapshot::write_row_json(&mut out, &row).unwrap();
+        write_line(&mut out, &RowOut::new(&row)).unwrap();
     }
-    let rows: Vec<crate::snapshot::Row> = conns
+    let rows: Vec<Row> = conns
         .into_iter()
-        .map(|(conn, verdict)| crate::snapshot::Row { conn, verdict })
+        .map(|(conn, verdict)| Row { conn, verdict })
         .collect();
-    let refs: Vec<&crate::snapshot::Row> = rows.iter().collect();
-    for l in crate::snapshot::table_lines(&refs) {
-        out.extend_from_slice(l.as_bytes());
-        out.push(b'\n');
+    let refs: Vec<&Row> = rows.iter().collect();
+    for l in table_lines(&refs) {
+        text(&mut out, l);
     }
-    out.extend_from_slice(
-        lost_json(17, 40, 6_000_000_000, &clock)
-            .to_string()
-            .as_bytes(),
-    );
-    out.push(b'\n');
-    out.extend_from_slice(lost_text(17, 40, 6_000_000_000, &clock).as_bytes());
-    out.push(b'\n');
+    write_line(&mut out, &LostOut::new(17, 40, 6_000_000_000, &clock)).unwrap();
+    text(&mut out, lost_text(17, 40, 6_000_000_000, &clock));
     String::from_utf8(out).unwrap()
 }
 

@@ -12,12 +12,11 @@ use std::collections::HashMap;
 use keepalive_common::ConnStats;
 
 use super::verdict::{Thresholds, Verdict, judge};
-use super::{Conn, Keepalive, TCP_ESTABLISHED, Timer, TimerKind};
+use super::{Conn, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
 use crate::events::{Detail, Event};
 
 /// How long a closed connection stays resolvable for late events.
 pub const TOMBSTONE_NS: u64 = 10_000_000_000;
-const TCP_CLOSE: u32 = 7;
 
 struct Entry {
     conn: Conn,

@@ -6,6 +6,7 @@
 pub mod conn_table;
 pub mod owners;
 pub mod verdict;
+pub mod walk;
 
 use std::net::IpAddr;
 
@@ -92,14 +93,12 @@ pub struct Conn {
     pub full: bool,
 }
 
-pub const TCP_ESTABLISHED: u32 = 1;
-pub const TCP_FIN_WAIT1: u32 = 4;
-pub const TCP_FIN_WAIT2: u32 = 5;
-pub const TCP_TIME_WAIT: u32 = 6;
-pub const TCP_CLOSE_WAIT: u32 = 8;
-pub const TCP_LAST_ACK: u32 = 9;
-pub const TCP_LISTEN: u32 = 10;
-pub const TCP_CLOSING: u32 = 11;
+/// The TCP state numbers, defined once in keepalive-common for both sides.
+pub use keepalive_common::tcp_state::{
+    CLOSE as TCP_CLOSE, CLOSE_WAIT as TCP_CLOSE_WAIT, CLOSING as TCP_CLOSING,
+    ESTABLISHED as TCP_ESTABLISHED, FIN_WAIT1 as TCP_FIN_WAIT1, FIN_WAIT2 as TCP_FIN_WAIT2,
+    LAST_ACK as TCP_LAST_ACK, LISTEN as TCP_LISTEN, TIME_WAIT as TCP_TIME_WAIT,
+};
 
 const ICSK_TIME_RETRANS: u8 = 1;
 const ICSK_TIME_PROBE0: u8 = 3;

@@ -80,6 +80,20 @@ pub enum Unprotected {
     },
 }
 
+/// The four verdicts without their reasons, as named on the command line
+/// (`--verdict`), in filters and in the output.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum VerdictKind {
+    Dead,
+    Orphaned,
+    Unprotected,
+    Healthy,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Dead(Dead),
@@ -101,6 +115,15 @@ fn secs_i(ms: i64) -> String {
 }
 
 impl Verdict {
+    pub fn kind(&self) -> VerdictKind {
+        match self {
+            Verdict::Dead(_) => VerdictKind::Dead,
+            Verdict::Orphaned(_) => VerdictKind::Orphaned,
+            Verdict::Unprotected(_) => VerdictKind::Unprotected,
+            Verdict::Healthy => VerdictKind::Healthy,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Verdict::Dead(_) => "dead",

@@ -1,0 +1,209 @@
+//! TCP tracepoints: state changes (and owners), retransmits, resets sent
+//! and received, socket errors. Each runs with a trusted `struct sock *`
+//! argument, so fields are plain loads and socket storage is reachable.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use keepalive_common::{Offsets, Owner, RawEvent, flags, kind, tcp_state};
+
+use super::timer::timer_flags;
+use crate::emit::emit;
+use crate::maps::{count, set_owner, wanted};
+use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol, read};
+
+const IPPROTO_TCP: u16 = 6;
+const ETIMEDOUT: i32 = 110;
+const TCPHDR_SYN: u8 = 0x02;
+
+// TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err)
+// (`err` since 6.12: Config::retransmit_has_err)
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    if sk.is_null() {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::RETRANSMIT,
+        cookie: cookie_of(sk),
+        ..RawEvent::default()
+    };
+    let cb = conf!(offsets.skb_cb);
+    if cb != Offsets::MISSING && !skb.is_null() {
+        let tcb = skb.wrapping_add(cb as usize);
+        ev.segs = read::<u16>(tcb, conf!(offsets.tcb_gso_segs));
+        if read::<u8>(tcb, conf!(offsets.tcb_tcp_flags)) & TCPHDR_SYN != 0 {
+            ev.flags |= flags::SYN;
+        }
+    }
+    if conf!(retransmit_has_err) != 0 {
+        let err: i64 = ctx.arg(2);
+        ev.err = err as i16;
+    }
+    if ev.err == 0 {
+        let segs = ev.segs as u32;
+        count(ev.cookie, |s| s.retransmit_segs += segs);
+    }
+    if !wanted(kind::RETRANSMIT) {
+        return 0;
+    }
+    fill_sock_direct(&mut ev, sk);
+    ev.flags |= timer_flags(sk);
+    emit(&mut ev, sk);
+    0
+}
+
+/// Fills the tuple of a reset sent without a socket from the packet it answers.
+#[inline(always)]
+fn fill_from_skb(ev: &mut RawEvent, skb: *const u8) {
+    let head: u64 = read(skb, conf!(offsets.skb_head));
+    let nh: u16 = read(skb, conf!(offsets.skb_network_header));
+    let th: u16 = read(skb, conf!(offsets.skb_transport_header));
+    let ip = (head as *const u8).wrapping_add(nh as usize);
+    let tcp = (head as *const u8).wrapping_add(th as usize);
+    let ver: u8 = read(ip, 0);
+    // The reset travels back: our source is the packet's destination.
+    if ver >> 4 == 6 {
+        ev.family = AF_INET6 as u8;
+        ev.daddr = read(ip, 8);
+        ev.saddr = read(ip, 24);
+    } else {
+        ev.family = AF_INET as u8;
+        let s: [u8; 4] = read(ip, 12);
+        let d: [u8; 4] = read(ip, 16);
+        ev.daddr[..4].copy_from_slice(&s);
+        ev.saddr[..4].copy_from_slice(&d);
+    }
+    ev.dport = u16::from_be(read::<u16>(tcp, 0));
+    ev.sport = u16::from_be(read::<u16>(tcp, 2));
+    let dev: u64 = read(skb, conf!(offsets.skb_dev));
+    let net: u64 = read(dev as *const u8, conf!(offsets.dev_nd_net));
+    ev.netns = read(net as *const u8, conf!(offsets.net_ns_inum));
+}
+
+// TP_PROTO(const struct sock *sk, const struct sk_buff *skb,
+//          const enum sk_rst_reason reason)
+// (`sk` may be NULL; `reason` since 6.10: Config::reset_has_reason)
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let cookie = if sk.is_null() { 0 } else { cookie_of(sk) };
+    count(cookie, |s| s.resets_sent += 1);
+    if !wanted(kind::RESET_SENT) {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(1);
+    let mut ev = RawEvent {
+        kind: kind::RESET_SENT,
+        ..RawEvent::default()
+    };
+    if !sk.is_null() {
+        ev.cookie = cookie;
+        fill_sock_direct(&mut ev, sk);
+        ev.flags |= timer_flags(sk);
+    } else if !skb.is_null() {
+        ev.flags |= flags::NO_SOCKET;
+        fill_from_skb(&mut ev, skb);
+    } else {
+        return 0;
+    }
+    if conf!(reset_has_reason) != 0 {
+        let reason: u64 = ctx.arg(2);
+        ev.reason = reason as u32;
+        ev.flags |= flags::HAS_REASON;
+    }
+    emit(&mut ev, sk);
+    0
+}
+
+// TP_PROTO(struct sock *sk)
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let cookie = cookie_of(sk);
+    count(cookie, |s| s.resets_received += 1);
+    if !wanted(kind::RESET_RECEIVED) {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::RESET_RECEIVED,
+        cookie,
+        ..RawEvent::default()
+    };
+    fill_sock_direct(&mut ev, sk);
+    emit(&mut ev, sk);
+    0
+}
+
+// TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() || protocol(sk) != IPPROTO_TCP {
+        return 0;
+    }
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    // Generating the cookie here also makes it readable later from
+    // contexts that cannot call the helper (the timer tracepoints).
+    let cookie = cookie_of(sk);
+    if new as u32 == tcp_state::SYN_SENT {
+        // connect(): the only transition that runs in the owner's context.
+        let owner = Owner {
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            _pad: 0,
+            comm: bpf_get_current_comm().unwrap_or_default(),
+        };
+        set_owner(sk, &owner);
+    }
+    if wanted(kind::STATE_CHANGE) {
+        let mut ev = RawEvent {
+            kind: kind::STATE_CHANGE,
+            cookie,
+            old_state: old as u8,
+            new_state: new as u8,
+            ..RawEvent::default()
+        };
+        fill_sock_direct(&mut ev, sk);
+        emit(&mut ev, sk);
+    }
+    // The owner lives as long as the socket, so a timeout reported after
+    // CLOSE still carries it.
+    0
+}
+
+// TP_PROTO(const struct sock *sk)
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() || protocol(sk) != IPPROTO_TCP {
+        return 0;
+    }
+    let err: i32 = load(sk, conf!(offsets.sk_err));
+    if err != ETIMEDOUT {
+        return 0;
+    }
+    let cookie = cookie_of(sk);
+    count(cookie, |s| s.timeouts += 1);
+    if !wanted(kind::TIMEOUT) {
+        return 0;
+    }
+    let mut ev = RawEvent {
+        kind: kind::TIMEOUT,
+        cookie,
+        user_timeout_ms: read::<u32>(sk, conf!(offsets.icsk_user_timeout)),
+        probes_out: read::<u8>(sk, conf!(offsets.icsk_probes_out)),
+        ..RawEvent::default()
+    };
+    fill_sock_direct(&mut ev, sk);
+    ev.flags |= timer_flags(sk);
+    emit(&mut ev, sk);
+    0
+}

@@ -1,0 +1,118 @@
+//! Kernel memory access: struct fields at BTF-resolved offsets, and the
+//! connection identity (tuple, namespace, cookie) of a socket.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_probe_read_kernel};
+use keepalive_common::RawEvent;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Reads a `T` at `base + off` from kernel memory, zero on failure.
+///
+/// Branchless on purpose: the helper zeroes its destination when the read
+/// faults (a NULL base included), and a branch per field multiplies the
+/// verifier's states. Offsets are always valid; optional fields are
+/// checked by the caller.
+#[inline(always)]
+pub fn read<T: Default>(base: *const u8, off: u16) -> T {
+    let mut v = T::default();
+    // SAFETY: the helper tolerates any source address and writes at most
+    // size_of::<T>() bytes into `v`.
+    unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(off as usize).cast(),
+        )
+    };
+    v
+}
+
+/// Loads a `T` at `base + off` directly. Only for trusted BTF pointers
+/// (tracepoint and iterator arguments) and fields inside the pointed-to
+/// struct: the offsets come from read-only data the verifier sees as
+/// constants, so it checks each access against the kernel's BTF and turns
+/// it into a plain load, much cheaper than a probe-read helper call.
+#[inline(always)]
+pub fn load<T: Copy>(base: *const u8, off: u16) -> T {
+    // SAFETY: see above; the verifier rejects anything else at load time.
+    unsafe { read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
+
+/// Copies the connection identity out of a `struct sock_common` into any
+/// record with the tuple fields (events and snapshot rows), with `$read`
+/// being [`load`] for trusted pointers and [`read`] otherwise.
+macro_rules! fill_tuple {
+    ($dst:expr, $sk:expr, $read:ident) => {{
+        use $crate::mem::$read;
+        let sk: *const u8 = $sk;
+        let family: u16 = $read(sk, conf!(offsets.skc_family));
+        $dst.family = family as u8;
+        $dst.state = $read::<u8>(sk, conf!(offsets.skc_state));
+        $dst.sport = $read::<u16>(sk, conf!(offsets.skc_num));
+        $dst.dport = u16::from_be($read::<u16>(sk, conf!(offsets.skc_dport)));
+        if family == $crate::mem::AF_INET6 {
+            $dst.saddr = $read(sk, conf!(offsets.skc_v6_rcv_saddr));
+            $dst.daddr = $read(sk, conf!(offsets.skc_v6_daddr));
+        } else {
+            let s: u32 = $read(sk, conf!(offsets.skc_rcv_saddr));
+            let d: u32 = $read(sk, conf!(offsets.skc_daddr));
+            $dst.saddr = [0; 16];
+            $dst.daddr = [0; 16];
+            $dst.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+            $dst.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+        }
+        // Through a trusted socket the loaded `struct net *` is itself a
+        // BTF pointer the verifier lets us load from (fault-safe).
+        let net: *const u8 = $read(sk, conf!(offsets.skc_net));
+        $dst.netns = $read(net, conf!(offsets.net_ns_inum));
+    }};
+}
+
+/// Tuple of a socket reached through an untrusted pointer (timer hooks).
+#[inline(always)]
+pub fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
+    fill_tuple!(ev, sk, read);
+    keep_released_port(ev, sk);
+}
+
+/// Tuple of a socket passed as a trusted tracepoint argument.
+#[inline(always)]
+pub fn fill_sock_direct(ev: &mut RawEvent, sk: *const u8) {
+    fill_tuple!(ev, sk, load);
+    keep_released_port(ev, sk);
+}
+
+/// The local port of a socket whose port the kernel already released.
+///
+/// On `→ CLOSE` tcp_set_state calls inet_put_port, which zeroes `skc_num`,
+/// before the state change the tracepoint reports (and tcp_disconnect
+/// sends its reset after that). `inet_sport` keeps the port. Only full
+/// sockets release their port this way; timewait and request sockets,
+/// which have no `inet_sport`, keep `skc_num`. A probe read: the field lies
+/// beyond `struct sock`, the type the verifier knows the argument by.
+#[inline(always)]
+fn keep_released_port(ev: &mut RawEvent, sk: *const u8) {
+    if ev.sport == 0 {
+        ev.sport = u16::from_be(read::<u16>(sk, conf!(offsets.inet_sport)));
+    }
+}
+
+/// The socket's cookie, assigned on first use.
+#[inline(always)]
+pub fn cookie_of(sk: *const u8) -> u64 {
+    // SAFETY: `sk` is a trusted BTF pointer from the tracepoint arguments.
+    unsafe { bpf_get_socket_cookie(sk as *mut _) }
+}
+
+/// `sk->sk_protocol` of a trusted socket (a u8 or a u16 by kernel version).
+#[inline(always)]
+pub fn protocol(sk: *const u8) -> u16 {
+    if conf!(offsets.sk_protocol_size) == 1 {
+        load::<u8>(sk, conf!(offsets.sk_protocol)) as u16
+    } else {
+        load::<u16>(sk, conf!(offsets.sk_protocol))
+    }
+}

@@ -1,0 +1,6 @@
+//! The subcommands, each a thin layer over the engine, the table and the
+//! outputs: parse options, wire the pieces, report.
+
+pub mod check;
+pub mod record;
+pub mod snapshot;

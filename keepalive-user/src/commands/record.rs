@@ -1,0 +1,275 @@
+//! `keepalive record`: the monitor engine with a line sink. Streams events
+//! (and verdict changes, and lost records) to stdout or a file until
+//! SIGINT/SIGTERM or a closed output.
+//!
+//! Nothing is lost silently: the kernel counts every event it could not
+//! place in the ring buffer, and each increase becomes a `lost` record in
+//! the stream and a line on stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::diag;
+use crate::events::Event;
+use crate::events::Kind;
+use crate::events::filter::Filter;
+use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
+use crate::output::file::{FileOptions, LineFile, WriteError};
+use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
+use crate::output::{Format, text};
+use crate::table::conn_table::{ConnTable, VerdictChange};
+use crate::table::verdict::Thresholds;
+use crate::table::walk::Row;
+
+pub struct RecordOptions {
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub filter: Filter,
+    pub ring_size: Option<u32>,
+    /// How often the connection table is re-read from the kernel; `None`
+    /// turns the table (and `verdict` events) off.
+    pub refresh: Option<Duration>,
+    pub max_conns: usize,
+    pub thresholds: Thresholds,
+    /// Where to write the final connection table (JSON lines) at exit.
+    pub table_dump: Option<PathBuf>,
+}
+
+/// Writes what the monitor sees as lines. Flushed after every batch
+/// drained from the ring, so a reader never waits for a line while we are
+/// idle, and a burst goes out in large writes.
+///
+/// A write that fails stops the monitor cleanly instead of aborting it:
+/// the programs are detached, the totals printed, and [`run`] returns the
+/// error (non-zero exit). Only whole lines reach the file.
+pub struct LineSink {
+    out: LineFile,
+    format: Format,
+    filter: Filter,
+    /// Set once the output cannot take more (the reader went away, or a
+    /// write failed): nothing more is written, and the monitor stops.
+    closed: bool,
+    /// The failed write, reported after the totals.
+    error: Option<WriteError>,
+    writes_to_stdout: bool,
+    table_dump: Option<LineFile>,
+}
+
+impl LineSink {
+    pub fn new(
+        out: LineFile,
+        format: Format,
+        filter: Filter,
+        table_dump: Option<LineFile>,
+    ) -> Self {
+        LineSink {
+            writes_to_stdout: out.path().is_none(),
+            out,
+            format,
+            filter,
+            closed: false,
+            error: None,
+            table_dump,
+        }
+    }
+
+    /// The write that failed, if one did.
+    pub fn take_error(&mut self) -> Option<WriteError> {
+        self.error.take()
+    }
+
+    /// A write's outcome: a reader that went away (`| head`) stops the
+    /// monitor quietly; any other failure stops it and is reported at the
+    /// end.
+    fn flow(&mut self, r: Result<(), WriteError>) -> Flow {
+        match r {
+            Ok(()) if !self.closed => Flow::Continue,
+            Ok(()) => Flow::Stop,
+            Err(e) => {
+                self.closed = true;
+                if !e.is_broken_pipe() {
+                    self.error.get_or_insert(e);
+                }
+                Flow::Stop
+            }
+        }
+    }
+
+    fn write_text(&mut self, line: &str) -> Flow {
+        if self.closed {
+            return Flow::Stop;
+        }
+        let r = self.out.write_line(line.as_bytes());
+        self.flow(r)
+    }
+
+    fn write_json(&mut self, record: &impl serde::Serialize) -> Flow {
+        if self.closed {
+            return Flow::Stop;
+        }
+        let r = self.out.line_with(|b| write_line(b, record));
+        self.flow(r)
+    }
+}
+
+impl Consumer for LineSink {
+    fn started(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        diag!(
+            "recording; {} hooks attached (pid {})",
+            ctx.hooks,
+            std::process::id()
+        );
+        Ok(Flow::Continue)
+    }
+
+    fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
+        if !self.filter.matches(ev) {
+            return Ok(Flow::Continue);
+        }
+        Ok(match self.format {
+            Format::Json => self.write_json(&EventOut::new(ev, ctx.clock)),
+            Format::Text => self.write_text(&text::event_text(ev, ctx.clock)),
+        })
+    }
+
+    fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        let f = &self.filter;
+        if !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict) || !f.matches_conn(&ch.conn) {
+            return Ok(Flow::Continue);
+        }
+        Ok(match self.format {
+            Format::Json => self.write_json(&VerdictOut::new(ch, mono_ns, ctx.clock)),
+            Format::Text => self.write_text(&text::verdict_text(ch, mono_ns, ctx.clock)),
+        })
+    }
+
+    fn lost(&mut self, count: u64, total: u64, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        // The record in the stream first: it is what the reader relies on.
+        let flow = match self.format {
+            Format::Json => self.write_json(&LostOut::new(count, total, mono_ns, ctx.clock)),
+            Format::Text => self.write_text(&text::lost_text(count, total, mono_ns, ctx.clock)),
+        };
+        diag!("lost {count} events (ring buffer full, {total} in all); raise --ring-size");
+        Ok(flow)
+    }
+
+    fn batch_done(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        if self.closed {
+            return Ok(Flow::Stop);
+        }
+        let r = self.out.flush();
+        let flow = self.flow(r);
+        if flow == Flow::Continue && self.writes_to_stdout && stdout_reader_gone() {
+            self.closed = true;
+            return Ok(Flow::Stop);
+        }
+        Ok(flow)
+    }
+
+    /// SIGHUP (log rotation): write what is buffered to the old file, then
+    /// open the path again. If that fails, keep writing to the old file.
+    fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        if self.closed {
+            return Ok(Flow::Stop);
+        }
+        match self.out.reopen() {
+            Ok(()) => diag!("SIGHUP: reopened {}", self.out.name()),
+            Err(e) => {
+                if let Some(we) = e.downcast_ref::<WriteError>() {
+                    self.closed = true;
+                    if !we.is_broken_pipe() {
+                        self.error = e.downcast::<WriteError>().ok();
+                    }
+                    return Ok(Flow::Stop);
+                }
+                diag!("SIGHUP: {e:#}; still writing to the old file");
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
+        if !self.closed {
+            let r = self.out.flush();
+            self.flow(r);
+        }
+        let dumped = match (table, self.table_dump.as_mut()) {
+            (Some(table), Some(out)) => dump_table(out, table),
+            _ => Ok(()),
+        };
+        diag!(
+            "stopped; emitted={} received={} lost={} tracked={} evicted={}",
+            totals.emitted,
+            totals.received,
+            totals.lost,
+            totals.tracked,
+            totals.evicted,
+        );
+        dumped
+    }
+}
+
+/// True once nobody reads our stdout any more (`| head` exited): a pipe
+/// whose reader closed reports an error to poll() on the writing end, so
+/// we notice without waiting for the next event to fail to write.
+fn stdout_reader_gone() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+/// Writes the table as JSON lines (one connection each, as `snapshot`).
+fn dump_table(out: &mut LineFile, table: &ConnTable) -> Result<()> {
+    for (conn, verdict) in table.conns() {
+        let row = Row {
+            conn: conn.clone(),
+            verdict: verdict.clone(),
+        };
+        out.line_with(|b| write_line(b, &RowOut::new(&row)))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
+    Ok(match output {
+        Some(path) => LineFile::create(path, FileOptions::default())?,
+        None => LineFile::stdout().context("cannot write to stdout")?,
+    })
+}
+
+pub fn run(opts: RecordOptions) -> Result<()> {
+    if let Some(size) = opts.ring_size
+        && (size < 4096 || !size.is_power_of_two())
+    {
+        anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
+    }
+    let out = open_output(&opts.output)?;
+    // Opened now, so a bad path fails before anything is attached.
+    let table_dump = opts
+        .table_dump
+        .as_deref()
+        .map(|p| LineFile::create(p, FileOptions::default()))
+        .transpose()?;
+    let mut sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
+    let monitor_opts = MonitorOptions {
+        filter: opts.filter,
+        ring_size: opts.ring_size,
+        refresh: opts.refresh,
+        max_conns: opts.max_conns,
+        thresholds: opts.thresholds,
+        final_walk: opts.table_dump.is_some(),
+    };
+    monitor::run(monitor_opts, &mut sink)?;
+    match sink.take_error() {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}

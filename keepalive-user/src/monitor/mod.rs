@@ -1,0 +1,465 @@
+//! The monitor engine: loads and attaches the eBPF programs, drains the
+//! ring buffer, keeps the connection table, refreshes it from the kernel,
+//! accounts for every lost event and handles signals. What it learns goes
+//! to a [`Consumer`] (`record`'s line sink, `top`, `tune`, `serve`), so
+//! every command sees the same stream, judged by the same table.
+//!
+//! The engine runs on the calling thread in its own current-thread tokio
+//! runtime. A consumer that needs to render or serve at its own pace (a
+//! TUI, an HTTP endpoint) copies what it needs and does the slow work on
+//! another thread: ingestion never waits for it.
+
+mod kernel_maps;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::events::filter::Filter;
+use crate::events::{Event, Kind, ResetReasons, decode};
+use crate::kernel::{check_privileges, loader};
+use crate::output::Clock;
+use crate::table::conn_table::{ConnTable, VerdictChange};
+use crate::table::verdict::Thresholds;
+use crate::table::walk;
+use kernel_maps::KernelMaps;
+
+/// How often the kernel's drop counters are read.
+const LOSS_CHECK: Duration = Duration::from_millis(250);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct MonitorOptions {
+    /// Filters applied in the kernel (ports, CIDRs, kinds); pids are
+    /// matched by consumers, since owners are known only in userspace.
+    pub filter: Filter,
+    /// Ring buffer size in bytes; `None`: the default.
+    pub ring_size: Option<u32>,
+    /// How often the connection table is re-read from the kernel; `None`
+    /// turns the table (and verdict changes) off.
+    pub refresh: Option<Duration>,
+    /// Most connections tracked at once.
+    pub max_conns: usize,
+    pub thresholds: Thresholds,
+    /// Walk the sockets once more after stopping, so [`Consumer::finished`]
+    /// sees the table as it was at the end (table dumps).
+    pub final_walk: bool,
+}
+
+/// Whether the monitor keeps running after a consumer call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop cleanly (the output was closed, the user quit).
+    Stop,
+}
+
+/// Running totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Events the kernel emitted (placed in the ring or counted as lost);
+    /// read at every loss check and at the end.
+    pub emitted: u64,
+    /// Events read from the ring.
+    pub received: u64,
+    /// Events the kernel could not queue.
+    pub lost: u64,
+    /// Connections dropped from the table at its cap.
+    pub evicted: u64,
+    /// Connections in the table.
+    pub tracked: u64,
+}
+
+/// What a consumer can see and use while the monitor runs.
+pub struct Ctx<'a> {
+    /// The connection table (`None` with refresh off).
+    pub table: Option<&'a ConnTable>,
+    /// The loaded eBPF object: programs and maps beyond the monitor's own
+    /// (tuning) are reached through it. `None` only during the final drain,
+    /// after the programs were detached.
+    pub ebpf: Option<&'a mut aya::Ebpf>,
+    pub btf: &'static aya::Btf,
+    pub clock: &'a Clock,
+    pub counters: Counters,
+    pub started: Instant,
+    /// Hooks attached.
+    pub hooks: usize,
+}
+
+/// Receives what the monitor learns. Every method but [`Consumer::event`]
+/// has a default that does nothing.
+pub trait Consumer {
+    /// Once, after the hooks are attached and the table is seeded, before
+    /// any event.
+    fn started(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// Every decoded kernel event, after the table applied it (owner filled
+    /// from the table when the kernel had none). Not filtered: consumers
+    /// apply their own [`Filter`].
+    fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow>;
+    /// A connection's verdict changed (after an event or a refresh).
+    fn verdict(&mut self, _change: &VerdictChange, _mono_ns: u64, _ctx: &Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// The kernel could not queue `count` more events (`total` so far).
+    fn lost(&mut self, _count: u64, _total: u64, _mono_ns: u64, _ctx: &Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// After each periodic refresh of the table from the kernel.
+    fn refreshed(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// After each batch drained from the ring (at most every poll
+    /// interval): flush, hand over, check flags.
+    fn batch_done(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// SIGHUP: reopen files, reload configuration.
+    fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// Stopping (signal or [`Flow::Stop`]); the programs are still
+    /// attached, so this is the place to undo changes made through them.
+    fn stopping(&mut self, _ctx: &mut Ctx) -> Result<()> {
+        Ok(())
+    }
+    /// After the programs are detached and the ring drained for the last
+    /// time, with the final totals and (after the final walk, if asked)
+    /// the table.
+    fn finished(&mut self, _totals: &Counters, _table: Option<&ConnTable>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Several consumers, called in order; the monitor stops when any of them
+/// asks to.
+#[derive(Default)]
+pub struct Fanout<'a>(pub Vec<&'a mut dyn Consumer>);
+
+fn all(
+    consumers: &mut [&mut dyn Consumer],
+    mut f: impl FnMut(&mut dyn Consumer) -> Result<Flow>,
+) -> Result<Flow> {
+    let mut flow = Flow::Continue;
+    for c in consumers.iter_mut() {
+        if f(&mut **c)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
+    }
+    Ok(flow)
+}
+
+impl Consumer for Fanout<'_> {
+    fn started(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.started(ctx))
+    }
+    fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.event(ev, ctx))
+    }
+    fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.verdict(ch, mono_ns, ctx))
+    }
+    fn lost(&mut self, count: u64, total: u64, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.lost(count, total, mono_ns, ctx))
+    }
+    fn refreshed(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.refreshed(ctx))
+    }
+    fn batch_done(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.batch_done(ctx))
+    }
+    fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        all(&mut self.0, |c| c.hangup(ctx))
+    }
+    fn stopping(&mut self, ctx: &mut Ctx) -> Result<()> {
+        // Every consumer gets to clean up, even when one fails.
+        let mut first_err = None;
+        for c in self.0.iter_mut() {
+            if let Err(e) = c.stopping(ctx) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+    fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
+        let mut first_err = None;
+        for c in self.0.iter_mut() {
+            if let Err(e) = c.finished(totals, table) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// The state of a running monitor, apart from the ring (which the event
+/// loop owns through its `AsyncFd`).
+struct Engine {
+    /// `None` once detached.
+    ebpf: Option<aya::Ebpf>,
+    btf: &'static aya::Btf,
+    maps: KernelMaps,
+    table: Option<ConnTable>,
+    reasons: ResetReasons,
+    clock: Clock,
+    counters: Counters,
+    started: Instant,
+    hooks: usize,
+    thresholds: Thresholds,
+}
+
+impl Engine {
+    fn ctx(&mut self) -> Ctx<'_> {
+        if let Some(t) = &self.table {
+            self.counters.tracked = t.len() as u64;
+            self.counters.evicted = t.evictions;
+        }
+        Ctx {
+            table: self.table.as_ref(),
+            ebpf: self.ebpf.as_mut(),
+            btf: self.btf,
+            clock: &self.clock,
+            counters: self.counters,
+            started: self.started,
+            hooks: self.hooks,
+        }
+    }
+
+    /// One record from the ring.
+    fn record(&mut self, bytes: &[u8], consumer: &mut dyn Consumer) -> Result<Flow> {
+        self.counters.received += 1;
+        let Some((mut ev, mono_ns)) = kernel_maps::parse(bytes).and_then(|raw| {
+            let ts = raw.ts_ns;
+            decode(&raw, &self.reasons).map(|ev| (ev, ts))
+        }) else {
+            return Ok(Flow::Continue);
+        };
+        // The timer hooks cannot reach the owner stored on the socket; the
+        // table knows it.
+        if ev.owner.is_none()
+            && let Some(c) = self.table.as_ref().and_then(|t| t.get(ev.cookie))
+        {
+            ev.owner = c.owners.first().cloned();
+        }
+        let change = self.table.as_mut().and_then(|t| t.apply(&ev, mono_ns));
+        let ctx = self.ctx();
+        let mut flow = consumer.event(&ev, &ctx)?;
+        if let Some(ch) = change
+            && consumer.verdict(&ch, mono_ns, &ctx)? == Flow::Stop
+        {
+            flow = Flow::Stop;
+        }
+        Ok(flow)
+    }
+
+    /// Handles every record waiting in the ring, then tells the consumer
+    /// the batch is done.
+    fn drain(
+        &mut self,
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+        consumer: &mut dyn Consumer,
+    ) -> Result<Flow> {
+        let mut flow = Flow::Continue;
+        while let Some(item) = ring.next() {
+            if self.record(&item, consumer)? == Flow::Stop {
+                flow = Flow::Stop;
+                break;
+            }
+        }
+        let mut ctx = self.ctx();
+        if consumer.batch_done(&mut ctx)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
+        Ok(flow)
+    }
+
+    /// Reads the kernel's drop and emit counters; reports new losses.
+    fn check_loss(&mut self, consumer: &mut dyn Consumer) -> Result<Flow> {
+        self.counters.emitted = self.maps.emitted();
+        let total = self.maps.dropped();
+        if total <= self.counters.lost {
+            return Ok(Flow::Continue);
+        }
+        let count = total - self.counters.lost;
+        self.counters.lost = total;
+        tracing::debug!(
+            count,
+            total,
+            "ring buffer full: events lost; raise --ring-size"
+        );
+        let ctx = self.ctx();
+        consumer.lost(count, total, Clock::mono_now_ns(), &ctx)
+    }
+
+    /// Re-reads every socket and the kernel's per-connection counters.
+    fn refresh(&mut self, consumer: &mut dyn Consumer) -> Result<Flow> {
+        if self.table.is_none() {
+            return Ok(Flow::Continue);
+        }
+        let Some(ebpf) = self.ebpf.as_mut() else {
+            return Ok(Flow::Continue);
+        };
+        let records = loader::walk_sockets(ebpf, self.btf)?;
+        let now = Clock::mono_now_ns();
+        let changes = self.update_table(&records, now);
+        let ctx = self.ctx();
+        for ch in &changes {
+            if consumer.verdict(ch, now, &ctx)? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        let mut ctx = self.ctx();
+        consumer.refreshed(&mut ctx)
+    }
+
+    /// Replaces the table's view with a walk of the sockets plus the
+    /// kernel's per-connection counters; returns the verdict changes.
+    fn update_table(
+        &mut self,
+        records: &[keepalive_common::SockRecord],
+        now: u64,
+    ) -> Vec<VerdictChange> {
+        let Some(table) = self.table.as_mut() else {
+            return Vec::new();
+        };
+        let conns = walk::conns_from_records(records, self.thresholds.owners_known);
+        let changes = table.refresh(conns, now);
+        for (cookie, s) in self.maps.conn_stats() {
+            table.set_stats(cookie, s);
+        }
+        changes
+    }
+}
+
+/// Loads, attaches, seeds the table and runs until SIGINT/SIGTERM or a
+/// consumer's [`Flow::Stop`]; then detaches, drains what is left, and
+/// returns the totals. Blocks the calling thread.
+pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters> {
+    check_privileges()?;
+    loader::ensure_object()?;
+    // Verdicts are judged from every kind of kernel event.
+    let mut kernel_filter = opts.filter.clone();
+    if opts.filter.kinds.contains(&Kind::Verdict) {
+        kernel_filter.kinds.clear();
+    }
+    let info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
+    let mut ebpf = loader::load(
+        &info.config,
+        loader::Sizes {
+            ring: opts.ring_size,
+            // The kernel keeps counters for as many connections as the table.
+            stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
+        },
+    )?;
+    let (hooks, records) = loader::attach_all(&mut ebpf)?;
+    let btf = loader::aya_btf()?;
+    let (maps, ring) = KernelMaps::take(&mut ebpf)?;
+    let mut engine = Engine {
+        ebpf: Some(ebpf),
+        btf,
+        maps,
+        table: None,
+        reasons: info.reset_reasons,
+        clock: Clock::now(),
+        counters: Counters::default(),
+        started: Instant::now(),
+        hooks,
+        thresholds: opts.thresholds,
+    };
+    if opts.refresh.is_some() {
+        let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
+        let conns = walk::conns_from_records(&records, opts.thresholds.owners_known);
+        t.refresh(conns, Clock::mono_now_ns());
+        engine.table = Some(t);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    rt.block_on(event_loop(engine, ring, opts, consumer))
+}
+
+async fn event_loop(
+    mut engine: Engine,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    opts: MonitorOptions,
+    consumer: &mut dyn Consumer,
+) -> Result<Counters> {
+    // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the
+    // fd stays open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("polling the ring buffer")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    // The kernel wakes us only when the ring fills up; drain it on a short
+    // timer for the rest.
+    let mut tick = tokio::time::interval(loader::POLL_INTERVAL);
+    let mut loss_checked = Instant::now();
+    let mut refresh = tokio::time::interval(opts.refresh.unwrap_or(Duration::from_secs(3600)));
+    refresh.tick().await;
+
+    let mut flow = {
+        let mut ctx = engine.ctx();
+        consumer.started(&mut ctx)?
+    };
+    while flow == Flow::Continue {
+        flow = tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                let flow = engine.drain(guard.get_inner_mut(), consumer)?;
+                guard.clear_ready();
+                flow
+            }
+            _ = tick.tick() => {
+                let mut flow = engine.drain(ring.get_mut(), consumer)?;
+                if flow == Flow::Continue && loss_checked.elapsed() >= LOSS_CHECK {
+                    loss_checked = Instant::now();
+                    flow = engine.check_loss(consumer)?;
+                }
+                flow
+            }
+            _ = refresh.tick() => engine.refresh(consumer)?,
+            _ = sighup.recv() => {
+                let mut ctx = engine.ctx();
+                consumer.hangup(&mut ctx)?
+            }
+            _ = sigint.recv() => Flow::Stop,
+            _ = sigterm.recv() => Flow::Stop,
+        };
+    }
+
+    // Undo first (programs still attached), then take the last look at the
+    // sockets if asked, then detach so the counters stop moving, drain what
+    // is already in the ring and account for drops: emitted == received + lost.
+    let stopping = {
+        let mut ctx = engine.ctx();
+        consumer.stopping(&mut ctx)
+    };
+    let final_walk = match engine.ebpf.as_mut() {
+        Some(ebpf) if engine.table.is_some() && opts.final_walk => {
+            Some(loader::walk_sockets(ebpf, engine.btf))
+        }
+        _ => None,
+    };
+    // Detach: the programs and links go with the object; the maps we took
+    // stay readable.
+    drop(engine.ebpf.take());
+    let _ = engine.drain(ring.get_mut(), consumer)?;
+    let _ = engine.check_loss(consumer)?;
+    engine.counters.emitted = engine.maps.emitted();
+    if let Some(Ok(records)) = final_walk {
+        // Nobody reads verdict changes after the stream ended.
+        let _ = engine.update_table(&records, Clock::mono_now_ns());
+    }
+    let _ = engine.ctx();
+    let totals = engine.counters;
+    let finished = consumer.finished(&totals, engine.table.as_ref());
+    stopping?;
+    finished?;
+    Ok(totals)
+}

@@ -1,0 +1,93 @@
+//! One look at every TCP socket: the iterator's rows turned into
+//! [`Conn`]s with their owners, and [`Row`]s judged by the verdict rules
+//! (what `snapshot` prints and `--table-dump` writes).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use keepalive_common::SockRecord;
+
+use super::verdict::{Thresholds, Verdict, judge};
+use super::{Conn, detect_hz, nearest_hz, owners};
+use crate::events::Owner;
+use crate::events::filter::Filter;
+use crate::kernel::{check_privileges, loader};
+use crate::output::Clock;
+
+/// A connection with its verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub conn: Conn,
+    pub verdict: Verdict,
+}
+
+/// Reads the kernel's tick rate by sampling /proc/timer_list 100 ms apart
+/// (only needed within seconds of the 5-minute uptime mark).
+fn measure_hz() -> u64 {
+    let sample = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let j = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((j, Clock::mono_now_ns()))
+    };
+    let (Some((j0, t0)), Some((j1, t1))) = (sample(), {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        sample()
+    }) else {
+        return 250;
+    };
+    nearest_hz((j1 - j0) as f64 / ((t1 - t0) as f64 / 1e9))
+}
+
+/// Turns iterator rows into connections with their owners.
+pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
+    let hz = records
+        .first()
+        .and_then(|r| detect_hz(r.now_jiffies, r.now_ns))
+        .unwrap_or_else(measure_hz);
+    let owners: HashMap<u64, Vec<Owner>> = if with_owners {
+        owners::scan()
+    } else {
+        HashMap::new()
+    };
+    records
+        .iter()
+        .map(|r| {
+            let mut conn = Conn::from_record(r, hz);
+            if conn.ino != 0
+                && let Some(o) = owners.get(&conn.ino)
+            {
+                conn.owners = o.clone();
+            }
+            conn
+        })
+        .collect()
+}
+
+/// Loads only the socket iterator, walks every socket in every reachable
+/// namespace, resolves owners and judges each connection.
+pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
+    check_privileges()?;
+    let info = loader::kernel_info(&Filter::default(), loader::Use::Snapshot)?;
+    let mut ebpf = loader::load(
+        &info.config,
+        loader::Sizes {
+            ring: Some(4096),
+            stats: Some(1),
+        },
+    )?;
+    let btf = loader::aya_btf()?;
+    let records = loader::walk_sockets(&mut ebpf, btf)?;
+    drop(ebpf);
+    Ok(conns_from_records(&records, thresholds.owners_known)
+        .into_iter()
+        .map(|conn| {
+            let verdict = judge(&conn, thresholds);
+            Row { conn, verdict }
+        })
+        .collect())
+}
