@@ -7,6 +7,7 @@
 //! `Arc` (the series are atomics, no lock on the event path but the
 //! family's read lock).
 
+pub mod consumer;
 pub mod http;
 pub mod labels;
 pub mod process;
@@ -137,6 +138,8 @@ pub struct Metrics {
     resets: Family<Labels, Counter>,
     timeouts: Family<Labels, Counter>,
     events: Family<Labels, Counter>,
+    /// `events` by kind, looked up once: no allocation per event.
+    events_by_kind: Vec<(Kind, Counter)>,
     lost: Counter,
     connections: Family<Labels, Gauge>,
     tracked: Gauge,
@@ -159,6 +162,7 @@ impl Metrics {
             resets: Family::default(),
             timeouts: Family::default(),
             events: Family::default(),
+            events_by_kind: Vec::new(),
             lost: Counter::default(),
             connections: Family::default(),
             tracked: Gauge::default(),
@@ -238,11 +242,14 @@ impl Metrics {
                 ])
                 .set(0);
         }
-        for kind in Kind::ALL.into_iter().filter(|k| k.is_kernel()) {
-            let _ = m
-                .events
-                .get_or_create(&vec![("kind", kind.name().to_string())]);
-        }
+        m.events_by_kind = Kind::ALL
+            .into_iter()
+            .filter(|k| k.is_kernel())
+            .map(|k| {
+                let labels = vec![("kind", k.name().to_string())];
+                (k, m.events.get_or_create_owned(&labels))
+            })
+            .collect();
         if !labels.comm && !labels.port {
             let none = Vec::new();
             let _ = m.probes.get_or_create(&none);
@@ -266,9 +273,10 @@ impl Metrics {
 
     /// Counts one kernel event (already filtered by the caller).
     pub fn observe(&self, ev: &Event, extra: &ExtraLabels) {
-        self.events
-            .get_or_create(&vec![("kind", ev.kind().name().to_string())])
-            .inc();
+        let kind = ev.kind();
+        if let Some((_, c)) = self.events_by_kind.iter().find(|(k, _)| *k == kind) {
+            c.inc();
+        }
         match &ev.detail {
             Detail::KeepaliveProbe { .. } => {
                 self.probes.get_or_create(extra).inc();

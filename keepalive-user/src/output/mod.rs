@@ -3,6 +3,7 @@
 //! the wire types, [`text`] the lines, and this module what both share
 //! (the output format, the clock, broken-pipe handling).
 
+pub mod event_file;
 pub mod json;
 pub mod text;
 
