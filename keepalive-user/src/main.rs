@@ -173,6 +173,9 @@ struct ServeArgs {
     /// Tuning policy: a TOML file of [[rule]] tables.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Only check the configuration and the flags, then exit (0: valid).
+    #[arg(long)]
+    check_config: bool,
     #[command(flatten)]
     thresholds: ThresholdArgs,
 }
@@ -377,6 +380,16 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
+        Command::Serve(args) if args.check_config => {
+            let path = args.config_path();
+            args.options(serve_config.as_ref()).map(|_| {
+                match path {
+                    Some(p) => println!("{}: ok", p.display()),
+                    None => println!("flags ok (no config file)"),
+                }
+                true
+            })
+        }
         Command::Serve(args) => args
             .options(serve_config.as_ref())
             .and_then(serve::run)

@@ -95,8 +95,13 @@ impl EventFile {
                         .with_context(|| format!("rotating {}", from.display()))?;
                 }
             }
-            std::fs::rename(&self.path, numbered(&self.path, 1))
-                .with_context(|| format!("rotating {}", self.path.display()))?;
+            // Moved away already (logrotate before our SIGHUP): nothing to rename.
+            match std::fs::rename(&self.path, numbered(&self.path, 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("rotating {}", self.path.display()));
+                }
+                _ => {}
+            }
         }
         self.reopen()
     }
