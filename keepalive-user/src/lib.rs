@@ -13,3 +13,5 @@ pub mod metrics;
 pub mod monitor;
 pub mod output;
 pub mod table;
+pub mod top;
+pub mod tune;

@@ -36,6 +36,9 @@ enum Cmd {
         /// Only report what is missing; fail if anything is.
         #[arg(long)]
         check: bool,
+        /// Also what the benchmarks need (bpftrace, for the peer row).
+        #[arg(long)]
+        bench: bool,
     },
     /// Build target/{debug,release}/keepalive with the eBPF programs embedded.
     Build {
@@ -71,10 +74,11 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
-    /// Build release, then run the benchmarks: the monitor's overhead
-    /// (options: `cargo xtask bench -- --help`), or with `--snapshot`
-    /// `keepalive snapshot` against `ss` on 10k and 100k connections
-    /// (options: `cargo xtask bench --snapshot --help`).
+    /// Build release, then run the benchmarks: the monitor's overhead next
+    /// to bpftrace (options: `cargo xtask bench -- --help`); with
+    /// `--snapshot` `keepalive snapshot` against `ss` on 10k and 100k
+    /// connections; with `--soak` the monitor's memory under churn; with
+    /// `--micro` the criterion benchmarks (each: `--help`).
     Bench {
         /// Arguments for the benchmark runner.
         #[arg(
@@ -98,12 +102,15 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Setup { check: true } => setup::report(),
-        Cmd::Setup { check: false } => setup::run(),
+        Cmd::Setup { check: true, bench } => setup::report(bench),
+        Cmd::Setup {
+            check: false,
+            bench,
+        } => setup::run(bench),
         Cmd::Build { release } => build(release).map(|bin| println!("{}", bin.display())),
         Cmd::Run { debug, args, .. } => run(!debug, &args),
         Cmd::Test { args } => test(&args),
-        Cmd::Bench { args } => setup::ensure()
+        Cmd::Bench { args } => setup::ensure(true)
             .and_then(|()| build(true))
             .and_then(|bin| bench::run(&bin, &args)),
         Cmd::BenchHoldConns { args } => bench::hold_conns(&args),
@@ -121,7 +128,7 @@ fn main() -> ExitCode {
 }
 
 /// The workspace root: the parent of this crate's directory.
-fn root() -> &'static Path {
+pub(crate) fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in a subdirectory of the workspace")
@@ -142,7 +149,7 @@ fn target_dir() -> PathBuf {
 /// Runs setup if needed, then builds keepalive with the eBPF programs
 /// required; returns the absolute path of the binary.
 fn build(release: bool) -> Result<PathBuf> {
-    setup::ensure()?;
+    setup::ensure(false)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(root())
         .args(["build", "-p", "keepalive-user"])

@@ -13,6 +13,12 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+#[path = "../../keepalive-user/build/bpf_linker.rs"]
+mod bpf_linker;
+
+pub use bpf_linker::find_bpf_linker;
+pub use testkit::is_root;
+
 /// Debian packages the build and the tests need.
 pub const PACKAGES: &[&str] = &[
     "rustc-web",
@@ -31,6 +37,9 @@ pub const PACKAGES: &[&str] = &[
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Debian packages `cargo xtask bench` needs besides: bpftrace runs the
+/// peer row (the same workloads under a bpftrace script).
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace"];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -61,10 +70,15 @@ impl Missing {
     }
 }
 
-/// Looks at the host without changing anything.
-pub fn check() -> Missing {
+/// Looks at the host without changing anything; with `bench`, for what
+/// the benchmarks need too.
+pub fn check(bench: bool) -> Missing {
+    let mut wanted = PACKAGES.to_vec();
+    if bench {
+        wanted.extend_from_slice(BENCH_PACKAGES);
+    }
     Missing {
-        packages: missing_packages(),
+        packages: missing_packages(&wanted),
         bpf_linker: find_bpf_linker().is_none(),
         tracefs: !tracefs_mounted(),
         cargo_deb: !succeeds(Command::new(crate::cargo()).args(["deb", "--version"])),
@@ -86,8 +100,8 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 /// `cargo xtask setup --check`: reports what is missing, fails if anything is.
-pub fn report() -> Result<()> {
-    let missing = check();
+pub fn report(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         eprintln!("setup: everything present");
         return Ok(());
@@ -121,25 +135,25 @@ pub fn report() -> Result<()> {
 }
 
 /// Runs [`install`] only if [`check`] finds something missing.
-pub fn ensure() -> Result<()> {
-    let missing = check();
+pub fn ensure(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         return Ok(());
     }
-    install(missing)
+    install(missing, bench)
 }
 
 /// `cargo xtask setup`: installs whatever [`check`] finds missing.
-pub fn run() -> Result<()> {
-    let missing = check();
+pub fn run(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         eprintln!("setup: everything present");
         return Ok(());
     }
-    install(missing)
+    install(missing, bench)
 }
 
-fn install(missing: Missing) -> Result<()> {
+fn install(missing: Missing, bench: bool) -> Result<()> {
     let root = is_root();
     let debian = is_debian();
     let needs_root = !missing.packages.is_empty() || missing.tracefs;
@@ -210,9 +224,9 @@ fn install(missing: Missing) -> Result<()> {
         )?;
     }
 
-    let left = check();
+    let left = check(bench);
     if !left.is_empty() {
-        report()?;
+        report(bench)?;
     }
     Ok(())
 }
@@ -291,8 +305,8 @@ fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
 /// Packages from [`PACKAGES`] that dpkg does not report as installed. On a
 /// system without dpkg there is nothing to ask, and nothing is reported:
 /// the eBPF build then says itself what it lacks.
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+fn missing_packages(wanted: &[&'static str]) -> Vec<&'static str> {
+    wanted
         .iter()
         .copied()
         .filter(|pkg| {
@@ -307,23 +321,6 @@ fn missing_packages() -> Vec<&'static str> {
             }
         })
         .collect()
-}
-
-/// `bpf-linker` on PATH, else in `$CARGO_HOME/bin` or `~/.cargo/bin` (where
-/// `cargo install` puts it), the same search keepalive-user's build.rs does.
-pub fn find_bpf_linker() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("bpf-linker"))
-        .find(|p| p.is_file())
 }
 
 /// Where `cargo install` puts binaries.
@@ -353,11 +350,6 @@ fn tracefs_mounted() -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Debian or a derivative, with apt-get where setup calls it.
