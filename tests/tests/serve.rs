@@ -188,6 +188,7 @@ fn prometheus_scrapes_counters_equal_to_the_kernels() {
     });
     assert!(scraped, "no scrape after the scenario");
     let kernel = |key: &str| (a0.delta(&a1, key) + b0.delta(&b1, key)) as f64;
+    assert_eq!(prom.value("keepalive_events_lost_total"), 0.0);
     let probes = prom.value("keepalive_probes_total");
     let retrans = prom.value("keepalive_retransmits_total");
     let resets = prom.value("keepalive_resets_total{direction=\"sent\"}");

@@ -126,6 +126,19 @@ impl Format {
     }
 }
 
+/// Whether the kernel counted a retransmission that ended with `err` in
+/// Tcp.RetransSegs. `__tcp_retransmit_skb` counts the segments just before
+/// handing them to the IP layer, so a failure there (-ENOBUFS, a netfilter
+/// -EPERM, ...) was counted; the checks before it give up uncounted:
+/// still queued (-EBUSY), acked meanwhile (-EINVAL), no memory to trim or
+/// split (-ENOMEM), no route (-EHOSTUNREACH), closed window (-EAGAIN).
+pub fn counted_in_retranssegs(err: i32) -> bool {
+    !matches!(
+        -err,
+        libc::EBUSY | libc::EINVAL | libc::ENOMEM | libc::EHOSTUNREACH | libc::EAGAIN
+    )
+}
+
 /// Every series the endpoint exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -181,7 +194,7 @@ impl Metrics {
         );
         m.registry.register(
             "keepalive_retransmit_failures",
-            "Retransmissions the kernel could not send (the segment was not counted in RetransSegs)",
+            "Segments of retransmissions that failed (err != 0; those the IP layer refused are in keepalive_retransmits too)",
             m.retransmit_failures.clone(),
         );
         m.registry.register(
@@ -282,13 +295,16 @@ impl Metrics {
                 self.probes.get_or_create(extra).inc();
             }
             Detail::Retransmit { segs, err, .. } => {
-                // The kernel counts only segments that went out.
-                let family = if *err == 0 {
-                    &self.retransmits
-                } else {
-                    &self.retransmit_failures
-                };
-                family.get_or_create(extra).inc_by(u64::from(*segs));
+                if counted_in_retranssegs(*err) {
+                    self.retransmits
+                        .get_or_create(extra)
+                        .inc_by(u64::from(*segs));
+                }
+                if *err != 0 {
+                    self.retransmit_failures
+                        .get_or_create(extra)
+                        .inc_by(u64::from(*segs));
+                }
             }
             Detail::ResetSent { .. } => {
                 self.resets
@@ -406,7 +422,8 @@ mod tests {
         };
         m.observe(&ev(rt(2, 0)), &none);
         m.observe(&ev(rt(3, 0)), &none);
-        m.observe(&ev(rt(1, -105)), &none);
+        m.observe(&ev(rt(1, -105)), &none); // -ENOBUFS: counted
+        m.observe(&ev(rt(4, -16)), &none); // -EBUSY: not sent, not counted
         m.observe(
             &ev(Detail::ResetSent {
                 reason: None,
@@ -428,8 +445,8 @@ mod tests {
         m.lost(4);
         let t = m.encode();
         assert_eq!(sample(&t, "keepalive_probes_total"), Some(3.0), "{t}");
-        assert_eq!(sample(&t, "keepalive_retransmits_total"), Some(5.0), "{t}");
-        assert_eq!(sample(&t, "keepalive_retransmit_failures_total"), Some(1.0));
+        assert_eq!(sample(&t, "keepalive_retransmits_total"), Some(6.0), "{t}");
+        assert_eq!(sample(&t, "keepalive_retransmit_failures_total"), Some(5.0));
         assert_eq!(
             sample(&t, "keepalive_resets_total{direction=\"sent\"}"),
             Some(1.0)
@@ -444,7 +461,7 @@ mod tests {
         );
         assert_eq!(
             sample(&t, "keepalive_events_total{kind=\"retransmit\"}"),
-            Some(3.0)
+            Some(4.0)
         );
         assert_eq!(
             sample(&t, "keepalive_events_total{kind=\"state_change\"}"),
