@@ -27,6 +27,7 @@ use toml::Spanned;
 use ipnet::IpNet;
 
 use crate::events::Kind;
+use crate::output::file::{MAX_ROTATE_KEEP, MIN_ROTATE_SIZE};
 use crate::table::verdict::Thresholds;
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,7 +51,7 @@ pub struct ServeFile {
     pub metrics_label_limit: Option<usize>,
     pub output: Option<PathBuf>,
     pub rotate_size: Option<Spanned<SizeValue>>,
-    pub rotate_keep: Option<usize>,
+    pub rotate_keep: Option<Spanned<u32>>,
     pub events: Option<Spanned<Vec<String>>>,
     pub log_format: Option<Spanned<String>>,
     pub refresh: Option<Spanned<String>>,
@@ -86,7 +87,7 @@ pub struct ServeSettings {
     pub metrics_label_limit: Option<usize>,
     pub output: Option<PathBuf>,
     pub rotate_size: Option<u64>,
-    pub rotate_keep: Option<usize>,
+    pub rotate_keep: Option<u32>,
     pub events: Option<Vec<Kind>>,
     pub log_format: Option<LogFormat>,
     pub refresh_ms: Option<u64>,
@@ -184,7 +185,7 @@ impl Loaded {
         let mut s = ServeSettings {
             metrics_label_limit: f.metrics_label_limit,
             output: f.output.clone(),
-            rotate_keep: f.rotate_keep,
+            rotate_keep: None,
             max_conns: f.max_conns,
             ports: f.port.clone(),
             pids: f.pid.clone(),
@@ -219,9 +220,26 @@ impl Loaded {
             let bytes = match v.get_ref() {
                 SizeValue::Bytes(n) => Ok(*n),
                 SizeValue::Text(t) => parse_size(t),
-            };
+            }
+            .and_then(|n| {
+                if n < MIN_ROTATE_SIZE {
+                    Err(format!("must be at least {MIN_ROTATE_SIZE} bytes, got {n}"))
+                } else {
+                    Ok(n)
+                }
+            });
             s.rotate_size =
                 Some(bytes.map_err(|e| self.error(v.span().start, "serve.rotate_size", e))?);
+        }
+        if let Some(v) = &f.rotate_keep {
+            if *v.get_ref() > MAX_ROTATE_KEEP {
+                return Err(self.error(
+                    v.span().start,
+                    "serve.rotate_keep",
+                    format!("must be at most {MAX_ROTATE_KEEP}, got {}", v.get_ref()),
+                ));
+            }
+            s.rotate_keep = Some(*v.get_ref());
         }
         if let Some(v) = &f.events {
             let mut kinds = Vec::new();
@@ -455,6 +473,16 @@ mod tests {
         assert!(e.starts_with("k.toml:2: ") && e.contains("metric"), "{e}");
         let e = err("[serve]\nrotate_keep = -1\n");
         assert!(e.starts_with("k.toml:2: "), "{e}");
+        let e = err("[serve]\nrotate_keep = 5000\n");
+        assert!(
+            e.starts_with("k.toml:2: serve.rotate_keep: must be at most 1000"),
+            "{e}"
+        );
+        let e = err("[serve]\nrotate_size = 100\n");
+        assert!(
+            e.starts_with("k.toml:2: serve.rotate_size: must be at least 4096"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use keepalive::commands::serve;
 use keepalive::commands::snapshot::{self, SnapshotOptions};
 use keepalive::config;
 use keepalive::config::LogFormat;
+use keepalive::diag;
 use keepalive::events::Kind;
 use keepalive::events::filter::{Filter, parse_cidr};
 use keepalive::metrics::DEFAULT_ADDR;
@@ -48,7 +49,10 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
+        .with_target(false)
+        // Its fallback for a failed write is eprintln!, which panics when
+        // stderr is gone: a lost diagnostic must not stop the monitor.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => fmt.try_init(),
         LogFormat::Json => fmt.json().flatten_event(true).try_init(),
@@ -155,7 +159,7 @@ struct ServeArgs {
     rotate_size: Option<u64>,
     /// Rotated files to keep (FILE.1 newest) [default: 5].
     #[arg(long, value_name = "N")]
-    rotate_keep: Option<usize>,
+    rotate_keep: Option<u32>,
     /// Only these event kinds in --output (repeatable); metrics count all.
     #[arg(long = "event", value_name = "KIND", value_enum)]
     events: Vec<Kind>,
@@ -301,6 +305,17 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     config::parse_duration(s)
 }
 
+/// Writes all of `bytes` to stdout; the error keeps its io::Error, so a
+/// reader that went away (`| head`) is told apart.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
 /// Man pages generated from the command definitions, so they never drift.
 fn man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let cmd = Cli::command();
@@ -311,9 +326,13 @@ fn man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
             clap_mangen::generate_to(cmd, &dir)
                 .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))
         }
-        None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
-            .map_err(|e| anyhow::anyhow!("writing the man page: {e}")),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| anyhow::anyhow!("rendering the man page: {e}"))?;
+            write_stdout(&page)
+        }
     }
 }
 
@@ -337,14 +356,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    eprintln!("keepalive: {line}");
+    diag!("{line}");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
+    // The hook itself must not panic when stderr is gone (that aborts).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("keepalive: internal error: {info}; please report this");
+        diag!("internal error: {info}; please report this");
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -355,7 +375,7 @@ fn main() -> ExitCode {
     let serve_config = match &cli.command {
         Command::Serve(args) => match args.config_path().map(|p| config::Loaded::load(&p)) {
             Some(Err(e)) => {
-                eprintln!("keepalive: error: {e:#}");
+                diag!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
             Some(Ok(l)) => Some(l),
@@ -376,19 +396,22 @@ fn main() -> ExitCode {
     let level = cli.log_level.as_deref().unwrap_or(default_level);
     let format = cli.log_format.or(file_format).unwrap_or_default();
     if let Err(e) = init_logging(level, format) {
-        eprintln!("keepalive: error: {e:#}");
+        diag!("error: {e:#}");
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
         Command::Serve(args) if args.check_config => {
             let path = args.config_path();
-            args.options(serve_config.as_ref()).map(|_| {
-                match path {
-                    Some(p) => println!("{}: ok", p.display()),
-                    None => println!("flags ok (no config file)"),
-                }
-                true
-            })
+            args.options(serve_config.as_ref())
+                .map(|_| {
+                    let line = match path {
+                        Some(p) => format!("{}: ok\n", p.display()),
+                        None => "flags ok (no config file)\n".to_string(),
+                    };
+                    line
+                })
+                .and_then(|line| write_stdout(line.as_bytes()))
+                .map(|()| true)
         }
         Command::Serve(args) => args
             .options(serve_config.as_ref())
@@ -437,9 +460,10 @@ fn main() -> ExitCode {
         }),
         Command::Check => keepalive::commands::check::run(),
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "keepalive", &mut std::io::stdout());
-            Ok(true)
+            // Generated in memory: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "keepalive", &mut script);
+            write_stdout(&script).map(|()| true)
         }
         Command::Man { out_dir } => man(out_dir).map(|()| true),
     };
@@ -449,7 +473,7 @@ fn main() -> ExitCode {
         // The reader of our output went away (`| head`): not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keepalive: error: {e:#}");
+            diag!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

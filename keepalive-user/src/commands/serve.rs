@@ -21,7 +21,7 @@ use crate::metrics::consumer::MetricsConsumer;
 use crate::metrics::labels::{DEFAULT_LIMIT, LabelOptions, parse_label_names};
 use crate::metrics::{DEFAULT_ADDR, Metrics, http};
 use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
-use crate::output::event_file::EventFile;
+use crate::output::file::{FileOptions, LineFile};
 use crate::output::json::{EventOut, LostOut, VerdictOut, write_line};
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
@@ -29,7 +29,7 @@ use crate::table::verdict::Thresholds;
 /// Defaults of the settings that have one.
 pub const DEFAULT_REFRESH_MS: u64 = 5_000;
 pub const DEFAULT_MAX_CONNS: usize = 262_144;
-pub const DEFAULT_ROTATE_KEEP: usize = 5;
+pub const DEFAULT_ROTATE_KEEP: u32 = 5;
 
 /// What the command line said (`None`/empty: not given).
 #[derive(Clone, Debug, Default)]
@@ -39,7 +39,7 @@ pub struct ServeFlags {
     pub metrics_label_limit: Option<usize>,
     pub output: Option<PathBuf>,
     pub rotate_size: Option<u64>,
-    pub rotate_keep: Option<usize>,
+    pub rotate_keep: Option<u32>,
     pub events: Vec<Kind>,
     pub refresh_ms: Option<u64>,
     pub max_conns: Option<usize>,
@@ -58,7 +58,7 @@ pub struct ServeOptions {
     pub output: Option<PathBuf>,
     /// Rotate the event file when it would grow past this many bytes.
     pub rotate_size: Option<u64>,
-    pub rotate_keep: usize,
+    pub rotate_keep: u32,
     /// Connections to watch (ports, addresses, owners) and, for the event
     /// file only, the kinds to write.
     pub filter: Filter,
@@ -88,6 +88,15 @@ pub fn resolve(
         .or(file.metrics_label_limit)
         .unwrap_or(DEFAULT_LIMIT);
     let labels = parse_label_names(&pick(flags.metrics_labels, file.metrics_labels), limit)?;
+    let file_opts = FileOptions {
+        append: true,
+        rotate_size: flags.rotate_size.or(file.rotate_size),
+        rotate_keep: flags
+            .rotate_keep
+            .or(file.rotate_keep)
+            .unwrap_or(DEFAULT_ROTATE_KEEP),
+    };
+    file_opts.validate()?;
     let refresh_ms = flags
         .refresh_ms
         .or(file.refresh_ms)
@@ -99,11 +108,8 @@ pub fn resolve(
             .unwrap_or_else(|| DEFAULT_ADDR.to_string()),
         labels,
         output: flags.output.or(file.output),
-        rotate_size: flags.rotate_size.or(file.rotate_size).filter(|&n| n > 0),
-        rotate_keep: flags
-            .rotate_keep
-            .or(file.rotate_keep)
-            .unwrap_or(DEFAULT_ROTATE_KEEP),
+        rotate_size: file_opts.rotate_size,
+        rotate_keep: file_opts.rotate_keep,
         filter: Filter {
             ports: pick(flags.ports, file.ports),
             cidrs: pick(flags.cidrs, file.cidrs),
@@ -124,19 +130,18 @@ pub fn resolve(
 /// Writes events, verdict changes and lost records as JSON lines, each
 /// line whole in one file; flushed after every batch.
 struct EventFileSink {
-    file: EventFile,
+    file: LineFile,
     /// Ports, addresses, owners and kinds, as `record` applies them.
     filter: Filter,
-    line: Vec<u8>,
-    /// Kernel events written (for the summary: the file's share of `received`).
+    /// Kernel events handed to the file (the file's share of `received`).
     events_written: u64,
 }
 
 impl EventFileSink {
+    /// A failed write (disk full) stops the daemon with the count of lines
+    /// written and not written: systemd restarts it, the loss is in the log.
     fn write(&mut self, record: &impl serde::Serialize) -> Result<Flow> {
-        self.line.clear();
-        write_line(&mut self.line, record)?;
-        self.file.write_line(&self.line)?;
+        self.file.line_with(|buf| write_line(buf, record))?;
         Ok(Flow::Continue)
     }
 }
@@ -169,7 +174,7 @@ impl Consumer for EventFileSink {
 
     fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         self.file.reopen()?;
-        tracing::info!(file = %self.file.path().display(), "SIGHUP: event file reopened");
+        tracing::info!(file = %self.file.name(), "SIGHUP: event file reopened");
         Ok(Flow::Continue)
     }
 
@@ -232,7 +237,14 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     // Refuse before anything is attached.
     let listener = http::bind(&opts.metrics)?;
     let file = match &opts.output {
-        Some(path) => Some(EventFile::open(path, opts.rotate_size, opts.rotate_keep)?),
+        Some(path) => Some(LineFile::create(
+            path,
+            FileOptions {
+                append: true,
+                rotate_size: opts.rotate_size,
+                rotate_keep: opts.rotate_keep,
+            },
+        )?),
         None => None,
     };
     let metrics = Arc::new(Metrics::new(&opts.labels));
@@ -244,7 +256,6 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     let mut sink = file.map(|file| EventFileSink {
         file,
         filter: opts.filter.clone(),
-        line: Vec::with_capacity(512),
         events_written: 0,
     });
     // Kinds select what the file gets; the metrics count every kind.
@@ -265,7 +276,12 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     consumers.push(&mut log);
     let result = monitor::run(monitor_opts, &mut Fanout(consumers));
     if let Some(s) = &sink {
-        tracing::info!(events_written = s.events_written, "event file closed");
+        tracing::info!(
+            events_written = s.events_written,
+            lines_written = s.file.lines_written(),
+            lines_unwritten = s.file.lines_unwritten(),
+            "event file closed"
+        );
     }
     drop(server);
     result.map(|_| ())
@@ -280,7 +296,7 @@ mod tests {
         let file = ServeSettings {
             metrics: Some("0.0.0.0:9100".parse().unwrap()),
             metrics_labels: Some(vec!["comm".into()]),
-            rotate_size: Some(1000),
+            rotate_size: Some(10_000),
             rotate_keep: Some(2),
             ports: Some(vec![5432]),
             events: Some(vec![Kind::Timeout]),
@@ -291,7 +307,7 @@ mod tests {
         assert_eq!(o.metrics, "0.0.0.0:9100");
         assert!(o.labels.comm && !o.labels.port);
         assert_eq!(o.labels.limit, DEFAULT_LIMIT);
-        assert_eq!(o.rotate_size, Some(1000));
+        assert_eq!(o.rotate_size, Some(10_000));
         assert_eq!(o.rotate_keep, 2);
         assert_eq!(o.filter.ports, vec![5432]);
         assert!(o.filter.kinds.contains(&Kind::Timeout));
@@ -344,5 +360,11 @@ mod tests {
         };
         let e = resolve(flags, ServeSettings::default(), Thresholds::default()).unwrap_err();
         assert!(e.contains("unknown metrics label `pid`"), "{e}");
+        let flags = ServeFlags {
+            rotate_size: Some(10),
+            ..ServeFlags::default()
+        };
+        let e = resolve(flags, ServeSettings::default(), Thresholds::default()).unwrap_err();
+        assert!(e.starts_with("--rotate-size must be at least 4096"), "{e}");
     }
 }
