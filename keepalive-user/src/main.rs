@@ -403,12 +403,9 @@ fn main() -> ExitCode {
         Command::Serve(args) if args.check_config => {
             let path = args.config_path();
             args.options(serve_config.as_ref())
-                .map(|_| {
-                    let line = match path {
-                        Some(p) => format!("{}: ok\n", p.display()),
-                        None => "flags ok (no config file)\n".to_string(),
-                    };
-                    line
+                .map(|_| match path {
+                    Some(p) => format!("{}: ok\n", p.display()),
+                    None => "flags ok (no config file)\n".to_string(),
                 })
                 .and_then(|line| write_stdout(line.as_bytes()))
                 .map(|()| true)
