@@ -3,4 +3,5 @@
 
 pub mod check;
 pub mod record;
+pub mod serve;
 pub mod snapshot;

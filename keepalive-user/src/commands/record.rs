@@ -7,6 +7,7 @@
 //! the stream and a line on stderr.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,7 +16,10 @@ use crate::diag;
 use crate::events::Event;
 use crate::events::Kind;
 use crate::events::filter::Filter;
-use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
+use crate::metrics::consumer::MetricsConsumer;
+use crate::metrics::labels::LabelOptions;
+use crate::metrics::{Metrics, http};
+use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
 use crate::output::file::{FileOptions, LineFile, WriteError};
 use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
 use crate::output::{Format, text};
@@ -35,6 +39,8 @@ pub struct RecordOptions {
     pub thresholds: Thresholds,
     /// Where to write the final connection table (JSON lines) at exit.
     pub table_dump: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address while recording.
+    pub metrics: Option<String>,
 }
 
 /// Writes what the monitor sees as lines. Flushed after every batch
@@ -251,6 +257,8 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     {
         anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
     }
+    // An address in use stops us before anything is attached.
+    let listener = opts.metrics.as_deref().map(http::bind).transpose()?;
     let out = open_output(&opts.output)?;
     // Opened now, so a bad path fails before anything is attached.
     let table_dump = opts
@@ -260,14 +268,25 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .transpose()?;
     let mut sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
     let monitor_opts = MonitorOptions {
-        filter: opts.filter,
+        filter: opts.filter.clone(),
         ring_size: opts.ring_size,
         refresh: opts.refresh,
         max_conns: opts.max_conns,
         thresholds: opts.thresholds,
         final_walk: opts.table_dump.is_some(),
     };
-    monitor::run(monitor_opts, &mut sink)?;
+    match listener {
+        Some(listener) => {
+            let labels = LabelOptions::default();
+            let metrics = Arc::new(Metrics::new(&labels));
+            let _server = http::spawn(listener, metrics.clone())?;
+            let mut counting = MetricsConsumer::new(metrics, labels, &opts.filter);
+            monitor::run(monitor_opts, &mut Fanout(vec![&mut sink, &mut counting]))?;
+        }
+        None => {
+            monitor::run(monitor_opts, &mut sink)?;
+        }
+    }
     match sink.take_error() {
         Some(e) => Err(e.into()),
         None => Ok(()),
