@@ -216,6 +216,12 @@ pub fn set_keepalive(s: &TcpStream, idle: i32, intvl: i32, cnt: i32) {
         .unwrap_or_else(|e| panic!("setting keepalive {idle}/{intvl}/{cnt}: {e}"));
 }
 
+/// SO_KEEPALIVE off: the kernel deletes the keepalive timer.
+pub fn set_keepalive_off(s: &TcpStream) {
+    sock::set_keepalive_enabled(s, false)
+        .unwrap_or_else(|e| panic!("turning SO_KEEPALIVE off: {e}"));
+}
+
 pub fn set_user_timeout(s: &TcpStream, ms: i32) {
     let ms = u64::try_from(ms).expect("TCP_USER_TIMEOUT is positive");
     sock::set_user_timeout(s, Duration::from_millis(ms))

@@ -98,6 +98,7 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
     let mut config = Config::zeroed();
     config.offsets = kbtf.offsets()?;
     config.snap = kbtf.snap_offsets()?;
+    config.tune = kbtf.tune_offsets();
     // Only the hooks need timer addresses, tracepoint signatures and the
     // names of reset reasons; the iterator alone does not.
     let mut reset_reasons = ResetReasons::default();
@@ -108,6 +109,15 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
         config.reset_has_reason = (kbtf.tracepoint_args("tcp_send_reset")? >= 3) as u32;
         config.retransmit_has_err = (kbtf.tracepoint_args("tcp_retransmit_skb")? >= 3) as u32;
         reset_reasons = ResetReasons(kbtf.enum_names("sk_rst_reason", "SK_RST_REASON_"));
+        if let Some((stats, index, pptrs)) = kbtf.keepalive_probe_offsets() {
+            config.offsets.net_mib_stats = stats;
+            config.offsets.mib_tcp_keepalive = index;
+            config.offsets.bpf_array_pptrs = pptrs;
+        } else {
+            tracing::warn!(
+                "kernel BTF lacks the TCPKeepAlive counter offsets: a keepalive probe answered within microseconds on another CPU may be missed"
+            );
+        }
     }
     filter.apply_to_kernel(&mut config);
     config.wakeup_bytes = DEFAULT_WAKEUP_BYTES;
