@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keepalive::commands::record::{self, RecordOptions};
 use keepalive::commands::snapshot::{self, SnapshotOptions};
+use keepalive::commands::top::{self, TopOptions};
 use keepalive::config;
 use keepalive::events::Kind;
 use keepalive::events::filter::{Filter, parse_cidr};
@@ -93,6 +94,26 @@ enum Command {
         /// Also show listeners, TIME_WAIT and half-open (SYN_RECV) sockets.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
+    /// Live terminal UI: connections worst first with verdicts and reasons,
+    /// a detail view with each connection's probe timeline, the event log,
+    /// filters (`/`), sorting (`s`), help (`?`).
+    Top {
+        #[command(flatten)]
+        conn_filter: ConnFilterArgs,
+        /// Re-read every connection from the kernel this often (events
+        /// update the screen in between).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        refresh: u64,
+        /// Redraw the screen this often.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+        interval: u64,
+        /// Most connections tracked at once; beyond it the least recently
+        /// active is evicted (and counted).
+        #[arg(long, value_name = "N", default_value = "262144")]
+        max_conns: usize,
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
@@ -206,7 +227,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    if let Err(e) = init_logging(&cli.log_level) {
+    // Diagnostics on stderr would be drawn over the screen of `top`; what
+    // matters there (lost events) is on the screen itself.
+    let on_screen = matches!(cli.command, Command::Top { .. });
+    if !on_screen && let Err(e) = init_logging(&cli.log_level) {
         eprintln!("keepalive: error: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -247,6 +271,22 @@ fn main() -> ExitCode {
                 verdicts: verdict,
                 thresholds,
                 all,
+            })
+            .map(|()| true)
+        }),
+        Command::Top {
+            conn_filter,
+            refresh,
+            interval,
+            max_conns,
+            thresholds,
+        } => thresholds.thresholds().and_then(|thresholds| {
+            top::run(TopOptions {
+                filter: conn_filter.filter(Vec::new()),
+                refresh: std::time::Duration::from_millis(refresh),
+                interval: std::time::Duration::from_millis(interval),
+                max_conns,
+                thresholds,
             })
             .map(|()| true)
         }),
