@@ -23,6 +23,8 @@ pub const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "nftables",
     "iproute2",
+    // tests/tests/top.rs drives `keepalive top` in a real terminal.
+    "tmux",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
