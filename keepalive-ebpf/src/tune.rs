@@ -260,7 +260,7 @@ pub fn identify(r: &mut TuneReport, sk: *const u8, cookie: u64) {
         r.pid = o.pid;
         r.comm = o.comm;
     // SAFETY: read-only lookup of a plain value.
-    } else if let Some(c) = unsafe { TUNE_OWNERS.get(&cookie) } {
+    } else if let Some(c) = unsafe { TUNE_OWNERS.get(cookie) } {
         r.comm = *c;
     }
 }
@@ -321,7 +321,7 @@ pub fn tune_socket(
     if rule.criteria & crit::ADAPTIVE != 0 {
         let dest = DestKey::of(family, &raddr, r.dport);
         // SAFETY: read-only lookup of a plain value.
-        if let Some(idle) = unsafe { TUNE_ADAPT.get(&dest) } {
+        if let Some(idle) = unsafe { TUNE_ADAPT.get(dest) } {
             rule.values.idle_s = *idle;
         }
     }

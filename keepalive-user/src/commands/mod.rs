@@ -4,3 +4,4 @@
 pub mod check;
 pub mod record;
 pub mod snapshot;
+pub mod tune;

@@ -18,10 +18,14 @@ use crate::events::Kind;
 use crate::events::filter::Filter;
 use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
 use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
-use crate::output::{Format, text};
+use crate::output::{Clock, Format, text};
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
 use crate::table::walk::Row;
+use crate::tune::report::{Tuned, TunedOut, tuned_text};
+use crate::tune::{
+    PolicyNotice, PolicyOut, TuneOptions, TunedSink, Tuner, load_policy, policy_text,
+};
 
 pub struct RecordOptions {
     pub format: Format,
@@ -35,6 +39,8 @@ pub struct RecordOptions {
     pub thresholds: Thresholds,
     /// Where to write the final connection table (JSON lines) at exit.
     pub table_dump: Option<PathBuf>,
+    /// Tune connections with this policy while recording (`--policy`).
+    pub tune: Option<TuneOptions>,
 }
 
 /// Writes what the monitor sees as lines. Flushed after every batch
@@ -97,6 +103,22 @@ impl LineSink {
         }
         let r = write_line(&mut self.out, record);
         self.flow(r)
+    }
+}
+
+impl TunedSink for LineSink {
+    fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
+        match self.format {
+            Format::Json => self.write_json(&TunedOut::new(t, clock)),
+            Format::Text => self.write_text(&tuned_text(t, clock)),
+        }
+    }
+
+    fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow> {
+        match self.format {
+            Format::Json => self.write_json(&PolicyOut::new(n, mono_ns, clock)),
+            Format::Text => self.write_text(&policy_text(n, mono_ns, clock)),
+        }
     }
 }
 
@@ -200,7 +222,7 @@ fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn open_output(output: &Option<PathBuf>) -> Result<Box<dyn Write>> {
+pub fn open_output(output: &Option<PathBuf>) -> Result<Box<dyn Write>> {
     Ok(match output {
         Some(path) => Box::new(BufWriter::new(
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
@@ -215,6 +237,12 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     {
         anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
     }
+    // A bad policy is refused before anything runs or is created.
+    let loaded = opts
+        .tune
+        .as_ref()
+        .map(|t| load_policy(&t.policy_path))
+        .transpose()?;
     let out = open_output(&opts.output)?;
     if let Some(p) = &opts.table_dump {
         File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
@@ -234,6 +262,13 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         thresholds: opts.thresholds,
         final_walk: opts.table_dump.is_some(),
     };
-    monitor::run(monitor_opts, &mut sink)?;
+    match (opts.tune, loaded) {
+        (Some(tune), Some(loaded)) => {
+            monitor::run(monitor_opts, &mut Tuner::new(sink, tune, loaded))?;
+        }
+        _ => {
+            monitor::run(monitor_opts, &mut sink)?;
+        }
+    }
     Ok(())
 }
