@@ -131,6 +131,39 @@ pub trait TunedSink {
     fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow>;
 }
 
+/// Who a socket is, as last reported.
+#[derive(Clone, Debug)]
+struct Ident {
+    netns: u32,
+    saddr: Option<std::net::IpAddr>,
+    sport: u16,
+    daddr: Option<std::net::IpAddr>,
+    dport: u16,
+    state: u32,
+}
+
+impl Ident {
+    fn of(t: &Tuned) -> Ident {
+        Ident {
+            netns: t.netns,
+            saddr: t.saddr,
+            sport: t.sport,
+            daddr: t.daddr,
+            dport: t.dport,
+            state: t.state,
+        }
+    }
+
+    fn fill(&self, t: &mut Tuned) {
+        t.netns = self.netns;
+        t.saddr = self.saddr;
+        t.sport = self.sport;
+        t.daddr = self.daddr;
+        t.dport = self.dport;
+        t.state = self.state;
+    }
+}
+
 /// Totals for the closing line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TuneCounts {
@@ -155,6 +188,9 @@ pub struct Tuner<C> {
     rewalk_at: Option<Instant>,
     /// Which rule tuned each socket we changed (for `top`).
     rule_of: HashMap<u64, String>,
+    /// The identity of each socket we reported, for the setsockopt hook's
+    /// reports (which carry only the cookie).
+    idents: HashMap<u64, Ident>,
     pub counts: TuneCounts,
 }
 
@@ -168,6 +204,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             generation: 1,
             rewalk_at: None,
             rule_of: HashMap::new(),
+            idents: HashMap::new(),
             counts: TuneCounts::default(),
         }
     }
@@ -214,9 +251,16 @@ impl<C: Consumer + TunedSink> Tuner<C> {
                 self.rewalk_at = Some(self.rewalk_at.map_or(at, |t| t.min(at)));
             }
             let rules = &self.loaded.policy.rules;
-            let Some(t) = report::decode(r, |i| rules.get(i).map(|r| r.name.clone())) else {
+            let Some(mut t) = report::decode(r, |i| rules.get(i).map(|r| r.name.clone())) else {
                 continue;
             };
+            if t.source == report::Source::Application {
+                if let Some(id) = self.idents.get(&t.cookie) {
+                    id.fill(&mut t);
+                }
+            } else {
+                self.idents.insert(t.cookie, Ident::of(&t));
+            }
             let c = &mut self.counts;
             match t.action {
                 Action::Tuned => c.tuned += 1,
@@ -354,6 +398,12 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     }
 
     fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
+        if let crate::events::Detail::StateChange { new, .. } = ev.detail
+            && new == keepalive_common::tcp_state::CLOSE
+        {
+            self.rule_of.remove(&ev.cookie);
+            self.idents.remove(&ev.cookie);
+        }
         self.inner.event(ev, ctx)
     }
 
@@ -437,7 +487,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
         let c = self.counts;
         eprintln!(
-            "keepalive: tune stopped; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={}",
+            "keepalive: tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={}",
             c.tuned,
             c.dry_run,
             c.app_kept,
