@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use keepalive::commands::record::{self, RecordOptions};
 use keepalive::commands::snapshot::{self, SnapshotOptions};
 use keepalive::config;
@@ -120,6 +120,18 @@ enum Command {
     },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
+    /// Print the shell completion script for SHELL to stdout, e.g.
+    /// `keepalive completions bash > /etc/bash_completion.d/keepalive`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or with --out-dir write
+    /// keepalive.1 and a keepalive-COMMAND.1 page for each command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// How a policy is applied.
@@ -225,6 +237,22 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     config::parse_duration(s)
 }
 
+/// Man pages generated from the command definitions, so they never drift.
+fn man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))
+        }
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|e| anyhow::anyhow!("writing the man page: {e}")),
+    }
+}
+
 /// Help and version go out as clap writes them; a usage error becomes one
 /// line on stderr (the message, its tip or the possible values) and exit 2.
 fn usage_error(e: clap::Error) -> ExitCode {
@@ -317,6 +345,12 @@ fn main() -> ExitCode {
         })
         .map(|()| true),
         Command::Check => keepalive::commands::check::run(),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "keepalive", &mut std::io::stdout());
+            Ok(true)
+        }
+        Command::Man { out_dir } => man(out_dir).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 //! without eBPF programs is never produced silently.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::ffi::OsString;
@@ -87,6 +88,9 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
+    /// Build release, then the Debian package (binary, systemd unit,
+    /// default config, man pages, completions) into target/dist.
+    Dist,
     /// Internal: holds the connections of `bench --snapshot`.
     #[command(name = "bench-hold-conns", hide = true)]
     BenchHoldConns {
@@ -110,6 +114,9 @@ fn main() -> ExitCode {
             .and_then(|()| build(true))
             .and_then(|bin| bench::run(&bin, &args)),
         Cmd::BenchHoldConns { args } => bench::hold_conns(&args),
+        Cmd::Dist => build(true)
+            .and_then(|bin| dist::run_dist(&bin))
+            .map(|deb| println!("{}", deb.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
