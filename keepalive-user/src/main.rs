@@ -98,6 +98,28 @@ enum Command {
         metrics: Option<String>,
         #[command(flatten)]
         thresholds: ThresholdArgs,
+        /// Also tune connections with this policy while recording (as
+        /// `keepalive tune`; `tuned` records join the stream).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        #[command(flatten)]
+        tune: TuneArgs,
+    },
+    /// Apply a keepalive policy to live TCP connections, new and already
+    /// open, without touching the applications; report every change, and
+    /// put the original values back on exit (SIGHUP reloads the policy).
+    Tune {
+        /// The policy: TOML with [[rule]] tables (see docs/tuning.md).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Write to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        tune: TuneArgs,
     },
     /// Run as a service: the monitor, Prometheus metrics on --metrics, and
     /// every event as a JSON line in --output (rotated by size, reopened
@@ -248,6 +270,36 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("invalid ring size `{s}`: expected a number of bytes"))?;
     config::check_ring_size(n)
+}
+
+/// How a policy is applied.
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// Compute and report the changes, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Apply over applications' own keepalive settings, and rewrite the
+    /// ones they set later (default: applications win, and it is reported).
+    #[arg(long)]
+    enforce: bool,
+    /// Leave the new values on the connections at exit (default: restore).
+    #[arg(long)]
+    keep: bool,
+    /// At most this many socket changes per second, all together (0: no cap).
+    #[arg(long, value_name = "N", default_value_t = keepalive::tune::DEFAULT_RATE_CAP)]
+    max_changes_per_second: u32,
+}
+
+impl TuneArgs {
+    fn options(&self, policy: PathBuf) -> keepalive::tune::TuneOptions {
+        keepalive::tune::TuneOptions {
+            policy_path: policy,
+            dry_run: self.dry_run,
+            enforce: self.enforce,
+            keep: self.keep,
+            rate_cap: self.max_changes_per_second,
+        }
+    }
 }
 
 /// Which connections to show.
@@ -449,6 +501,8 @@ fn main() -> ExitCode {
             table_dump,
             metrics,
             thresholds,
+            policy,
+            tune,
         } => thresholds.thresholds().and_then(|thresholds| {
             record::run(RecordOptions {
                 metrics,
@@ -460,6 +514,7 @@ fn main() -> ExitCode {
                 max_conns,
                 thresholds,
                 table_dump,
+                tune: policy.map(|p| tune.options(p)),
             })
             .map(|()| true)
         }),
@@ -495,6 +550,17 @@ fn main() -> ExitCode {
             })
             .map(|()| true)
         }),
+        Command::Tune {
+            policy,
+            format,
+            output,
+            tune,
+        } => keepalive::commands::tune::run(keepalive::commands::tune::TuneCommand {
+            tune: tune.options(policy),
+            format,
+            output,
+        })
+        .map(|()| true),
         Command::Check => keepalive::commands::check::run(),
         Command::Completions { shell } => {
             // Generated in memory: clap_complete panics when its writer fails.

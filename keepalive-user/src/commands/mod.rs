@@ -6,3 +6,4 @@ pub mod record;
 pub mod serve;
 pub mod snapshot;
 pub mod top;
+pub mod tune;
