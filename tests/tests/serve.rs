@@ -443,7 +443,7 @@ fn metrics_address_in_use_is_one_line_and_nothing_attached() {
         "keepalive: error: cannot listen for metrics on {addr}: address already in use (another keepalive or exporter?)"
     );
     for cmd in [
-        vec!["serve", "--metrics", &addr],
+        vec!["serve", "--config", "/dev/null", "--metrics", &addr],
         vec!["record", "--format", "json", "--metrics", &addr],
     ] {
         // One line and nothing else: no "hooks attached" report, so
@@ -464,6 +464,8 @@ fn output_symlink_is_refused_and_its_target_untouched() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let (code, stderr) = run_keepalive(&[
         "serve",
+        "--config",
+        "/dev/null",
         "--metrics",
         "127.0.0.1:0",
         "--output",
