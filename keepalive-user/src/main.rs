@@ -7,6 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use keepalive::commands::record::{self, RecordOptions};
 use keepalive::commands::serve;
 use keepalive::commands::snapshot::{self, SnapshotOptions};
+use keepalive::commands::top::{self, TopOptions};
 use keepalive::config;
 use keepalive::config::LogFormat;
 use keepalive::diag;
@@ -118,6 +119,26 @@ enum Command {
         /// Also show listeners, TIME_WAIT and half-open (SYN_RECV) sockets.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
+    /// Live terminal UI: connections worst first with verdicts and reasons,
+    /// a detail view with each connection's probe timeline, the event log,
+    /// filters (`/`), sorting (`s`), help (`?`).
+    Top {
+        #[command(flatten)]
+        conn_filter: ConnFilterArgs,
+        /// Re-read every connection from the kernel this often (events
+        /// update the screen in between).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        refresh: u64,
+        /// Redraw the screen this often.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+        interval: u64,
+        /// Most connections tracked at once; beyond it the least recently
+        /// active is evicted (and counted).
+        #[arg(long, value_name = "N", default_value = "262144")]
+        max_conns: usize,
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
@@ -395,7 +416,10 @@ fn main() -> ExitCode {
     };
     let level = cli.log_level.as_deref().unwrap_or(default_level);
     let format = cli.log_format.or(file_format).unwrap_or_default();
-    if let Err(e) = init_logging(level, format) {
+    // Diagnostics on stderr would be drawn over the screen of `top`; what
+    // matters there (lost events) is on the screen itself.
+    let on_screen = matches!(cli.command, Command::Top { .. });
+    if !on_screen && let Err(e) = init_logging(level, format) {
         diag!("error: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -452,6 +476,22 @@ fn main() -> ExitCode {
                 verdicts: verdict,
                 thresholds,
                 all,
+            })
+            .map(|()| true)
+        }),
+        Command::Top {
+            conn_filter,
+            refresh,
+            interval,
+            max_conns,
+            thresholds,
+        } => thresholds.thresholds().and_then(|thresholds| {
+            top::run(TopOptions {
+                filter: conn_filter.filter(Vec::new()),
+                refresh: std::time::Duration::from_millis(refresh),
+                interval: std::time::Duration::from_millis(interval),
+                max_conns,
+                thresholds,
             })
             .map(|()| true)
         }),

@@ -323,6 +323,11 @@ impl Monitor {
         self.stop_with(libc::SIGTERM)
     }
 
+    /// The file it writes to.
+    pub fn output(&self) -> &Path {
+        &self.out
+    }
+
     /// Stops and checks that the kernel dropped nothing, so that exact
     /// comparisons with kernel counters fail for the right reason.
     pub fn stop_lossless(&mut self) -> Vec<Value> {

@@ -10,18 +10,7 @@ use std::time::Duration;
 use keepalive_tests::*;
 use serde_json::Value;
 
-/// Renames itself (prctl PR_SET_NAME, bytes given in hex), connects to
-/// HOST:PORT, prints its local port and holds the connection until killed.
-const RENAME_AND_CONNECT: &str = r#"
-import ctypes, socket, sys, time
-name = bytes.fromhex(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-assert libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0) == 0
-s = socket.create_connection((sys.argv[2], int(sys.argv[3])))
-print(s.getsockname()[1], flush=True)
-time.sleep(120)
-"#;
-
+/// A `ka-peer` that renamed itself and holds a connection until dropped.
 struct Renamed {
     child: Child,
     port: u16,
@@ -30,20 +19,16 @@ struct Renamed {
 impl Renamed {
     fn spawn(ns: &Netns, name: &[u8], host: &str, port: u16) -> Renamed {
         let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+        // ka-peer renames itself (prctl PR_SET_NAME) before connecting.
         let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "python3",
-                "-c",
-                RENAME_AND_CONNECT,
-            ])
-            .args([hex.as_str(), host, &port.to_string()])
+            .args(["netns", "exec", &ns.name])
+            .arg(peer_bin())
+            .args(["connect-hold", host, &port.to_string()])
+            .env("KA_PEER_NAME_HEX", hex)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("cannot run python3");
+            .expect("cannot run ka-peer");
         let lines = line_channel(child.stdout.take().unwrap());
         let port = lines
             .recv_timeout(Duration::from_secs(15))
@@ -52,7 +37,7 @@ impl Renamed {
         let Some(port) = port else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("python3 did not connect");
+            panic!("ka-peer did not connect");
         };
         Renamed { child, port }
     }

@@ -33,6 +33,8 @@ pub const PACKAGES: &[&str] = &[
     // exposition and the alert rules; systemd-analyze checks the unit.
     "prometheus",
     "systemd",
+    // tests/tests/top.rs drives `keepalive top` in a real terminal.
+    "tmux",
 ];
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
