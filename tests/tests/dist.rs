@@ -139,7 +139,24 @@ fn the_units_capabilities_are_enough_to_serve() {
     ];
     let pair = Pair::new("cap");
     let net = pair.a4.rsplit_once('.').unwrap().0.to_string() + ".0/24";
-    let mut serve = Daemon::start_with(&setpriv, &["--metrics", "127.0.0.1:0", "--addr", &net]);
+    // A port nothing listens on in b (a fresh namespace), and only it: other
+    // tests' namespaces may share the pair's addresses.
+    let closed = listen(&pair.b, &format!("{}:0", pair.b4))
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut serve = Daemon::start_with(
+        &setpriv,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--addr",
+            &net,
+            "--port",
+            &closed,
+        ],
+    );
     // Its capabilities really are limited to the unit's (those this
     // machine grants us: a container may lack some).
     let unit_mask = caps.iter().fold(0u64, |m, c| m | 1 << cap_number(c));
@@ -152,8 +169,8 @@ fn the_units_capabilities_are_enough_to_serve() {
 
     // Hooks work: resets from a closed port are counted as the kernel does.
     let b0 = pair.b.counters();
-    for port in [9, 10, 11] {
-        let to: SocketAddr = format!("{}:{port}", pair.b4).parse().unwrap();
+    for _ in 0..3 {
+        let to: SocketAddr = format!("{}:{closed}", pair.b4).parse().unwrap();
         assert!(connect_in(&pair.a, to).is_err());
     }
     std::thread::sleep(Duration::from_millis(300));
