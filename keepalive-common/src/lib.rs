@@ -9,6 +9,8 @@
 
 pub mod filter;
 
+pub mod tune;
+
 /// Event kinds, as written in [`RawEvent::kind`].
 pub mod kind {
     pub const RETRANSMIT: u8 = 1;
@@ -325,6 +327,22 @@ pub struct Config {
     pub _pad: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
+    pub tune: TuneOffsets,
+}
+
+/// Offsets the tuning programs need to find a socket's cgroup and its
+/// ancestors (`sock.sk_cgrp_data.cgroup`, `cgroup.level`,
+/// `cgroup.ancestors`, `cgroup.kn`, `kernfs_node.id`).
+/// `u16::MAX` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TuneOffsets {
+    pub sk_cgroup: u16,
+    pub cgroup_level: u16,
+    pub cgroup_ancestors: u16,
+    pub cgroup_kn: u16,
+    pub kernfs_id: u16,
+    pub _pad: [u16; 3],
 }
 
 impl Config {
@@ -391,7 +409,8 @@ const _: () = {
     assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
     assert!(offset_of!(Config, event_mask) == 64);
     assert!(offset_of!(Config, cidrs) == 120);
-    assert!(size_of::<Config>() == 280 && align_of::<Config>() == 8);
+    assert!(size_of::<Config>() == 296 && align_of::<Config>() == 8);
+    assert!(size_of::<TuneOffsets>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -406,4 +425,13 @@ mod pod {
     unsafe impl aya::Pod for SnapOffsets {}
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for ConnStats {}
+    unsafe impl aya::Pod for tune::TuneRule {}
+    unsafe impl aya::Pod for tune::RuleSet {}
+    unsafe impl aya::Pod for TuneOffsets {}
+    unsafe impl aya::Pod for tune::TuneConfig {}
+    unsafe impl aya::Pod for tune::TuneReport {}
+    unsafe impl aya::Pod for tune::TuneState {}
+    unsafe impl aya::Pod for tune::RateWindow {}
+    unsafe impl aya::Pod for tune::DestKey {}
+    unsafe impl aya::Pod for tune::KaValues {}
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
-use keepalive_common::{Offsets, SnapOffsets};
+use keepalive_common::{Offsets, SnapOffsets, TuneOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -309,6 +309,26 @@ impl KernelBtf {
         })
     }
 
+    /// Where a socket's cgroup and its ancestors are (for `cgroup =`
+    /// policy rules); fields this kernel lacks are `u16::MAX`, and the
+    /// tuning programs then never match a cgroup rule.
+    pub fn tune_offsets(&self) -> TuneOffsets {
+        let off = |root: &str, path: &str| {
+            self.field(root, path)
+                .ok()
+                .and_then(|f| u16::try_from(f.offset).ok())
+                .unwrap_or(u16::MAX)
+        };
+        TuneOffsets {
+            sk_cgroup: off("sock", "sk_cgrp_data.cgroup"),
+            cgroup_level: off("cgroup", "level"),
+            cgroup_ancestors: off("cgroup", "ancestors"),
+            cgroup_kn: off("cgroup", "kn"),
+            kernfs_id: off("kernfs_node", "id"),
+            _pad: [0; 3],
+        }
+    }
+
     /// Names of an enum's values indexed by value, with `prefix` removed
     /// (used for `enum sk_rst_reason`). Empty when the kernel lacks the enum.
     pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<Option<String>> {
@@ -357,6 +377,16 @@ mod tests {
         assert_eq!(o.skc_rcv_saddr, 4);
         assert!(o.sk_protocol_size == 1 || o.sk_protocol_size == 2);
         assert_ne!(o.icsk_probes_out, o.icsk_user_timeout);
+        let t = k.tune_offsets();
+        for (name, v) in [
+            ("sk_cgroup", t.sk_cgroup),
+            ("cgroup_level", t.cgroup_level),
+            ("cgroup_ancestors", t.cgroup_ancestors),
+            ("cgroup_kn", t.cgroup_kn),
+            ("kernfs_id", t.kernfs_id),
+        ] {
+            assert_ne!(v, u16::MAX, "{name} missing from this kernel's BTF");
+        }
     }
 
     #[test]

@@ -1,0 +1,981 @@
+//! What `keepalive top` knows, fed by the monitor engine through
+//! [`Update`]s: the connections with their verdicts, recently closed ones
+//! and how they ended, the event log, each connection's recent timeline,
+//! totals with per-second history, and lost events.
+//!
+//! Everything is bounded (log, timelines, closed list, history), and
+//! applying updates is pure, so it is unit-tested on constructed updates.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::events::{Detail, Event, Kind, Owner, TimeoutCause, state_name};
+use crate::output::Clock;
+use crate::table::Conn;
+use crate::table::conn_table::VerdictChange;
+use crate::table::verdict::Verdict;
+
+/// Event log entries kept.
+pub const LOG_CAP: usize = 10_000;
+/// Timeline entries kept per connection.
+pub const TIMELINE_CAP: usize = 64;
+/// Recently closed connections kept, and for how long.
+pub const CLOSED_CAP: usize = 2_000;
+pub const CLOSED_KEEP_NS: u64 = 300_000_000_000;
+/// Seconds of per-second history (sparklines, rates).
+pub const HISTORY_SECS: usize = 300;
+/// Seconds a rate is averaged over.
+pub const RATE_SECS: usize = 5;
+
+const TCP_CLOSE: u32 = 7;
+const NS: u64 = 1_000_000_000;
+
+/// The monitor's running totals, as the engine reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub emitted: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub evicted: u64,
+    pub tracked: u64,
+}
+
+/// What the engine thread sends the UI thread.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// The monitor is attached; the table as first walked.
+    Started {
+        rows: Vec<(Conn, Verdict)>,
+        hooks: usize,
+        mono_ns: u64,
+    },
+    /// A full table after a refresh from the kernel.
+    Table {
+        rows: Vec<(Conn, Verdict)>,
+    },
+    /// Connections that events touched in the last batch, as the table has them now.
+    Rows(Vec<(Conn, Verdict)>),
+    Event(Event),
+    Verdict {
+        change: VerdictChange,
+        mono_ns: u64,
+    },
+    Lost {
+        count: u64,
+        total: u64,
+        mono_ns: u64,
+    },
+    Totals(Totals),
+    /// The monitor stopped (signal or error); the UI ends too.
+    Stopped,
+}
+
+/// The series counted per second and shown with sparklines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Series {
+    Probes = 0,
+    Retransmits = 1,
+    Resets = 2,
+    Timeouts = 3,
+}
+
+impl Series {
+    pub const ALL: [Series; 4] = [
+        Series::Probes,
+        Series::Retransmits,
+        Series::Resets,
+        Series::Timeouts,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Series::Probes => "probes",
+            Series::Retransmits => "retrans",
+            Series::Resets => "resets",
+            Series::Timeouts => "timeouts",
+        }
+    }
+
+    fn of(kind: Kind) -> Option<Series> {
+        match kind {
+            Kind::KeepaliveProbe => Some(Series::Probes),
+            Kind::Retransmit => Some(Series::Retransmits),
+            Kind::ResetSent | Kind::ResetReceived => Some(Series::Resets),
+            Kind::Timeout => Some(Series::Timeouts),
+            _ => None,
+        }
+    }
+}
+
+/// Counts per second for the last [`HISTORY_SECS`] seconds.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    /// Second (CLOCK_MONOTONIC) of the last bucket.
+    last_sec: u64,
+    buckets: VecDeque<[u32; 4]>,
+}
+
+impl History {
+    /// Moves the window so that its last bucket is `sec`.
+    pub fn advance(&mut self, sec: u64) {
+        if self.buckets.is_empty() {
+            self.last_sec = sec;
+            self.buckets.push_back([0; 4]);
+            return;
+        }
+        if sec <= self.last_sec {
+            return;
+        }
+        let gap = (sec - self.last_sec).min(HISTORY_SECS as u64);
+        for _ in 0..gap {
+            self.buckets.push_back([0; 4]);
+        }
+        self.last_sec = sec;
+        while self.buckets.len() > HISTORY_SECS {
+            self.buckets.pop_front();
+        }
+    }
+
+    pub fn count(&mut self, series: Series, ts_ns: u64, n: u32) {
+        let sec = ts_ns / NS;
+        self.advance(sec);
+        let back = (self.last_sec - sec.min(self.last_sec)) as usize;
+        let len = self.buckets.len();
+        if back < len {
+            self.buckets[len - 1 - back][series as usize] += n;
+        }
+    }
+
+    /// The last `n` complete seconds of a series, oldest first (the
+    /// current second is still filling).
+    pub fn recent(&self, series: Series, n: usize) -> Vec<u32> {
+        let complete = self.buckets.len().saturating_sub(1);
+        let from = complete.saturating_sub(n);
+        self.buckets
+            .iter()
+            .take(complete)
+            .skip(from)
+            .map(|b| b[series as usize])
+            .collect()
+    }
+
+    /// Per second, averaged over the last [`RATE_SECS`] complete seconds.
+    pub fn rate(&self, series: Series) -> f64 {
+        let r = self.recent(series, RATE_SECS);
+        if r.is_empty() {
+            return 0.0;
+        }
+        r.iter().map(|&v| v as f64).sum::<f64>() / r.len() as f64
+    }
+}
+
+/// How a closed connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    TimedOut {
+        cause: TimeoutCause,
+        probes_out: u32,
+    },
+    ResetReceived,
+    ResetSent {
+        reason: Option<String>,
+    },
+    /// An orderly close, from this state.
+    Closed {
+        from: u32,
+    },
+    /// A refresh no longer found it (it closed between two walks).
+    Vanished,
+}
+
+impl Ending {
+    pub fn describe(&self) -> String {
+        match self {
+            Ending::TimedOut { cause, probes_out } => match cause {
+                TimeoutCause::Keepalive => {
+                    format!("timed out: {probes_out} keepalive probes unanswered (ETIMEDOUT)")
+                }
+                TimeoutCause::Retransmission => {
+                    "timed out: retransmissions unanswered (ETIMEDOUT)".into()
+                }
+                TimeoutCause::UserTimeout => "timed out: TCP_USER_TIMEOUT expired".into(),
+            },
+            Ending::ResetReceived => "reset by the peer".into(),
+            Ending::ResetSent { reason: Some(r) } => format!("reset sent ({r})"),
+            Ending::ResetSent { reason: None } => "reset sent".into(),
+            Ending::Closed { from } => format!("closed from {}", state_name(*from)),
+            Ending::Vanished => "closed between two walks".into(),
+        }
+    }
+}
+
+/// A connection as shown: the table's view of it and its verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub conn: Conn,
+    pub verdict: Verdict,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub row: Row,
+    pub ending: Ending,
+    pub closed_ns: u64,
+}
+
+/// One line of the event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub conn: Option<LogConn>,
+    /// `keepalive_probe`, `verdict`, `lost`, ...
+    pub what: &'static str,
+    pub text: String,
+    /// For colouring: the verdict severity it concerns, or an event's weight.
+    pub severity: u8,
+    /// The verdict of a `verdict` entry.
+    pub verdict: Option<&'static str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConn {
+    pub saddr: std::net::IpAddr,
+    pub sport: u16,
+    pub daddr: std::net::IpAddr,
+    pub dport: u16,
+    pub state: u32,
+    pub owners: Vec<Owner>,
+}
+
+/// One entry of a connection's timeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moment {
+    pub ts_ns: u64,
+    pub kind: Kind,
+    pub text: String,
+}
+
+/// Host facts for the header.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Host {
+    pub hostname: String,
+    pub kernel: String,
+}
+
+impl Host {
+    pub fn read() -> Host {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        Host {
+            hostname: read("/proc/sys/kernel/hostname"),
+            kernel: read("/proc/sys/kernel/osrelease"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub host: Host,
+    pub clock: Clock,
+    /// CLOCK_MONOTONIC when the monitor started, and now.
+    pub started_ns: u64,
+    pub now_ns: u64,
+    pub hooks: usize,
+    /// Table refresh interval, for the header.
+    pub refresh_ms: u64,
+    pub rows: HashMap<u64, Row>,
+    /// Oldest first.
+    pub closed: VecDeque<Closed>,
+    /// Oldest first.
+    pub log: VecDeque<LogEntry>,
+    pub timelines: HashMap<u64, VecDeque<Moment>>,
+    pub history: History,
+    /// Events seen per series since the start.
+    pub seen: [u64; 4],
+    pub totals: Totals,
+    /// Events the kernel could not queue.
+    pub lost: u64,
+    /// Updates the engine could not hand over because the UI lagged.
+    pub ui_dropped: u64,
+    pub stopped: bool,
+}
+
+impl Model {
+    pub fn new(host: Host, clock: Clock, refresh_ms: u64) -> Model {
+        Model {
+            host,
+            clock,
+            started_ns: 0,
+            now_ns: 0,
+            hooks: 0,
+            refresh_ms,
+            rows: HashMap::new(),
+            closed: VecDeque::new(),
+            log: VecDeque::new(),
+            timelines: HashMap::new(),
+            history: History::default(),
+            seen: [0; 4],
+            totals: Totals::default(),
+            lost: 0,
+            ui_dropped: 0,
+            stopped: false,
+        }
+    }
+
+    /// Moves the clock: history advances, old closed connections expire.
+    pub fn tick(&mut self, now_ns: u64) {
+        self.now_ns = self.now_ns.max(now_ns);
+        self.history.advance(self.now_ns / NS);
+        let horizon = self.now_ns.saturating_sub(CLOSED_KEEP_NS);
+        while self.closed.front().is_some_and(|c| c.closed_ns < horizon) {
+            if let Some(c) = self.closed.pop_front() {
+                self.forget_timeline(c.row.conn.cookie);
+            }
+        }
+    }
+
+    fn forget_timeline(&mut self, cookie: u64) {
+        if !self.rows.contains_key(&cookie) {
+            self.timelines.remove(&cookie);
+        }
+    }
+
+    pub fn apply(&mut self, u: Update) {
+        match u {
+            Update::Started {
+                rows,
+                hooks,
+                mono_ns,
+            } => {
+                self.started_ns = mono_ns;
+                self.hooks = hooks;
+                self.tick(mono_ns);
+                self.replace_rows(rows);
+            }
+            Update::Table { rows } => self.replace_rows(rows),
+            Update::Rows(rows) => {
+                for (conn, verdict) in rows {
+                    self.rows.insert(conn.cookie, Row { conn, verdict });
+                }
+            }
+            Update::Event(ev) => self.event(ev),
+            Update::Verdict { change, mono_ns } => self.verdict(change, mono_ns),
+            Update::Lost {
+                count,
+                total,
+                mono_ns,
+            } => {
+                self.lost = self.lost.max(total);
+                self.push_log(LogEntry {
+                    ts_ns: mono_ns,
+                    cookie: 0,
+                    conn: None,
+                    what: "lost",
+                    text: format!(
+                        "{count} events dropped by the kernel (ring buffer full), {total} in all"
+                    ),
+                    severity: 3,
+                    verdict: None,
+                });
+            }
+            Update::Totals(t) => {
+                self.totals = t;
+                self.lost = self.lost.max(t.lost);
+            }
+            Update::Stopped => self.stopped = true,
+        }
+    }
+
+    /// A full walk replaces the rows; the ones it no longer has closed.
+    fn replace_rows(&mut self, rows: Vec<(Conn, Verdict)>) {
+        let mut fresh: HashMap<u64, Row> = HashMap::with_capacity(rows.len());
+        for (conn, verdict) in rows {
+            fresh.insert(conn.cookie, Row { conn, verdict });
+        }
+        let old = std::mem::replace(&mut self.rows, fresh);
+        let now = self.now_ns;
+        let mut gone: Vec<Row> = old
+            .into_iter()
+            .filter(|(cookie, _)| !self.rows.contains_key(cookie))
+            .map(|(_, r)| r)
+            .collect();
+        gone.sort_by_key(|r| r.conn.cookie);
+        for row in gone {
+            let ending = self.ending_of(&row).unwrap_or(Ending::Vanished);
+            self.push_closed(row, ending, now);
+        }
+        // Timelines of connections neither live nor recently closed go.
+        let closed: std::collections::HashSet<u64> =
+            self.closed.iter().map(|c| c.row.conn.cookie).collect();
+        self.timelines
+            .retain(|c, _| self.rows.contains_key(c) || closed.contains(c));
+    }
+
+    fn push_closed(&mut self, row: Row, ending: Ending, closed_ns: u64) {
+        self.closed.push_back(Closed {
+            row,
+            ending,
+            closed_ns,
+        });
+        while self.closed.len() > CLOSED_CAP {
+            if let Some(c) = self.closed.pop_front() {
+                self.forget_timeline(c.row.conn.cookie);
+            }
+        }
+    }
+
+    /// How a connection ended, from its own last state and what its
+    /// timeline saw; `None` when nothing tells.
+    fn ending_of(&self, row: &Row) -> Option<Ending> {
+        if let Some(cause) = row.conn.timed_out {
+            return Some(Ending::TimedOut {
+                cause,
+                probes_out: row.conn.probes_out,
+            });
+        }
+        let t = self.timelines.get(&row.conn.cookie)?;
+        t.iter().rev().find_map(|m| match m.kind {
+            Kind::ResetReceived => Some(Ending::ResetReceived),
+            Kind::ResetSent => Some(Ending::ResetSent { reason: None }),
+            _ => None,
+        })
+    }
+
+    fn push_log(&mut self, e: LogEntry) {
+        self.log.push_back(e);
+        while self.log.len() > LOG_CAP {
+            self.log.pop_front();
+        }
+    }
+
+    fn push_moment(&mut self, cookie: u64, m: Moment) {
+        let t = self.timelines.entry(cookie).or_default();
+        t.push_back(m);
+        while t.len() > TIMELINE_CAP {
+            t.pop_front();
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        let kind = ev.kind();
+        if let Some(s) = Series::of(kind) {
+            let n = match ev.detail {
+                Detail::Retransmit { segs, .. } => segs.max(1),
+                _ => 1,
+            };
+            self.seen[s as usize] += n as u64;
+            self.history.count(s, ev.ts_mono_ns, n);
+        }
+        let text = event_words(&ev.detail);
+        let owners: Vec<Owner> = ev.owner.iter().cloned().collect();
+        let owners = if owners.is_empty() {
+            self.rows
+                .get(&ev.cookie)
+                .map(|r| r.conn.owners.clone())
+                .unwrap_or_default()
+        } else {
+            owners
+        };
+        self.push_log(LogEntry {
+            ts_ns: ev.ts_mono_ns,
+            cookie: ev.cookie,
+            conn: Some(LogConn {
+                saddr: ev.saddr,
+                sport: ev.sport,
+                daddr: ev.daddr,
+                dport: ev.dport,
+                state: ev.state,
+                owners,
+            }),
+            what: kind.name(),
+            text: text.clone(),
+            severity: match kind {
+                Kind::Timeout | Kind::ResetReceived | Kind::ResetSent => 3,
+                Kind::KeepaliveProbe | Kind::Retransmit => 1,
+                _ => 0,
+            },
+            verdict: None,
+        });
+        if ev.cookie == 0 {
+            return;
+        }
+        self.push_moment(
+            ev.cookie,
+            Moment {
+                ts_ns: ev.ts_mono_ns,
+                kind,
+                text,
+            },
+        );
+        match &ev.detail {
+            Detail::StateChange { old, new } if *new == TCP_CLOSE => {
+                // The row keeps its last state (a listener stays one, and
+                // is hidden as one); the screen says CLOSED.
+                if let Some(row) = self.rows.remove(&ev.cookie) {
+                    let ending = self
+                        .ending_of(&row)
+                        .unwrap_or(Ending::Closed { from: *old });
+                    self.push_closed(row, ending, ev.ts_mono_ns);
+                }
+            }
+            Detail::Timeout {
+                cause, probes_out, ..
+            } => {
+                let ending = Ending::TimedOut {
+                    cause: *cause,
+                    probes_out: *probes_out,
+                };
+                // The kernel reports ETIMEDOUT around the close: whichever
+                // comes first, the closed entry says it timed out.
+                if let Some(c) = self
+                    .closed
+                    .iter_mut()
+                    .rev()
+                    .find(|c| c.row.conn.cookie == ev.cookie)
+                {
+                    c.ending = ending;
+                } else if let Some(row) = self.rows.get_mut(&ev.cookie) {
+                    row.conn.timed_out = Some(*cause);
+                    row.conn.probes_out = row.conn.probes_out.max(*probes_out);
+                }
+            }
+            Detail::ResetReceived | Detail::ResetSent { .. } => {
+                if let Some(c) = self
+                    .closed
+                    .iter_mut()
+                    .rev()
+                    .find(|c| c.row.conn.cookie == ev.cookie)
+                    && matches!(c.ending, Ending::Closed { .. } | Ending::Vanished)
+                {
+                    c.ending = match &ev.detail {
+                        Detail::ResetSent { reason, .. } => Ending::ResetSent {
+                            reason: reason.clone(),
+                        },
+                        _ => Ending::ResetReceived,
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn verdict(&mut self, ch: VerdictChange, mono_ns: u64) {
+        let c = &ch.conn;
+        let text = format!(
+            "{} -> {}: {}",
+            ch.old.name(),
+            ch.new.name(),
+            ch.new.reason()
+        );
+        self.push_log(LogEntry {
+            ts_ns: mono_ns,
+            cookie: c.cookie,
+            conn: match (c.saddr, c.daddr) {
+                (Some(saddr), Some(daddr)) => Some(LogConn {
+                    saddr,
+                    sport: c.sport,
+                    daddr,
+                    dport: c.dport,
+                    state: c.state,
+                    owners: c.owners.clone(),
+                }),
+                _ => None,
+            },
+            what: "verdict",
+            text: text.clone(),
+            severity: ch.new.severity(),
+            verdict: Some(ch.new.name()),
+        });
+        self.push_moment(
+            c.cookie,
+            Moment {
+                ts_ns: mono_ns,
+                kind: Kind::Verdict,
+                text: format!("verdict {text}"),
+            },
+        );
+        let row = Row {
+            conn: ch.conn,
+            verdict: ch.new,
+        };
+        if let Some(r) = self.rows.get_mut(&row.conn.cookie) {
+            *r = row;
+        } else if let Some(c) = self
+            .closed
+            .iter_mut()
+            .rev()
+            .find(|c| c.row.conn.cookie == row.conn.cookie)
+        {
+            c.row.verdict = row.verdict;
+        } else {
+            self.rows.insert(row.conn.cookie, row);
+        }
+    }
+
+    pub fn closed_row(&self, cookie: u64) -> Option<&Closed> {
+        self.closed
+            .iter()
+            .rev()
+            .find(|c| c.row.conn.cookie == cookie)
+    }
+
+    /// Live connections by verdict: dead, orphaned, unprotected, healthy.
+    pub fn by_verdict(&self, visible: impl Fn(&Row) -> bool) -> [usize; 4] {
+        let mut n = [0; 4];
+        for r in self.rows.values().filter(|r| visible(r)) {
+            n[3 - r.verdict.severity().min(3) as usize] += 1;
+        }
+        n
+    }
+}
+
+/// An event's own part in words (the tuple and owner are shown apart).
+pub fn event_words(d: &Detail) -> String {
+    match d {
+        Detail::Retransmit { segs, syn, err } => {
+            let mut s = format!("retransmit {segs} seg{}", if *segs == 1 { "" } else { "s" });
+            if *syn {
+                s += " (SYN)";
+            }
+            if *err != 0 {
+                s += &format!(" failed: {err}");
+            }
+            s
+        }
+        Detail::ResetSent { reason, no_socket } => {
+            let mut s = "reset sent".to_string();
+            if let Some(r) = reason {
+                s += &format!(" ({r})");
+            }
+            if *no_socket {
+                s += ", no socket";
+            }
+            s
+        }
+        Detail::ResetReceived => "reset received".into(),
+        Detail::StateChange { old, new } => {
+            format!("{} -> {}", state_name(*old), state_name(*new))
+        }
+        Detail::KeepaliveProbe { probe } => {
+            if *probe > 1 {
+                format!("keepalive probe {probe} ({} unanswered)", probe - 1)
+            } else {
+                format!("keepalive probe {probe}")
+            }
+        }
+        Detail::Timeout {
+            cause,
+            probes_out,
+            user_timeout_ms,
+        } => {
+            let mut s = format!("timeout: {}", cause.name());
+            if *probes_out > 0 {
+                s += &format!(", {probes_out} probes unanswered");
+            }
+            if *user_timeout_ms > 0 {
+                s += &format!(", user timeout {user_timeout_ms} ms");
+            }
+            s + " (ETIMEDOUT)"
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::table::verdict::Dead;
+    use crate::table::{Keepalive, TCP_ESTABLISHED};
+
+    pub fn conn(cookie: u64, dport: u16) -> Conn {
+        Conn {
+            cookie,
+            netns: 4026531840,
+            saddr: Some("198.18.7.1".parse().unwrap()),
+            sport: 40000 + cookie as u16,
+            daddr: Some("198.18.7.2".parse().unwrap()),
+            dport,
+            state: TCP_ESTABLISHED,
+            full: true,
+            ino: cookie,
+            owners: vec![Owner {
+                pid: 1000 + cookie as u32,
+                comm: "app".into(),
+            }],
+            keepalive: Keepalive {
+                enabled: true,
+                idle_ms: 1000,
+                intvl_ms: 1000,
+                probes: 5,
+            },
+            ..Conn::default()
+        }
+    }
+
+    pub fn event(cookie: u64, ts_s: u64, detail: Detail) -> Event {
+        let c = conn(cookie, 80);
+        Event {
+            ts_mono_ns: ts_s * NS,
+            cookie,
+            netns: c.netns,
+            saddr: c.saddr.unwrap(),
+            sport: c.sport,
+            daddr: c.daddr.unwrap(),
+            dport: c.dport,
+            state: TCP_ESTABLISHED,
+            owner: None,
+            detail,
+        }
+    }
+
+    fn model() -> Model {
+        let mut m = Model::new(Host::default(), Clock::fixed(0), 2000);
+        m.apply(Update::Started {
+            rows: vec![
+                (conn(1, 80), Verdict::Healthy),
+                (conn(2, 443), Verdict::Healthy),
+            ],
+            hooks: 7,
+            mono_ns: 100 * NS,
+        });
+        m
+    }
+
+    #[test]
+    fn history_counts_per_second_and_rates_complete_seconds() {
+        let mut h = History::default();
+        h.count(Series::Probes, 10 * NS, 1);
+        h.count(Series::Probes, 10 * NS + 5, 1);
+        h.count(Series::Probes, 12 * NS, 3);
+        h.count(Series::Resets, 12 * NS, 1);
+        // Second 12 is still filling.
+        assert_eq!(h.recent(Series::Probes, 10), vec![2, 0]);
+        h.advance(13);
+        assert_eq!(h.recent(Series::Probes, 10), vec![2, 0, 3]);
+        assert_eq!(h.recent(Series::Probes, 1), vec![3]);
+        assert_eq!(h.rate(Series::Probes), 5.0 / 3.0);
+        assert_eq!(h.rate(Series::Resets), 1.0 / 3.0);
+        // A late event for a second still in the window counts there.
+        h.count(Series::Timeouts, 11 * NS, 1);
+        assert_eq!(h.recent(Series::Timeouts, 10), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut h = History::default();
+        for s in 0..1000u64 {
+            h.count(Series::Retransmits, s * NS, 1);
+        }
+        assert_eq!(h.buckets.len(), HISTORY_SECS);
+        assert_eq!(h.recent(Series::Retransmits, 1000).len(), HISTORY_SECS - 1);
+        // A jump far ahead leaves only zeros.
+        h.advance(100_000);
+        assert!(h.recent(Series::Retransmits, 1000).iter().all(|&v| v == 0));
+        // An event older than the window is ignored, not misplaced.
+        h.count(Series::Retransmits, 5 * NS, 1);
+        assert!(h.recent(Series::Retransmits, 1000).iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn events_feed_log_timeline_and_totals() {
+        let mut m = model();
+        m.apply(Update::Event(event(
+            1,
+            101,
+            Detail::KeepaliveProbe { probe: 1 },
+        )));
+        m.apply(Update::Event(event(
+            1,
+            102,
+            Detail::KeepaliveProbe { probe: 2 },
+        )));
+        m.apply(Update::Event(event(
+            2,
+            102,
+            Detail::Retransmit {
+                segs: 2,
+                syn: false,
+                err: 0,
+            },
+        )));
+        assert_eq!(m.seen, [2, 2, 0, 0]);
+        assert_eq!(m.log.len(), 3);
+        assert_eq!(m.log[1].text, "keepalive probe 2 (1 unanswered)");
+        // The owner comes from the table when the event has none.
+        assert_eq!(m.log[0].conn.as_ref().unwrap().owners[0].pid, 1001);
+        let t: Vec<_> = m.timelines[&1].iter().map(|x| x.text.as_str()).collect();
+        assert_eq!(t, ["keepalive probe 1", "keepalive probe 2 (1 unanswered)"]);
+    }
+
+    #[test]
+    fn log_and_timelines_are_bounded() {
+        let mut m = model();
+        for i in 0..(LOG_CAP as u64 + 10) {
+            m.apply(Update::Event(event(
+                1,
+                100 + i / 1000,
+                Detail::KeepaliveProbe { probe: 1 },
+            )));
+        }
+        assert_eq!(m.log.len(), LOG_CAP);
+        assert_eq!(m.timelines[&1].len(), TIMELINE_CAP);
+    }
+
+    #[test]
+    fn verdict_changes_update_the_row_and_the_log() {
+        let mut m = model();
+        let mut c = conn(1, 80);
+        c.probes_out = 1;
+        let dead = Verdict::Dead(Dead::ProbesUnanswered {
+            unanswered_probes: 1,
+            probes: 5,
+            gives_up_in_ms: 4000,
+        });
+        m.apply(Update::Verdict {
+            change: VerdictChange {
+                conn: c,
+                old: Verdict::Healthy,
+                new: dead.clone(),
+            },
+            mono_ns: 103 * NS,
+        });
+        assert_eq!(m.rows[&1].verdict, dead);
+        assert_eq!(m.rows[&1].conn.probes_out, 1);
+        let last = m.log.back().unwrap();
+        assert_eq!(last.what, "verdict");
+        assert_eq!(last.verdict, Some("dead"));
+        assert!(
+            last.text.starts_with("healthy -> dead: 1 of 5"),
+            "{}",
+            last.text
+        );
+        assert_eq!(m.by_verdict(|_| true), [1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn close_after_timeout_keeps_how_it_ended() {
+        let mut m = model();
+        m.apply(Update::Event(event(
+            1,
+            110,
+            Detail::Timeout {
+                cause: TimeoutCause::Keepalive,
+                probes_out: 5,
+                user_timeout_ms: 0,
+            },
+        )));
+        m.apply(Update::Event(event(
+            1,
+            110,
+            Detail::StateChange {
+                old: TCP_ESTABLISHED,
+                new: TCP_CLOSE,
+            },
+        )));
+        assert!(!m.rows.contains_key(&1));
+        let c = m.closed_row(1).unwrap();
+        assert_eq!(
+            c.ending,
+            Ending::TimedOut {
+                cause: TimeoutCause::Keepalive,
+                probes_out: 5
+            }
+        );
+        assert_eq!(
+            c.ending.describe(),
+            "timed out: 5 keepalive probes unanswered (ETIMEDOUT)"
+        );
+        assert_eq!(c.closed_ns, 110 * NS);
+    }
+
+    #[test]
+    fn timeout_reported_after_the_close_still_counts() {
+        let mut m = model();
+        m.apply(Update::Event(event(
+            2,
+            110,
+            Detail::StateChange {
+                old: TCP_ESTABLISHED,
+                new: TCP_CLOSE,
+            },
+        )));
+        assert_eq!(
+            m.closed_row(2).unwrap().ending,
+            Ending::Closed {
+                from: TCP_ESTABLISHED
+            }
+        );
+        m.apply(Update::Event(event(
+            2,
+            110,
+            Detail::Timeout {
+                cause: TimeoutCause::Retransmission,
+                probes_out: 0,
+                user_timeout_ms: 0,
+            },
+        )));
+        assert_eq!(
+            m.closed_row(2).unwrap().ending.describe(),
+            "timed out: retransmissions unanswered (ETIMEDOUT)"
+        );
+    }
+
+    #[test]
+    fn reset_then_close_ends_as_reset() {
+        let mut m = model();
+        m.apply(Update::Event(event(1, 105, Detail::ResetReceived)));
+        m.apply(Update::Event(event(
+            1,
+            105,
+            Detail::StateChange {
+                old: TCP_ESTABLISHED,
+                new: TCP_CLOSE,
+            },
+        )));
+        assert_eq!(m.closed_row(1).unwrap().ending, Ending::ResetReceived);
+    }
+
+    #[test]
+    fn a_walk_that_misses_a_connection_closes_it_and_closed_ones_expire() {
+        let mut m = model();
+        m.tick(120 * NS);
+        m.apply(Update::Table {
+            rows: vec![(conn(2, 443), Verdict::Healthy)],
+        });
+        assert_eq!(m.rows.len(), 1);
+        let c = m.closed_row(1).unwrap();
+        assert_eq!(c.ending, Ending::Vanished);
+        assert_eq!(c.closed_ns, 120 * NS);
+        m.tick(120 * NS + CLOSED_KEEP_NS - 1);
+        assert!(m.closed_row(1).is_some());
+        m.tick(120 * NS + CLOSED_KEEP_NS + 1);
+        assert!(m.closed_row(1).is_none());
+    }
+
+    #[test]
+    fn lost_events_are_counted_and_logged() {
+        let mut m = model();
+        m.apply(Update::Lost {
+            count: 3,
+            total: 3,
+            mono_ns: 101 * NS,
+        });
+        m.apply(Update::Totals(Totals {
+            lost: 5,
+            ..Totals::default()
+        }));
+        assert_eq!(m.lost, 5);
+        assert_eq!(m.log.back().unwrap().what, "lost");
+    }
+
+    #[test]
+    fn touched_rows_replace_the_table_view() {
+        let mut m = model();
+        let mut c = conn(1, 80);
+        c.total_retrans = 9;
+        m.apply(Update::Rows(vec![(c, Verdict::Healthy)]));
+        assert_eq!(m.rows[&1].conn.total_retrans, 9);
+    }
+}
