@@ -19,7 +19,7 @@ use testkit::MonitorChild;
 use super::bpf_cost::{self, KernelCost, SETTLE};
 use super::peer::Peer;
 use super::workloads::{self, Sample};
-use super::{Config, check_interrupted, interrupted};
+use super::{Config, Machine, check_interrupted, interrupted};
 
 /// How long the monitor may take to attach its hooks.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,6 +71,8 @@ pub struct Phase {
 }
 
 pub struct Report {
+    /// Read before the first phase.
+    pub machine: Machine,
     pub phases: Vec<Phase>,
     pub costs: Vec<KernelCost>,
 }
@@ -121,6 +123,7 @@ pub fn start_monitor(bin: &Path) -> Result<MonitorChild> {
 }
 
 pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
+    let machine = Machine::read();
     let subjects: &[Subject] = if cfg.peer {
         &[Subject::Baseline, Subject::Keepalive, Subject::Bpftrace]
     } else {
@@ -200,7 +203,11 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
         )?);
         peer.stop()?;
     }
-    Ok(Report { phases, costs })
+    Ok(Report {
+        machine,
+        phases,
+        costs,
+    })
 }
 
 /// Both workloads, one after the other.

@@ -104,7 +104,7 @@ impl Report {
     pub fn summary(&self, bin: &Path, cfg: &Config) -> Summary<'_> {
         Summary {
             schema: 2,
-            machine: Machine::read(),
+            machine: self.machine.clone(),
             config: SummaryConfig {
                 seconds: cfg.dur.as_secs(),
                 rounds: cfg.rounds,
@@ -144,7 +144,7 @@ impl Report {
             cfg.dur.as_secs(),
             cfg.conns
         )?;
-        writeln!(o, "{}", Machine::read().line())?;
+        writeln!(o, "{}", self.machine.line())?;
         writeln!(o, "keepalive: {} {}", bin.display(), MONITOR_ARGS.join(" "))?;
         if cfg.peer {
             writeln!(
