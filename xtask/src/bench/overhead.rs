@@ -58,6 +58,8 @@ pub struct Usage {
     pub events: Option<u64>,
     /// Events the kernel could not hand it.
     pub lost: Option<u64>,
+    /// Seconds from its start to its hooks attached.
+    pub ready_secs: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +92,13 @@ impl Watcher {
             Subject::Keepalive => Some(Watcher::Keepalive(start_monitor(bin)?)),
             Subject::Bpftrace => Some(Watcher::Bpftrace(Peer::start()?)),
         })
+    }
+
+    fn ready_after(&self) -> Duration {
+        match self {
+            Watcher::Keepalive(m) => m.ready_after,
+            Watcher::Bpftrace(p) => p.ready_after,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -160,12 +169,14 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
             let usage = match (&mut watcher, cpu0) {
                 (Some(w), Some(cpu0)) => {
                     let cpu_secs = testkit::child::cpu_secs(w.pid())? - cpu0;
+                    let ready_secs = w.ready_after().as_secs_f64();
                     let (events, lost) = w.stop()?;
                     Some(Usage {
                         cpu_secs,
                         wall_secs,
                         events,
                         lost,
+                        ready_secs,
                     })
                 }
                 _ => None,
