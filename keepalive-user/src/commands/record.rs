@@ -245,12 +245,40 @@ fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
     })
 }
 
-pub fn run(opts: RecordOptions) -> Result<()> {
-    if let Some(size) = opts.ring_size
-        && (size < 4096 || !size.is_power_of_two())
-    {
-        anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
+impl RecordOptions {
+    fn monitor_options(&self) -> MonitorOptions {
+        MonitorOptions {
+            filter: self.filter.clone(),
+            ring_size: self.ring_size,
+            refresh: self.refresh,
+            max_conns: self.max_conns,
+            thresholds: self.thresholds,
+            final_walk: self.table_dump.is_some(),
+        }
     }
+
+    /// Every setting in range, and no combination that could never print
+    /// anything; errors name the flags.
+    pub fn validate(&self) -> Result<()> {
+        self.monitor_options().validate()?;
+        if self.refresh.is_none() {
+            if self.filter.kinds.contains(&Kind::Verdict) {
+                anyhow::bail!(
+                    "--event verdict needs the connection table, which --refresh 0 turns off"
+                );
+            }
+            if self.table_dump.is_some() {
+                anyhow::bail!(
+                    "--table-dump needs the connection table, which --refresh 0 turns off"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(opts: RecordOptions) -> Result<()> {
+    opts.validate()?;
     let out = open_output(&opts.output)?;
     // Opened now, so a bad path fails before anything is attached.
     let table_dump = opts
@@ -259,15 +287,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .map(|p| LineFile::create(p, FileOptions::default()))
         .transpose()?;
     let mut sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
-    let monitor_opts = MonitorOptions {
-        filter: opts.filter,
-        ring_size: opts.ring_size,
-        refresh: opts.refresh,
-        max_conns: opts.max_conns,
-        thresholds: opts.thresholds,
-        final_walk: opts.table_dump.is_some(),
-    };
-    monitor::run(monitor_opts, &mut sink)?;
+    monitor::run(opts.monitor_options(), &mut sink)?;
     match sink.take_error() {
         Some(e) => Err(e.into()),
         None => Ok(()),
