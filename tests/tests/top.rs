@@ -99,11 +99,47 @@ impl Tmux {
         last
     }
 
-    fn wait_exit(&self) -> i32 {
-        let exited = wait_for(Duration::from_secs(10), || self.show("#{pane_dead}") == "1");
-        assert!(exited, "top did not exit:\n{}", self.screen());
-        self.show("#{pane_dead_status}").parse().unwrap()
+    /// Waits for the command to exit; its exit status. tmux marks the pane
+    /// dead when the terminal closes and learns the status a moment later.
+    fn wait_exit(&self, pid: u32) -> i32 {
+        let mut status = String::new();
+        let exited = wait_for(Duration::from_secs(30), || {
+            status = self.show("#{pane_dead_status}#{pane_dead_signal}");
+            !status.is_empty()
+        });
+        assert!(
+            exited,
+            "top did not exit (pane dead: {}); its threads:\n{}\nscreen:\n{}",
+            self.show("#{pane_dead}"),
+            threads(pid),
+            self.screen()
+        );
+        assert!(
+            self.show("#{pane_dead_signal}").is_empty(),
+            "top was killed by signal {status}:\n{}",
+            self.screen()
+        );
+        status.parse().unwrap()
     }
+}
+
+/// State and kernel stack of each thread of `pid`, for a hang report.
+fn threads(pid: u32) -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            out += &format!(
+                "{} {} {}\n{}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+    }
+    out
 }
 
 impl Drop for Tmux {
@@ -172,7 +208,7 @@ fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
     let other_server = format!("{}:{other_port}", pair.b4);
 
     let t = Tmux::start(&top_cmd(&format!("--addr {}/32", pair.b4)), 200, 50);
-    let (_, ours) = programs_of(&t);
+    let (pid, ours) = programs_of(&t);
     t.wait_screen("both connections", Duration::from_secs(10), |s| {
         row(s, &client, &server).is_some() && s.contains(&other_server)
     });
@@ -234,7 +270,9 @@ fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
 
     // q: the screen is restored and nothing stays loaded.
     t.keys(&["q"]);
-    assert_eq!(t.wait_exit(), 0, "top's exit status");
+    let quit_at = std::time::Instant::now();
+    assert_eq!(t.wait_exit(pid), 0, "top's exit status");
+    eprintln!("top exited {:?} after q", quit_at.elapsed());
     assert_eq!(
         t.show("#{alternate_on}"),
         "0",
@@ -255,7 +293,7 @@ fn sigterm_restores_the_screen_and_unloads() {
     assert_eq!(t.show("#{alternate_on}"), "1");
     // SAFETY: signalling the process in our own tmux pane.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    assert_eq!(t.wait_exit(), 0);
+    assert_eq!(t.wait_exit(pid), 0);
     assert_eq!(t.show("#{alternate_on}"), "0");
     assert_unloaded(&ours);
 }
