@@ -23,7 +23,7 @@ const NS: u64 = 1_000_000_000;
 /// A deterministic mix: 1% dead, 2% orphaned, 10% unprotected, the rest
 /// healthy; a few hundred processes; IPv4 and IPv6 peers.
 fn row(i: u64) -> (Conn, Verdict) {
-    let v6 = i % 7 == 0;
+    let v6 = i.is_multiple_of(7);
     let conn = Conn {
         cookie: i + 1,
         netns: 4026531840,
@@ -58,7 +58,11 @@ fn row(i: u64) -> (Conn, Verdict) {
             intvl_ms: 10_000,
             probes: 5,
         },
-        probes_out: if i % 100 == 0 { (i % 5) as u32 + 1 } else { 0 },
+        probes_out: if i.is_multiple_of(100) {
+            (i % 5) as u32 + 1
+        } else {
+            0
+        },
         total_retrans: (i % 17) as u32,
         last_send_ms: i % 600_000,
         last_recv_ms: i % 600_000,
