@@ -188,6 +188,16 @@ fn main() {
     worst = worst.max(report("connections, bare-word filter", times));
 
     let mut app = App::default();
+    for c in "/10.200.3".chars().map(Key::Char) {
+        app.key(c, &model);
+    }
+    app.key(Key::Enter, &model);
+    let times: Vec<Duration> = (0..frames as u64)
+        .map(|s| frame(&mut app, &mut model, s))
+        .collect();
+    worst = worst.max(report("connections, address filter (bare word)", times));
+
+    let mut app = App::default();
     app.key(Key::Char('s'), &model);
     app.key(Key::Char('s'), &model);
     app.key(Key::Char('s'), &model);

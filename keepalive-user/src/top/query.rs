@@ -169,15 +169,31 @@ impl Query {
 fn haystack(s: &Subject, h: &mut String, numeric: bool) {
     use std::fmt::Write;
     h.clear();
-    for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
-        if !numeric {
-            break;
-        }
-        let _ = match a {
-            Some(IpAddr::V6(v6)) => write!(h, "[{v6}]:{p} "),
-            Some(a) => write!(h, "{a}:{p} "),
-            None => write!(h, "*:{p} "),
-        };
+    // Addresses repeat across rows (a few peers, a few local addresses):
+    // each is formatted once and remembered.
+    thread_local! {
+        static TEXT: std::cell::RefCell<std::collections::HashMap<IpAddr, Box<str>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    if numeric {
+        TEXT.with_borrow_mut(|text| {
+            if text.len() > 1 << 18 {
+                text.clear();
+            }
+            for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
+                match a {
+                    Some(a) => {
+                        let t = text.entry(a).or_insert_with(|| match a {
+                            IpAddr::V6(v6) => format!("[{v6}]").into(),
+                            v4 => v4.to_string().into(),
+                        });
+                        h.push_str(t);
+                    }
+                    None => h.push('*'),
+                }
+                let _ = write!(h, ":{p} ");
+            }
+        });
     }
     let lower = |h: &mut String, text: &str| {
         h.extend(text.chars().flat_map(char::to_lowercase));
