@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keepalive_tests::daemon::Daemon;
+use keepalive_tests::daemon::{Daemon, empty_config};
 use keepalive_tests::http::{encode, free_port, get};
 use keepalive_tests::*;
 use serde_json::Value;
@@ -474,8 +474,9 @@ fn metrics_address_in_use_is_one_line_and_nothing_attached() {
     let expected = format!(
         "keepalive: error: cannot listen for metrics on {addr}: address already in use (another keepalive or exporter?)"
     );
+    let empty = empty_config().to_str().unwrap();
     for cmd in [
-        vec!["serve", "--config", "/dev/null", "--metrics", &addr],
+        vec!["serve", "--config", empty, "--metrics", &addr],
         vec!["record", "--format", "json", "--metrics", &addr],
     ] {
         // One line and nothing else: no "hooks attached" report, so
@@ -497,7 +498,7 @@ fn output_symlink_is_refused_and_its_target_untouched() {
     let (code, stderr) = run_keepalive(&[
         "serve",
         "--config",
-        "/dev/null",
+        empty_config().to_str().unwrap(),
         "--metrics",
         "127.0.0.1:0",
         "--output",
