@@ -33,8 +33,12 @@ impl Daemon {
             }
             None => Command::new(&bin),
         };
+        cmd.args(["serve", "--log-format", "json"]);
+        // Only what the test says: not a configuration the host may have.
+        if !args.contains(&"--config") {
+            cmd.args(["--config", "/dev/null"]);
+        }
         let mut child = cmd
-            .args(["serve", "--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
