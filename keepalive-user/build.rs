@@ -14,9 +14,14 @@
 //! one (`cargo xtask build --release`). `KEEPALIVE_REQUIRE_EBPF=1` (set by
 //! xtask) turns that fallback into a build error.
 
+#[path = "build/bpf_linker.rs"]
+mod bpf_linker;
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use bpf_linker::find_bpf_linker;
 
 const TARGET: &str = "bpfel-unknown-none";
 
@@ -154,21 +159,6 @@ fn stub(out: &Path, why: &str) {
     println!("cargo:warning=eBPF programs not built: {why}; run `cargo xtask build` to build them");
     std::fs::write(out, b"").unwrap();
     done(&format!("no eBPF programs: {why}"));
-}
-
-fn find_bpf_linker() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("bpf-linker"))
-        .find(|p| p.is_file())
 }
 
 /// Picks the first usable toolchain: rustup nightly with rust-src, then a

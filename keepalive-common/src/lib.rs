@@ -9,6 +9,8 @@
 
 pub mod filter;
 
+pub mod tune;
+
 /// Event kinds, as written in [`RawEvent::kind`].
 pub mod kind {
     pub const RETRANSMIT: u8 = 1;
@@ -155,6 +157,15 @@ pub struct Offsets {
     /// Size of `sk_protocol` in bytes (1 or 2; a bitfield on old kernels is not supported).
     pub sk_protocol_size: u16,
     pub icsk_retransmit_timer: u16,
+    /// `net.mib.net_statistics`: the namespace's per-CPU `struct linux_mib`.
+    pub net_mib_stats: u16,
+    /// `LINUX_MIB_TCPKEEPALIVE`: index of TcpExt.TCPKeepAlive in `linux_mib.mibs`.
+    pub mib_tcp_keepalive: u16,
+    /// `bpf_array.pptrs`: where a per-CPU array map keeps its per-CPU pointers.
+    pub bpf_array_pptrs: u16,
+    /// `inet_sock.inet_sport` (network order): the local port, kept after
+    /// the kernel zeroes `skc_num` on releasing the port at close.
+    pub inet_sport: u16,
     pub _pad: u16,
 }
 
@@ -316,6 +327,22 @@ pub struct Config {
     pub _pad: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
+    pub tune: TuneOffsets,
+}
+
+/// Offsets the tuning programs need to find a socket's cgroup and its
+/// ancestors (`sock.sk_cgrp_data.cgroup`, `cgroup.level`,
+/// `cgroup.ancestors`, `cgroup.kn`, `kernfs_node.id`).
+/// `u16::MAX` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TuneOffsets {
+    pub sk_cgroup: u16,
+    pub cgroup_level: u16,
+    pub cgroup_ancestors: u16,
+    pub cgroup_kn: u16,
+    pub kernfs_id: u16,
+    pub _pad: [u16; 3],
 }
 
 impl Config {
@@ -344,8 +371,14 @@ pub struct Owner {
 pub struct TimerFrame {
     pub timer: u64,
     pub sk: u64,
+    /// This CPU's TcpExt.TCPKeepAlive counter of the socket's namespace
+    /// (0 when the kernel lacks the offsets to find it).
+    pub mib_addr: u64,
+    /// Its value when the callback started.
+    pub keepalives_before: u64,
     /// flags::IN_KEEPALIVE_TIMER or flags::IN_WRITE_TIMER, 0 when idle.
     pub which: u32,
+    /// `icsk_probes_out` when the callback started.
     pub probes_before: u32,
 }
 
@@ -367,16 +400,17 @@ const _: () = {
     assert!(offset_of!(RawEvent, saddr) == 32);
     assert!(offset_of!(RawEvent, comm) == 64);
     assert!(offset_of!(RawEvent, reason) == 80);
-    assert!(size_of::<Offsets>() == 56 && align_of::<Offsets>() == 2);
+    assert!(size_of::<Offsets>() == 64 && align_of::<Offsets>() == 2);
     assert!(size_of::<SnapOffsets>() == 64 && align_of::<SnapOffsets>() == 2);
     assert!(size_of::<SockRecord>() == 152 && align_of::<SockRecord>() == 8);
     assert!(size_of::<ConnStats>() == 24 && align_of::<ConnStats>() == 4);
     assert!(size_of::<Cidr>() == 24 && align_of::<Cidr>() == 1);
     assert!(size_of::<Owner>() == 24 && align_of::<Owner>() == 4);
-    assert!(size_of::<TimerFrame>() == 24 && align_of::<TimerFrame>() == 8);
-    assert!(offset_of!(Config, event_mask) == 56);
-    assert!(offset_of!(Config, cidrs) == 112);
-    assert!(size_of::<Config>() == 272 && align_of::<Config>() == 8);
+    assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
+    assert!(offset_of!(Config, event_mask) == 64);
+    assert!(offset_of!(Config, cidrs) == 120);
+    assert!(size_of::<Config>() == 296 && align_of::<Config>() == 8);
+    assert!(size_of::<TuneOffsets>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -391,4 +425,13 @@ mod pod {
     unsafe impl aya::Pod for SnapOffsets {}
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for ConnStats {}
+    unsafe impl aya::Pod for tune::TuneRule {}
+    unsafe impl aya::Pod for tune::RuleSet {}
+    unsafe impl aya::Pod for TuneOffsets {}
+    unsafe impl aya::Pod for tune::TuneConfig {}
+    unsafe impl aya::Pod for tune::TuneReport {}
+    unsafe impl aya::Pod for tune::TuneState {}
+    unsafe impl aya::Pod for tune::RateWindow {}
+    unsafe impl aya::Pod for tune::DestKey {}
+    unsafe impl aya::Pod for tune::KaValues {}
 }

@@ -15,9 +15,9 @@ use crate::mem::{cookie_of, read};
 /// struct sock_common *sk_common; uid_t uid; }`.
 #[repr(C)]
 pub struct IterTcpCtx {
-    meta: *const u8,
-    sk_common: *const u8,
-    uid: u32,
+    pub meta: *const u8,
+    pub sk_common: *const u8,
+    pub uid: u32,
 }
 
 /// Walks every TCP socket of the opening thread's namespace and writes one

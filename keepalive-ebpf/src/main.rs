@@ -10,7 +10,10 @@
 //! - [`mem`]: reading kernel memory (struct fields, the connection tuple);
 //! - [`emit`]: filtering and writing events to the ring;
 //! - [`hooks::tcp`], [`hooks::timer`]: the tracepoint programs by family;
-//! - [`iter`]: the `iter/tcp` program behind snapshots.
+//! - [`iter`]: the `iter/tcp` program behind snapshots;
+//! - [`tune`], [`hooks::sockops`], [`hooks::setsockopt`], [`iter_tune`]:
+//!   `keepalive tune` (policy maps, new connections, application
+//!   overrides, the walk over existing connections).
 // Built for bpfel-unknown-none by keepalive-user's build.rs; on the host
 // it compiles as an empty binary so `cargo clippy --workspace` checks it.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -23,6 +26,8 @@ mod mem;
 mod emit;
 mod hooks;
 mod iter;
+mod iter_tune;
+mod tune;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,7 +1,7 @@
 //! The programs' configuration and maps: the ring buffer, loss counters,
 //! per-connection counters, socket-storage owners and per-CPU scratch.
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     btf_maps::SkStorage,
@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use keepalive_common::{Config, ConnStats, Owner, SockRecord, TimerFrame};
+use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TimerFrame};
 
 /// Filled in by the daemon (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
@@ -61,6 +61,47 @@ pub static SNAP_ROW: PerCpuArray<SockRecord> = PerCpuArray::with_max_entries(1, 
 /// The socket timer (keepalive or retransmit) running on this CPU.
 #[map]
 pub static TIMER: PerCpuArray<TimerFrame> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's per-CPU area offset (the kernel's `__per_cpu_offset[cpu]`),
+/// learned once per CPU, 0 until then.
+#[map]
+static CPU_AREA: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's per-CPU area offset: what turns a kernel `__percpu` pointer
+/// into this CPU's copy. 0 when the kernel lacks `bpf_array.pptrs`.
+///
+/// The kernel does not export `__per_cpu_offset` here (no data symbols
+/// in kallsyms), but a per-CPU array map shows it: a lookup returns this
+/// CPU's copy of the slot, `bpf_array.pptrs[0]` holds the slot's per-CPU
+/// pointer, and the difference is the offset. Storing a pointer in a map
+/// value and loading it back turns it into a number (allowed to programs
+/// loaded with CAP_PERFMON, which the monitor needs anyway).
+#[inline(always)]
+pub fn this_cpu_offset() -> u64 {
+    let Some(slot) = CPU_AREA.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot of this map; nothing else on this CPU runs
+    // between these accesses (the timer softirq does not nest).
+    unsafe {
+        let known = read_volatile(slot);
+        if known != 0 || conf!(offsets.bpf_array_pptrs) == Offsets::MISSING {
+            return known;
+        }
+        write_volatile(slot, slot as u64);
+        let here = read_volatile(slot);
+        write_volatile(slot, core::ptr::from_ref(&CPU_AREA) as u64);
+        let map = read_volatile(slot) as *const u8;
+        let base: u64 = crate::mem::read(map, conf!(offsets.bpf_array_pptrs));
+        let offset = if base == 0 {
+            0
+        } else {
+            here.wrapping_sub(base)
+        };
+        write_volatile(slot, offset);
+        offset
+    }
+}
 
 /// The owner stored on a trusted socket, if any.
 #[inline(always)]

@@ -75,12 +75,29 @@ macro_rules! fill_tuple {
 #[inline(always)]
 pub fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
     fill_tuple!(ev, sk, read);
+    keep_released_port(ev, sk);
 }
 
 /// Tuple of a socket passed as a trusted tracepoint argument.
 #[inline(always)]
 pub fn fill_sock_direct(ev: &mut RawEvent, sk: *const u8) {
     fill_tuple!(ev, sk, load);
+    keep_released_port(ev, sk);
+}
+
+/// The local port of a socket whose port the kernel already released.
+///
+/// On `→ CLOSE` tcp_set_state calls inet_put_port, which zeroes `skc_num`,
+/// before the state change the tracepoint reports (and tcp_disconnect
+/// sends its reset after that). `inet_sport` keeps the port. Only full
+/// sockets release their port this way; timewait and request sockets,
+/// which have no `inet_sport`, keep `skc_num`. A probe read: the field lies
+/// beyond `struct sock`, the type the verifier knows the argument by.
+#[inline(always)]
+fn keep_released_port(ev: &mut RawEvent, sk: *const u8) {
+    if ev.sport == 0 {
+        ev.sport = u16::from_be(read::<u16>(sk, conf!(offsets.inet_sport)));
+    }
 }
 
 /// The socket's cookie, assigned on first use.

@@ -50,7 +50,7 @@ fn row(i: u64) -> (Conn, Verdict) {
         ino: 100_000 + i,
         owners: vec![Owner {
             pid: 1000 + (i % 400) as u32,
-            comm: format!("worker-{}", i % 400),
+            comm: format!("worker-{}", i % 400).into(),
         }],
         keepalive: Keepalive {
             enabled: i % 10 != 3,

@@ -7,25 +7,30 @@
 //! root, no binary, no `ip`/`nft`) is a test failure with a message saying
 //! what to do, never a silent skip.
 
+pub mod daemon;
+pub mod http;
+
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::{MonitorChild, NamedNetns, sock};
+
+pub use testkit;
+pub use testkit::line_channel;
 
 /// Fails the test unless we are root and have the tools the tests need.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    assert!(
+        testkit::is_root(),
         "integration tests need root (network namespaces, nftables, eBPF): run `cargo xtask test` as root"
     );
     for tool in ["ip", "nft", "ss"] {
@@ -65,20 +70,20 @@ pub fn keepalive_bin() -> PathBuf {
 }
 
 pub fn run(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::netns::sh(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace, deleted on drop.
-pub struct Netns {
-    pub name: String,
+/// A network namespace with `lo` up, deleted on drop; `name` and `path()`
+/// come from the kit's [`NamedNetns`].
+pub struct Netns(NamedNetns);
+
+impl std::ops::Deref for Netns {
+    type Target = NamedNetns;
+    fn deref(&self) -> &NamedNetns {
+        &self.0
+    }
 }
 
 impl Netns {
@@ -88,15 +93,12 @@ impl Netns {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run(&format!("ip netns add {name}"));
-        let ns = Netns { name };
-        ns.exec("ip link set lo up");
-        ns
+        Netns(NamedNetns::create(&name).unwrap_or_else(|e| panic!("{e:#}")))
     }
 
     /// Runs a shell command inside the namespace.
     pub fn exec(&self, cmd: &str) -> String {
-        run(&format!("ip netns exec {} sh -c '{}'", self.name, cmd))
+        self.0.exec(cmd).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
@@ -105,25 +107,13 @@ impl Netns {
 
     /// Inode of the namespace, as the monitor reports it in `netns`.
     pub fn inode(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/run/netns/{}", self.name))
-            .unwrap()
-            .ino()
+        self.0.inode().unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Runs `f` on a thread that has joined this namespace; sockets it
     /// creates live in the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = File::open(&path).unwrap();
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
+        self.0.enter(f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The kernel's TCP counters in this namespace: `Tcp.RetransSegs`,
@@ -146,14 +136,6 @@ impl Netns {
             }
         }
         Counters(map)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -192,19 +174,16 @@ impl Pair {
         let a = Netns::new(&format!("{tag}a"));
         let b = Netns::new(&format!("{tag}b"));
         let n = (std::process::id() + SUBNET.fetch_add(1, Ordering::Relaxed)) % 250;
-        let (va, vb) = (format!("kva{n}"), format!("kvb{n}"));
-        run(&format!(
-            "ip link add {va} netns {} type veth peer name {vb} netns {}",
-            a.name, b.name
-        ));
         let (a4, b4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
         let (a6, b6) = (format!("fd00:ca:{n}::1"), format!("fd00:ca:{n}::2"));
-        a.exec(&format!(
-            "ip addr add {a4}/24 dev {va} && ip -6 addr add {a6}/64 dev {va} nodad && ip link set {va} up"
-        ));
-        b.exec(&format!(
-            "ip addr add {b4}/24 dev {vb} && ip -6 addr add {b6}/64 dev {vb} nodad && ip link set {vb} up"
-        ));
+        testkit::netns::veth(
+            &a,
+            &b,
+            &n.to_string(),
+            &[&format!("{a4}/24"), &format!("{a6}/64")],
+            &[&format!("{b4}/24"), &format!("{b6}/64")],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         Pair {
             a,
             b,
@@ -232,73 +211,34 @@ pub fn unblackhole(ns: &Netns) {
     ns.exec("nft delete table inet ka");
 }
 
-fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32) {
-    // SAFETY: valid fd and a pointer to an int of the given size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&v as *const i32).cast(),
-            size_of::<i32>() as u32,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setsockopt {level}/{opt}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 /// Turns keepalive on with the given idle/interval (seconds) and count.
 pub fn set_keepalive(s: &TcpStream, idle: i32, intvl: i32, cnt: i32) {
-    let fd = s.as_raw_fd();
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, intvl);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, cnt);
+    let secs = |v: i32| u64::try_from(v).expect("keepalive times are positive");
+    let cnt = u32::try_from(cnt).expect("keepalive count is positive");
+    sock::set_keepalive(s, secs(idle), secs(intvl), cnt)
+        .unwrap_or_else(|e| panic!("setting keepalive {idle}/{intvl}/{cnt}: {e}"));
+}
+
+/// SO_KEEPALIVE off: the kernel deletes the keepalive timer.
+pub fn set_keepalive_off(s: &TcpStream) {
+    sock::set_keepalive_enabled(s, false)
+        .unwrap_or_else(|e| panic!("turning SO_KEEPALIVE off: {e}"));
 }
 
 pub fn set_user_timeout(s: &TcpStream, ms: i32) {
-    setsockopt_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+    let ms = u64::try_from(ms).expect("TCP_USER_TIMEOUT is positive");
+    sock::set_user_timeout(s, Duration::from_millis(ms))
+        .unwrap_or_else(|e| panic!("TCP_USER_TIMEOUT {ms}: {e}"));
 }
 
 /// SO_LINGER {on, 0}: close() sends a reset.
 pub fn set_linger_zero(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and linger struct.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(r, 0);
+    sock::set_linger_zero(s).unwrap_or_else(|e| panic!("SO_LINGER: {e}"));
 }
 
 /// The kernel's socket cookie (SO_COOKIE), the id the monitor reports.
-pub fn cookie(fd: &impl AsRawFd) -> u64 {
-    let mut v: u64 = 0;
-    let mut len = size_of::<u64>() as u32;
-    // SAFETY: valid fd, pointer and length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
-    v
+pub fn cookie(fd: &impl AsFd) -> u64 {
+    sock::cookie(fd).unwrap_or_else(|e| panic!("SO_COOKIE: {e}"))
 }
 
 /// A connected client (in `pair.a`) and its accepted peer (in `pair.b`).
@@ -330,12 +270,18 @@ pub fn connect_pair(pair: &Pair, b_ip: &str) -> Conn {
     }
 }
 
-/// A running `keepalive record --format json`, writing to a file.
+/// A running `keepalive record --format json`, writing to a file. Its
+/// stderr lines (`stderr`) and `pid()` come from the kit's [`MonitorChild`].
 pub struct Monitor {
-    child: Option<Child>,
+    child: MonitorChild,
     out: PathBuf,
-    stderr_rx: mpsc::Receiver<String>,
-    pub stderr: Vec<String>,
+}
+
+impl std::ops::Deref for Monitor {
+    type Target = MonitorChild;
+    fn deref(&self) -> &MonitorChild {
+        &self.child
+    }
 }
 
 impl Monitor {
@@ -347,57 +293,22 @@ impl Monitor {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut child = Command::new(keepalive_bin())
-            .args(["record", "--format", "json", "--output"])
-            .arg(&out)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start keepalive");
-        let rx = line_channel(child.stderr.take().unwrap());
-        let mut m = Monitor {
-            child: Some(child),
-            out,
-            stderr_rx: rx,
-            stderr: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match m.stderr_rx.recv_timeout(left) {
-                Ok(line) => {
-                    let ready = line.contains("hooks attached");
-                    m.stderr.push(line);
-                    if ready {
-                        return m;
-                    }
-                }
-                Err(_) => {
-                    let status = m.child.as_mut().unwrap().try_wait().ok().flatten();
-                    panic!(
-                        "keepalive did not report its hooks attached (exit {status:?}); stderr: {:?}",
-                        m.stderr
-                    );
-                }
-            }
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        let args = ["record", "--format", "json", "--output"]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([out.as_os_str()])
+            .chain(extra.iter().map(OsStr::new));
+        let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(30), || false)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Monitor { child, out }
     }
 
     /// Sends `sig` and waits for exit; returns the events written.
     pub fn stop_with(&mut self, sig: i32) -> Vec<Value> {
-        let mut child = self.child.take().expect("monitor already stopped");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let status = child.wait().unwrap();
-        while let Ok(line) = self.stderr_rx.recv_timeout(Duration::from_secs(5)) {
-            self.stderr.push(line);
-        }
+        let status = self
+            .child
+            .stop_with(sig, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e:#}"));
         if sig == libc::SIGTERM || sig == libc::SIGINT {
             assert!(
                 status.success(),
@@ -410,6 +321,11 @@ impl Monitor {
 
     pub fn stop(&mut self) -> Vec<Value> {
         self.stop_with(libc::SIGTERM)
+    }
+
+    /// The file it writes to.
+    pub fn output(&self) -> &Path {
+        &self.out
     }
 
     /// Stops and checks that the kernel dropped nothing, so that exact
@@ -438,24 +354,21 @@ impl Monitor {
 
     /// `key=value` from the final "stopped" line on stderr.
     pub fn summary(&self, key: &str) -> u64 {
-        let line = self
-            .stderr
-            .iter()
-            .find(|l| l.contains("stopped;"))
-            .unwrap_or_else(|| panic!("no summary line in stderr: {:?}", self.stderr));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .and_then(|v| v.trim_end_matches(',').parse().ok())
-            .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        assert!(
+            self.stderr
+                .iter()
+                .any(|l| l.contains(testkit::child::SUMMARY_LINE)),
+            "no summary line in stderr: {:?}",
+            self.stderr
+        );
+        self.child
+            .summary_field(key)
+            .unwrap_or_else(|| panic!("no {key}= in the summary line: {:?}", self.stderr))
     }
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
         let _ = std::fs::remove_file(&self.out);
     }
 }
@@ -470,9 +383,9 @@ pub fn of_kind<'a>(events: &'a [Value], netns: u64, kind: &str) -> Vec<&'a Value
 
 /// Names of the BPF programs currently loaded whose name starts with `ka_`.
 pub fn loaded_keepalive_programs() -> Vec<String> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
+    testkit::bpf::loaded_programs()
+        .into_iter()
+        .map(|p| p.name)
         .filter(|n| n.starts_with("ka_"))
         .collect()
 }
@@ -489,32 +402,19 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// IDs of the BPF programs a process holds open (from /proc/PID/fdinfo).
+/// IDs of the BPF programs a process holds open (from /proc/PID/fdinfo);
+/// none once it has exited.
 pub fn prog_ids_held_by(pid: u32) -> Vec<u32> {
-    let mut ids = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return ids;
-    };
-    for e in dir.flatten() {
-        if let Ok(text) = std::fs::read_to_string(e.path())
-            && let Some(id) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|v| v.trim().parse().ok())
-        {
-            ids.push(id);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+    testkit::bpf::held_by(pid)
+        .map(|h| h.programs)
+        .unwrap_or_default()
 }
 
 /// IDs of every BPF program loaded in the kernel.
 pub fn loaded_prog_ids() -> Vec<u32> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| p.id())
+    testkit::bpf::loaded_programs()
+        .into_iter()
+        .map(|p| p.id)
         .collect()
 }
 
@@ -522,15 +422,96 @@ pub fn loaded_prog_ids() -> Vec<u32> {
 /// cannot crowd the test's events out of the ring buffer.
 pub const PAIR_ONLY: [&str; 4] = ["--addr", "198.18.0.0/15", "--addr", "fd00:ca::/32"];
 
-/// Lines read from `r` on a thread, until it closes (the child exits).
-pub fn line_channel(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+/// What `ka-peer` (tests/src/bin/ka-peer.rs) shows as its comm.
+pub const PEER_COMM: &str = "ka-peer";
+
+/// The `ka-peer` helper: $KEEPALIVE_PEER_BIN, else next to the test
+/// binary's directory (target/<profile>/ka-peer; cargo builds it with the
+/// tests).
+pub fn peer_bin() -> PathBuf {
+    let p = std::env::var_os("KEEPALIVE_PEER_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            // target/<profile>/deps/<test> -> target/<profile>/ka-peer
+            Some(exe.parent()?.parent()?.join(PEER_COMM))
+        })
+        .unwrap_or_else(|| PathBuf::from(PEER_COMM));
+    assert!(
+        p.is_file(),
+        "{} not found: it is built with the tests (`cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+/// `ka-peer MODE ARGS` run inside a namespace in its own process group
+/// (the whole group is killed on drop). Modes: `connect-exit`,
+/// `connect-hold`, `connect-hold-fork`, `connect-leak` (see the binary).
+pub struct PeerProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl PeerProcess {
+    pub fn spawn(ns: &Netns, mode: &str, args: &[&str]) -> PeerProcess {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(peer_bin())
+            .arg(mode)
+            .args(args)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cannot run ip netns exec NS ka-peer");
+        let lines = line_channel(child.stdout.take().unwrap());
+        PeerProcess { child, lines }
+    }
+
+    /// `ip netns exec` execs ka-peer, so this is ka-peer's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line it prints, as whitespace-separated numbers.
+    pub fn line(&mut self) -> Vec<u32> {
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "ka-peer printed nothing (exit {:?})",
+                    self.child.try_wait().ok().flatten()
+                )
+            });
+        l.split_whitespace()
+            .map(|w| w.parse().unwrap_or_else(|_| panic!("ka-peer said {l:?}")))
+            .collect()
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
             }
+            assert!(
+                Instant::now() < deadline,
+                "ka-peer {} did not exit",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-    });
-    rx
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group of our own child.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -84,6 +84,69 @@ fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
     );
 }
 
+/// `tcpi_probes` from TCP_INFO: the kernel's `icsk_probes_out`.
+fn unanswered_probes(s: &TcpStream) -> u8 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; valid fd, pointer and length.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as u32;
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_probes
+}
+
+/// A probe the local qdisc refuses (local congestion) is still a probe to
+/// the kernel: tcp_write_wakeup counts it in TCPKeepAlive, then the timer
+/// retries in 500 ms without raising `icsk_probes_out`. Every attempt must
+/// be an event, or the stream disagrees with the kernel's counter (and a
+/// keepalive stalled by local congestion stays invisible).
+#[test]
+fn keepalive_probes_refused_by_the_local_qdisc_match_tcpext_tcpkeepalive() {
+    let pair = Pair::new("kq");
+    let mut mon = Monitor::start(&PAIR_ONLY);
+    let c = connect_pair(&pair, &pair.b4);
+    let ck = cookie(&c.client);
+    let a0 = pair.a.counters();
+    // A queue that holds nothing: every transmit returns NET_XMIT_DROP.
+    let dev = "$(ls /sys/class/net | grep ^kva)";
+    pair.a
+        .exec(&format!("tc qdisc add dev {dev} root pfifo limit 0"));
+    set_keepalive(&c.client, 1, 1, 3);
+    std::thread::sleep(Duration::from_millis(3300));
+    let probes_out = unanswered_probes(&c.client);
+    // Keepalive off deletes the timer: nothing is counted after `a1`.
+    set_keepalive_off(&c.client);
+    let a1 = pair.a.counters();
+    pair.a.exec(&format!("tc qdisc del dev {dev} root"));
+    drop(c);
+    let events = mon.stop_lossless();
+
+    let kernel = a0.delta(&a1, "TcpExt.TCPKeepAlive");
+    // Idle 1 s, then an attempt every 500 ms.
+    assert!(kernel >= 3, "TCPKeepAlive delta {kernel}");
+    assert_eq!(probes_out, 0, "the kernel counted a refused probe as sent");
+    let probes: Vec<&Value> = of_kind(&events, pair.a.inode(), "keepalive_probe")
+        .into_iter()
+        .filter(|e| e["cookie"] == ck)
+        .collect();
+    assert_eq!(
+        probes.len() as i64,
+        kernel,
+        "probe events vs TcpExt.TCPKeepAlive: {probes:#?}; monitor: {:?}",
+        mon.stderr
+    );
+    // None was answered or counted: each is the first unanswered one.
+    assert!(probes.iter().all(|p| p["probe"] == 1), "{probes:#?}");
+}
+
 #[test]
 fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     let pair = Pair::new("sp");
@@ -299,4 +362,78 @@ fn connections_opened_before_the_monitor_keep_their_real_cookie() {
         probes.iter().all(|p| p["cookie"] == ck),
         "ck {ck}: {probes:#?}"
     );
+}
+
+/// The kernel releases the local port (zeroes `skc_num`) before the
+/// `→ CLOSE` state change, so every event of a closing connection must
+/// take its port from elsewhere (`inet_sport`), or it reads `:0` and a
+/// `--port` filter drops it. Loopback in one namespace, the server aborts
+/// with SO_LINGER 0: its CLOSE and reset, and the client's CLOSE, all
+/// carry the real ports through `--port 7998`.
+#[test]
+fn ports_survive_close_and_port_filter_keeps_the_closing_events() {
+    const PORT: u16 = 7998;
+    let ns = Netns::new("pc");
+    let mut mon = Monitor::start(&["--port", "7998"]);
+    let c0 = ns.counters();
+    let listener = listen(&ns, &format!("127.0.0.1:{PORT}"));
+    let client = connect_in(&ns, listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let eph = client.local_addr().unwrap().port();
+    let (client_ck, server_ck) = (cookie(&client), cookie(&server));
+    let listener_ck = cookie(&listener);
+    set_linger_zero(&server);
+    drop(server);
+    // The client reads the reset: its side is CLOSE too.
+    let err = read_err(&client, Duration::from_secs(5));
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+    let c1 = ns.counters();
+    let events = mon.stop_lossless();
+
+    let inode = ns.inode();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["netns"] == inode && e["event"] != "verdict")
+        .collect();
+    for e in &mine {
+        let ports = (e["sport"].as_u64().unwrap(), e["dport"].as_u64().unwrap());
+        let real = if e["cookie"] == listener_ck {
+            ports == (PORT as u64, 0)
+        } else if e["new_state"] == "SYN_SENT" {
+            // connect() enters SYN_SENT before it picks the local port
+            // (the kernel's own tracepoint shows 0 there too).
+            ports == (0, PORT as u64)
+        } else {
+            ports == (PORT as u64, eph as u64) || ports == (eph as u64, PORT as u64)
+        };
+        assert!(real, "an event without its real ports: {e:#}");
+    }
+    let closes = |ck: u64| -> Vec<&Value> {
+        of_kind(&events, inode, "state_change")
+            .into_iter()
+            .filter(|e| e["cookie"] == ck && e["new_state"] == "CLOSE")
+            .collect()
+    };
+    let server_close = closes(server_ck);
+    assert_eq!(server_close.len(), 1, "server's CLOSE missing: {mine:#?}");
+    assert_eq!(server_close[0]["old_state"], "ESTABLISHED");
+    assert_eq!(server_close[0]["sport"], PORT);
+    assert_eq!(server_close[0]["dport"], eph);
+    let client_close = closes(client_ck);
+    assert_eq!(client_close.len(), 1, "client's CLOSE missing: {mine:#?}");
+    assert_eq!(client_close[0]["sport"], eph);
+    assert_eq!(client_close[0]["dport"], PORT);
+    let resets = of_kind(&events, inode, "reset_sent");
+    assert_eq!(
+        resets.len() as i64,
+        c0.delta(&c1, "Tcp.OutRsts"),
+        "{resets:#?}"
+    );
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0]["cookie"], server_ck);
+    assert_eq!(resets[0]["sport"], PORT);
+    assert_eq!(resets[0]["dport"], eph);
+    let received = of_kind(&events, inode, "reset_received");
+    assert_eq!(received.len(), 1, "{mine:#?}");
+    assert_eq!(received[0]["cookie"], client_ck);
 }

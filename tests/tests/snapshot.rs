@@ -17,12 +17,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use keepalive_tests::testkit::sock;
 use keepalive_tests::*;
 use serde_json::Value;
 
@@ -302,111 +300,15 @@ fn ss_timer_kind(s: &str) -> &'static str {
 // ---------------------------------------------------------------------
 // Child processes.
 
-/// A `python3` run inside a namespace in its own process group; the whole
-/// group is killed on drop.
-struct Py {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Py {
-    fn spawn(ns: &Netns, script: &str, args: &[&str]) -> Py {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "python3", "-c", script])
-            .args(args)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cannot run python3 (ip netns exec NS python3)");
-        let lines = line_channel(child.stdout.take().unwrap());
-        Py { child, lines }
-    }
-
-    /// `ip netns exec` execs python3, so this is python's pid.
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The next line it prints, as whitespace-separated numbers.
-    fn line(&mut self) -> Vec<u32> {
-        let l = self
-            .lines
-            .recv_timeout(Duration::from_secs(15))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "python3 printed nothing (exit {:?})",
-                    self.child.try_wait().ok().flatten()
-                )
-            });
-        l.split_whitespace()
-            .map(|w| w.parse().unwrap_or_else(|_| panic!("python3 said {l:?}")))
-            .collect()
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "python3 {} did not exit",
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        // SAFETY: signalling the process group of our own child.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Connects to argv[1]:argv[2], prints its local port, closes and exits.
-const CONNECT_AND_EXIT: &str = r#"
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-print(s.getsockname()[1], flush=True)
-s.close()
-"#;
-
-/// Connects to argv[1]:argv[2] and holds the socket; with argv[3] ==
-/// "fork" it forks first so that both processes hold it. Prints the local
-/// port (and the forked child's pid).
-const CONNECT_AND_HOLD: &str = r#"
-import os, socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-if sys.argv[3:] == ["fork"]:
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    print(s.getsockname()[1], pid, flush=True)
-else:
-    print(s.getsockname()[1], flush=True)
-time.sleep(60)
-"#;
-
-/// Connects to argv[1]:argv[2], parks the socket as an fd in flight on a
-/// unix socket (SCM_RIGHTS, never received) and closes its own fd: the
-/// socket stays open, but no process has it in its fd table.
-const CONNECT_AND_LEAK: &str = r#"
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-u1, u2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-socket.send_fds(u1, [b"x"], [s.fileno()])
-port = s.getsockname()[1]
-s.close()
-print(port, flush=True)
-time.sleep(60)
-"#;
+/// `ka-peer` modes (tests/src/bin/ka-peer.rs): connect to HOST PORT, print
+/// the local port, then exit / hold the socket / fork and both hold it
+/// (also printing the child's pid) / park it in flight on a unix socket
+/// (SCM_RIGHTS, never received) and close its own fd, so the socket stays
+/// open but no process has it in its fd table.
+const CONNECT_AND_EXIT: &str = "connect-exit";
+const CONNECT_AND_HOLD: &str = "connect-hold";
+const CONNECT_AND_HOLD_FORKED: &str = "connect-hold-fork";
+const CONNECT_AND_LEAK: &str = "connect-leak";
 
 // ---------------------------------------------------------------------
 // The scenarios.
@@ -448,7 +350,7 @@ const KEEPALIVE_OFF: Expect = ("ESTABLISHED", "unprotected", "keepalive_off");
 struct Scenarios {
     ends: Vec<End>,
     _listeners: Vec<TcpListener>,
-    _children: Vec<Py>,
+    _children: Vec<PeerProcess>,
     /// Set up; every scenario's last activity was before this.
     ready: Instant,
     pair: Pair,
@@ -553,7 +455,7 @@ impl Scenarios {
         // the server never closes its end (which sits in CLOSE_WAIT).
         let l = listen(&s.pair.b, &format!("{b4}:0"));
         let lp = l.local_addr().unwrap().port();
-        let mut py = Py::spawn(&s.pair.a, CONNECT_AND_EXIT, &[&b4, &lp.to_string()]);
+        let mut py = PeerProcess::spawn(&s.pair.a, CONNECT_AND_EXIT, &[&b4, &lp.to_string()]);
         let cp = py.line()[0] as u16;
         assert!(py.wait_exit(Duration::from_secs(10)).success());
         let (server, _) = l.accept().unwrap();
@@ -634,7 +536,7 @@ impl Scenarios {
         // No owner: a child parks the socket in flight on a unix socket.
         let l = listen(&s.pair.b, &format!("{b4}:0"));
         let lp = l.local_addr().unwrap().port();
-        let mut py = Py::spawn(&s.pair.a, CONNECT_AND_LEAK, &[&b4, &lp.to_string()]);
+        let mut py = PeerProcess::spawn(&s.pair.a, CONNECT_AND_LEAK, &[&b4, &lp.to_string()]);
         let cp = py.line()[0] as u16;
         let (server, _) = l.accept().unwrap();
         s.ends.push(End {
@@ -1024,42 +926,6 @@ fn queues_timers_probes_and_retransmits_agree_with_ss() {
 // ---------------------------------------------------------------------
 // 3. Keepalive settings against getsockopt.
 
-fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> i32 {
-    let mut v: i32 = 0;
-    let mut len = size_of::<i32>() as u32;
-    // SAFETY: valid fd, pointer and length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "getsockopt {level}/{opt}: {}",
-        std::io::Error::last_os_error()
-    );
-    v
-}
-
-fn setsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32, v: i32) {
-    // SAFETY: valid fd and a pointer to an int of the given size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&v as *const i32).cast(),
-            size_of::<i32>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
-}
-
 #[test]
 fn keepalive_settings_agree_with_getsockopt() {
     require_root();
@@ -1077,20 +943,18 @@ fn keepalive_settings_agree_with_getsockopt() {
     set_keepalive(&max.client, 32767, 32767, 127);
     // SO_KEEPALIVE alone: everything from the namespace, on both ends.
     let sysctl = connect_pair(&pair, &pair.b4);
-    setsockopt_int(&sysctl.client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    setsockopt_int(&sysctl.server, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    sock::set_keepalive_enabled(&sysctl.client, true).unwrap();
+    sock::set_keepalive_enabled(&sysctl.server, true).unwrap();
     // Only the idle time set: the rest from the namespace.
     let partial = connect_pair(&pair, &pair.b4);
-    setsockopt_int(&partial.client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    setsockopt_int(&partial.client, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 45);
+    sock::set_keepalive_params(&partial.client, true, Some(45), None, None).unwrap();
     // Settings without SO_KEEPALIVE: off, settings still reported.
     let off = connect_pair(&pair, &pair.b4);
-    setsockopt_int(&off.client, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 50);
-    setsockopt_int(&off.client, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
+    sock::set_keepalive_params(&off.client, false, Some(50), None, Some(2)).unwrap();
     // Keepalive switched on, then off again.
     let toggled = connect_pair(&pair, &pair.b4);
     set_keepalive(&toggled.client, 9, 9, 9);
-    setsockopt_int(&toggled.client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
+    sock::set_keepalive_enabled(&toggled.client, false).unwrap();
 
     let rows = snapshot(&[]);
     let got = by_key(&rows, &[na, nb]);
@@ -1098,16 +962,17 @@ fn keepalive_settings_agree_with_getsockopt() {
     assert_eq!(got.len(), 2 * conns.len(), "{got:#?}");
     let mut checked = 0;
     for c in conns {
-        for (sock, ns) in [(&c.client, na), (&c.server, nb)] {
-            let k = (ns, local_port(sock), peer_port(sock));
+        for (s, ns) in [(&c.client, na), (&c.server, nb)] {
+            let k = (ns, local_port(s), peer_port(s));
             let r = &got
                 .get(&k)
                 .unwrap_or_else(|| panic!("no row for {k:?}: {got:#?}"))["keepalive"];
+            let k = sock::keepalive_settings(s).unwrap();
             let kernel = (
-                getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
-                getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) as u64 * 1000,
-                getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) as u64 * 1000,
-                getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_KEEPCNT) as u64,
+                k.enabled,
+                k.idle_s * 1000,
+                k.intvl_s * 1000,
+                u64::from(k.probes),
             );
             let reported = (
                 r["enabled"].as_bool().unwrap(),
@@ -1157,17 +1022,17 @@ fn connections_opened_by_other_processes_list_their_owners() {
     let lps = lp.to_string();
 
     // One process holding its connection.
-    let mut single = Py::spawn(&pair.a, CONNECT_AND_HOLD, &[&pair.b4, &lps, "one"]);
+    let mut single = PeerProcess::spawn(&pair.a, CONNECT_AND_HOLD, &[&pair.b4, &lps]);
     let single_port = single.line()[0] as u16;
     let (single_srv, _) = l.accept().unwrap();
     // A socket shared by a process and its forked child.
-    let mut shared = Py::spawn(&pair.a, CONNECT_AND_HOLD, &[&pair.b4, &lps, "fork"]);
+    let mut shared = PeerProcess::spawn(&pair.a, CONNECT_AND_HOLD_FORKED, &[&pair.b4, &lps]);
     let line = shared.line();
     let (shared_port, forked) = (line[0] as u16, line[1]);
     let (shared_srv, _) = l.accept().unwrap();
     let (single_pid, parent_pid) = (single.pid(), shared.pid());
     let comm = comm_of(single_pid);
-    assert_eq!(comm, "python3");
+    assert_eq!(comm, PEER_COMM);
 
     let rows = snapshot(&["--port", &lps]);
     let got = by_key(&rows, &[na, nb]);
@@ -1180,7 +1045,7 @@ fn connections_opened_by_other_processes_list_their_owners() {
     let mut both = vec![(parent_pid, comm_of(parent_pid)), (forked, comm_of(forked))];
     both.sort();
     assert_eq!(owners(r), both, "{r}");
-    assert!(both.iter().all(|o| o.1 == "python3"));
+    assert!(both.iter().all(|o| o.1 == PEER_COMM));
     assert_eq!(r["verdict"], "healthy", "{r}");
     for srv in [&single_srv, &shared_srv] {
         let r = &got[&(nb, lp, peer_port(srv))];
@@ -1194,7 +1059,7 @@ fn connections_opened_by_other_processes_list_their_owners() {
     shared.wait_exit(Duration::from_secs(10));
     let rows = snapshot(&["--port", &lps]);
     let r = &by_key(&rows, &[na])[&(na, shared_port, lp)];
-    assert_eq!(owners(r), vec![(forked, "python3".to_string())], "{r}");
+    assert_eq!(owners(r), vec![(forked, PEER_COMM.to_string())], "{r}");
     assert_eq!(r["verdict"], "healthy", "{r}");
     drop(shared);
     drop(single);
@@ -1217,11 +1082,7 @@ fn filters_select_by_verdict_pid_port_and_address() {
     // Held by a child process.
     let l = listen(&pair.b, &format!("{}:0", pair.b4));
     let lp = l.local_addr().unwrap().port();
-    let mut py = Py::spawn(
-        &pair.a,
-        CONNECT_AND_HOLD,
-        &[&pair.b4, &lp.to_string(), "one"],
-    );
+    let mut py = PeerProcess::spawn(&pair.a, CONNECT_AND_HOLD, &[&pair.b4, &lp.to_string()]);
     let py_port = py.line()[0] as u16;
     let (_py_srv, _) = l.accept().unwrap();
     // Plain healthy connection over IPv6.
@@ -1360,7 +1221,7 @@ fn fin_wait2_orphan_with_the_default_fin_timeout() {
     let na = pair.a.inode();
     let l = listen(&pair.b, &format!("{}:0", pair.b4));
     let lp = l.local_addr().unwrap().port();
-    let mut py = Py::spawn(&pair.a, CONNECT_AND_EXIT, &[&pair.b4, &lp.to_string()]);
+    let mut py = PeerProcess::spawn(&pair.a, CONNECT_AND_EXIT, &[&pair.b4, &lp.to_string()]);
     let cp = py.line()[0] as u16;
     assert!(py.wait_exit(Duration::from_secs(10)).success());
     let (_server, _) = l.accept().unwrap();

@@ -3,7 +3,6 @@
 //! stay exact even when the ring buffer overflows.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use keepalive_tests::*;
@@ -72,18 +71,7 @@ fn a_silenced_peer_turns_dead_in_the_stream() {
 }
 
 fn disable_keepalive(s: &std::net::TcpStream) {
-    let off: i32 = 0;
-    // SAFETY: valid fd and int.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_KEEPALIVE,
-            (&off as *const i32).cast(),
-            4,
-        )
-    };
-    assert_eq!(r, 0);
+    testkit::sock::set_keepalive_enabled(s, false).unwrap();
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! without eBPF programs is never produced silently.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::ffi::OsString;
@@ -35,6 +36,9 @@ enum Cmd {
         /// Only report what is missing; fail if anything is.
         #[arg(long)]
         check: bool,
+        /// Also what the benchmarks need (bpftrace, for the peer row).
+        #[arg(long)]
+        bench: bool,
     },
     /// Build target/{debug,release}/keepalive with the eBPF programs embedded.
     Build {
@@ -70,10 +74,11 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
-    /// Build release, then run the benchmarks: the monitor's overhead
-    /// (options: `cargo xtask bench -- --help`), or with `--snapshot`
-    /// `keepalive snapshot` against `ss` on 10k and 100k connections
-    /// (options: `cargo xtask bench --snapshot --help`).
+    /// Build release, then run the benchmarks: the monitor's overhead next
+    /// to bpftrace (options: `cargo xtask bench -- --help`); with
+    /// `--snapshot` `keepalive snapshot` against `ss` on 10k and 100k
+    /// connections; with `--soak` the monitor's memory under churn; with
+    /// `--micro` the criterion benchmarks (each: `--help`).
     Bench {
         /// Arguments for the benchmark runner.
         #[arg(
@@ -83,6 +88,9 @@ enum Cmd {
         )]
         args: Vec<String>,
     },
+    /// Build release, then the Debian package (binary, systemd unit,
+    /// default config, man pages, completions) into target/dist.
+    Dist,
     /// Internal: holds the connections of `bench --snapshot`.
     #[command(name = "bench-hold-conns", hide = true)]
     BenchHoldConns {
@@ -94,15 +102,21 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Setup { check: true } => setup::report(),
-        Cmd::Setup { check: false } => setup::run(),
+        Cmd::Setup { check: true, bench } => setup::report(bench),
+        Cmd::Setup {
+            check: false,
+            bench,
+        } => setup::run(bench),
         Cmd::Build { release } => build(release).map(|bin| println!("{}", bin.display())),
         Cmd::Run { debug, args, .. } => run(!debug, &args),
         Cmd::Test { args } => test(&args),
-        Cmd::Bench { args } => setup::ensure()
+        Cmd::Bench { args } => setup::ensure(true)
             .and_then(|()| build(true))
             .and_then(|bin| bench::run(&bin, &args)),
         Cmd::BenchHoldConns { args } => bench::hold_conns(&args),
+        Cmd::Dist => build(true)
+            .and_then(|bin| dist::run_dist(&bin))
+            .map(|deb| println!("{}", deb.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,7 +128,7 @@ fn main() -> ExitCode {
 }
 
 /// The workspace root: the parent of this crate's directory.
-fn root() -> &'static Path {
+pub(crate) fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in a subdirectory of the workspace")
@@ -135,7 +149,7 @@ fn target_dir() -> PathBuf {
 /// Runs setup if needed, then builds keepalive with the eBPF programs
 /// required; returns the absolute path of the binary.
 fn build(release: bool) -> Result<PathBuf> {
-    setup::ensure()?;
+    setup::ensure(false)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(root())
         .args(["build", "-p", "keepalive-user"])
@@ -182,6 +196,8 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     let bin = build(true)?;
+    // The package test installs what `cargo xtask dist` builds.
+    let deb = dist::run_dist(&bin)?;
     // keepalive-ebpf only builds for bpfel-unknown-none; keepalive-user's
     // build.rs builds it, and it has no host tests. No doc tests: there are
     // none, and their empty summary would end the log.
@@ -201,6 +217,7 @@ fn test(args: &[String]) -> Result<()> {
         ])
         .args(args)
         .env("KEEPALIVE_BIN", &bin)
+        .env("KEEPALIVE_DEB", &deb)
         .env("KEEPALIVE_REQUIRE_EBPF", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -13,6 +13,12 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+#[path = "../../keepalive-user/build/bpf_linker.rs"]
+mod bpf_linker;
+
+pub use bpf_linker::find_bpf_linker;
+pub use testkit::is_root;
+
 /// Debian packages the build and the tests need.
 pub const PACKAGES: &[&str] = &[
     "rustc-web",
@@ -23,9 +29,19 @@ pub const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "nftables",
     "iproute2",
+    // serve's tests: a real Prometheus scrapes it; promtool checks the
+    // exposition and the alert rules; systemd-analyze checks the unit.
+    "prometheus",
+    "systemd",
     // tests/tests/top.rs drives `keepalive top` in a real terminal.
     "tmux",
 ];
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Debian packages `cargo xtask bench` needs besides: bpftrace runs the
+/// peer row (the same workloads under a bpftrace script).
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace"];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -40,26 +56,54 @@ pub struct Missing {
     pub bpf_linker: bool,
     /// tracefs is not mounted at `/sys/kernel/tracing`.
     pub tracefs: bool,
+    /// `cargo deb` (for `cargo xtask dist`) is not installed.
+    pub cargo_deb: bool,
+    /// Python's kubernetes-validate (checks dist/kubernetes) is not installed.
+    pub kubernetes_validate: bool,
 }
 
 impl Missing {
     pub fn is_empty(&self) -> bool {
-        self.packages.is_empty() && !self.bpf_linker && !self.tracefs
+        self.packages.is_empty()
+            && !self.bpf_linker
+            && !self.tracefs
+            && !self.cargo_deb
+            && !self.kubernetes_validate
     }
 }
 
-/// Looks at the host without changing anything.
-pub fn check() -> Missing {
+/// Looks at the host without changing anything; with `bench`, for what
+/// the benchmarks need too.
+pub fn check(bench: bool) -> Missing {
+    let mut wanted = PACKAGES.to_vec();
+    if bench {
+        wanted.extend_from_slice(BENCH_PACKAGES);
+    }
     Missing {
-        packages: missing_packages(),
+        packages: missing_packages(&wanted),
         bpf_linker: find_bpf_linker().is_none(),
         tracefs: !tracefs_mounted(),
+        cargo_deb: !succeeds(Command::new(crate::cargo()).args(["deb", "--version"])),
+        kubernetes_validate: !succeeds(Command::new("python3").args([
+            "-m",
+            "kubernetes_validate",
+            "--version",
+        ])),
     }
+}
+
+/// Whether `cmd` runs and exits 0 (quietly).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `cargo xtask setup --check`: reports what is missing, fails if anything is.
-pub fn report() -> Result<()> {
-    let missing = check();
+pub fn report(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         eprintln!("setup: everything present");
         return Ok(());
@@ -79,31 +123,39 @@ pub fn report() -> Result<()> {
     if missing.tracefs {
         eprintln!("setup: tracefs not mounted at {TRACEFS}");
     }
+    if missing.cargo_deb {
+        eprintln!("setup: missing cargo-deb (cargo xtask dist)");
+    }
+    if missing.kubernetes_validate {
+        eprintln!(
+            "setup: missing the kubernetes-validate Python package (python3 -m kubernetes_validate)"
+        );
+    }
     bail!(
         "this host is not ready: run `cargo xtask setup` to install what is missing (as root for apt packages and tracefs)"
     )
 }
 
 /// Runs [`install`] only if [`check`] finds something missing.
-pub fn ensure() -> Result<()> {
-    let missing = check();
+pub fn ensure(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         return Ok(());
     }
-    install(missing)
+    install(missing, bench)
 }
 
 /// `cargo xtask setup`: installs whatever [`check`] finds missing.
-pub fn run() -> Result<()> {
-    let missing = check();
+pub fn run(bench: bool) -> Result<()> {
+    let missing = check(bench);
     if missing.is_empty() {
         eprintln!("setup: everything present");
         return Ok(());
     }
-    install(missing)
+    install(missing, bench)
 }
 
-fn install(missing: Missing) -> Result<()> {
+fn install(missing: Missing, bench: bool) -> Result<()> {
     let root = is_root();
     let debian = is_debian();
     let needs_root = !missing.packages.is_empty() || missing.tracefs;
@@ -147,10 +199,36 @@ fn install(missing: Missing) -> Result<()> {
         );
         run_cmd(&mut bpf_linker_install(), "cargo install bpf-linker")?;
     }
+    if missing.cargo_deb {
+        eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION} with cargo install");
+        run_cmd(
+            Command::new(crate::cargo()).args([
+                "install",
+                "cargo-deb",
+                "--locked",
+                "--version",
+                CARGO_DEB_VERSION,
+            ]),
+            "cargo install cargo-deb",
+        )?;
+    }
+    if missing.kubernetes_validate {
+        eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} with pip");
+        run_cmd(
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+            ]),
+            "pip install kubernetes-validate",
+        )?;
+    }
 
-    let left = check();
+    let left = check(bench);
     if !left.is_empty() {
-        report()?;
+        report(bench)?;
     }
     Ok(())
 }
@@ -174,6 +252,12 @@ fn print_manual_steps(missing: &Missing, root: bool, debian: bool) {
     }
     if missing.tracefs {
         eprintln!("  {sudo}mount -t tracefs nodev {TRACEFS}");
+    }
+    if missing.cargo_deb {
+        eprintln!("  cargo install cargo-deb --locked --version {CARGO_DEB_VERSION}");
+    }
+    if missing.kubernetes_validate {
+        eprintln!("  python3 -m pip install kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
     }
     if missing.bpf_linker {
         eprintln!(
@@ -223,8 +307,8 @@ fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
 /// Packages from [`PACKAGES`] that dpkg does not report as installed. On a
 /// system without dpkg there is nothing to ask, and nothing is reported:
 /// the eBPF build then says itself what it lacks.
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+fn missing_packages(wanted: &[&'static str]) -> Vec<&'static str> {
+    wanted
         .iter()
         .copied()
         .filter(|pkg| {
@@ -239,23 +323,6 @@ fn missing_packages() -> Vec<&'static str> {
             }
         })
         .collect()
-}
-
-/// `bpf-linker` on PATH, else in `$CARGO_HOME/bin` or `~/.cargo/bin` (where
-/// `cargo install` puts it), the same search keepalive-user's build.rs does.
-pub fn find_bpf_linker() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("bpf-linker"))
-        .find(|p| p.is_file())
 }
 
 /// Where `cargo install` puts binaries.
@@ -285,11 +352,6 @@ fn tracefs_mounted() -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Debian or a derivative, with apt-get where setup calls it.

@@ -9,8 +9,10 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use keepalive_common::{RawEvent, flags, kind};
 
+use keepalive_common::Offsets;
+
 use crate::emit::emit;
-use crate::maps::{TIMER, count, wanted};
+use crate::maps::{TIMER, count, this_cpu_offset, wanted};
 use crate::mem::{fill_sock, read};
 
 /// Which socket timer is running on this CPU for `sk`, as event flags.
@@ -40,16 +42,56 @@ pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
     } else {
         return 0;
     };
-    if let Some(f) = TIMER.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
-        unsafe {
-            (*f).timer = timer as u64;
-            (*f).sk = sk as u64;
-            (*f).which = which as u32;
-            (*f).probes_before = read::<u8>(sk, conf!(offsets.icsk_probes_out)) as u32;
+    let Some(f) = TIMER.get_ptr_mut(0) else {
+        return 0;
+    };
+    let (mut mib_addr, mut keepalives_before) = (0, 0);
+    if which == flags::IN_KEEPALIVE_TIMER {
+        mib_addr = keepalive_counter(sk);
+        if mib_addr != 0 {
+            keepalives_before = read::<u64>(mib_addr as *const u8, 0);
         }
     }
+    // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+    unsafe {
+        (*f).timer = timer as u64;
+        (*f).sk = sk as u64;
+        (*f).which = which as u32;
+        (*f).mib_addr = mib_addr;
+        (*f).keepalives_before = keepalives_before;
+        (*f).probes_before = read::<u8>(sk, conf!(offsets.icsk_probes_out)) as u32;
+    }
     0
+}
+
+/// Address of this CPU's TcpExt.TCPKeepAlive counter in the namespace of
+/// `sk`, 0 when unknown.
+///
+/// tcp_keepalive_timer sends each probe through tcp_write_wakeup(sk,
+/// LINUX_MIB_TCPKEEPALIVE), which counts it on the running CPU. Between
+/// timer_expire_entry and _exit only that callback runs on this CPU, so
+/// the counter's rise is exactly the probes it sent, whatever another CPU
+/// does meanwhile (an ACK processed there right after the callback
+/// releases the socket resets `icsk_probes_out`, which is why that field
+/// alone can miss a probe).
+#[inline(always)]
+fn keepalive_counter(sk: *const u8) -> u64 {
+    let stats_off = conf!(offsets.net_mib_stats);
+    if stats_off == Offsets::MISSING {
+        return 0;
+    }
+    let cpu_off = this_cpu_offset();
+    if cpu_off == 0 {
+        return 0;
+    }
+    let net: u64 = read(sk, conf!(offsets.skc_net));
+    let stats: u64 = read(net as *const u8, stats_off);
+    if stats == 0 {
+        return 0;
+    }
+    stats
+        .wrapping_add(cpu_off)
+        .wrapping_add(conf!(offsets.mib_tcp_keepalive) as u64 * 8)
 }
 
 // TP_PROTO(struct timer_list *timer)
@@ -70,16 +112,25 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk = frame.sk as *const u8;
-    // tcp_keepalive_timer increments icsk_probes_out exactly when it sends
-    // a probe, so a rise across the callback is one probe on the wire.
-    let after = read::<u8>(sk, conf!(offsets.icsk_probes_out));
-    if after as u32 <= frame.probes_before {
+    let sent = if frame.mib_addr != 0 {
+        read::<u64>(frame.mib_addr as *const u8, 0) != frame.keepalives_before
+    } else {
+        // Without the counter: tcp_keepalive_timer increments
+        // icsk_probes_out when it sends a probe (missed when the answer
+        // is processed on another CPU before this tracepoint).
+        read::<u8>(sk, conf!(offsets.icsk_probes_out)) as u32 > frame.probes_before
+    };
+    if !sent {
         return 0;
     }
+    // The timer counts a probe by incrementing icsk_probes_out under the
+    // socket lock; by now an answer may have reset it, so number the probe
+    // from the value the callback started with.
+    let probe = (frame.probes_before + 1) as u8;
     let cookie: u64 = read(sk, conf!(offsets.skc_cookie));
     count(cookie, |s| {
         s.probes += 1;
-        s.last_probe = after as u32;
+        s.last_probe = probe as u32;
     });
     if !wanted(kind::KEEPALIVE_PROBE) {
         return 0;
@@ -87,7 +138,7 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     let mut ev = RawEvent {
         kind: kind::KEEPALIVE_PROBE,
         cookie,
-        probes_out: after,
+        probes_out: probe,
         flags: flags::IN_KEEPALIVE_TIMER,
         ..RawEvent::default()
     };

@@ -1,7 +1,10 @@
 //! `keepalive check`: diagnoses whether `record` can run on this host, and
 //! for every hook whether it attaches and, if not, why.
 
-use anyhow::Result;
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use anyhow::{Context, Result};
 
 use crate::events::filter::Filter;
 use crate::kernel::{self, btf::KernelBtf, loader, symbols};
@@ -114,15 +117,17 @@ pub fn run() -> Result<bool> {
     }
 
     let ready = lines.iter().all(|l| l.ok || !l.required);
+    let mut report = String::new();
     for l in &lines {
         let mark = match (l.ok, l.required) {
             (true, _) => "ok  ",
             (false, true) => "FAIL",
             (false, false) => "warn",
         };
-        println!("{mark} {:<28} {}", l.what, l.detail);
+        let _ = writeln!(report, "{mark} {:<28} {}", l.what, l.detail);
     }
-    println!(
+    let _ = writeln!(
+        report,
         "{}",
         if ready {
             "keepalive record can run on this host"
@@ -130,6 +135,12 @@ pub fn run() -> Result<bool> {
             "keepalive record cannot run on this host: fix the FAIL lines above"
         }
     );
+    // Written at once; the io::Error is kept so main can tell a reader that
+    // went away (exit 0) from a full disk (an error), and never panics.
+    let mut out = std::io::stdout().lock();
+    out.write_all(report.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the report")?;
     Ok(ready)
 }
 

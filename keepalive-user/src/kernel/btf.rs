@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
-use keepalive_common::{Offsets, SnapOffsets};
+use keepalive_common::{Offsets, SnapOffsets, TuneOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -207,8 +207,48 @@ impl KernelBtf {
             tcb_gso_segs: off("tcp_skb_cb", "tcp_gso_segs")?,
             tcb_tcp_flags: off("tcp_skb_cb", "tcp_flags")?,
             timer_function: off("timer_list", "function")?,
+            inet_sport: off("inet_sock", "inet_sport")?,
+            // Only for counting keepalive probes exactly (see
+            // `keepalive_probe_offsets`); filled in for the hooks alone.
+            net_mib_stats: Offsets::MISSING,
+            mib_tcp_keepalive: Offsets::MISSING,
+            bpf_array_pptrs: Offsets::MISSING,
             _pad: 0,
         })
+    }
+
+    /// Where the hooks find this CPU's TcpExt.TCPKeepAlive counter of a
+    /// namespace: `net.mib.net_statistics`, the counter's index
+    /// (`LINUX_MIB_TCPKEEPALIVE`, in an anonymous enum) and `bpf_array.pptrs`.
+    /// `None` when this kernel lacks one of them (the hooks then fall back
+    /// to watching `icsk_probes_out`, which can miss a probe whose answer
+    /// is processed on another CPU before the timer tracepoint returns).
+    pub fn keepalive_probe_offsets(&self) -> Option<(u16, u16, u16)> {
+        let off = |root: &str, path: &str| {
+            let f = self.field(root, path).ok()?;
+            u16::try_from(f.offset).ok()
+        };
+        let stats = off("net", "mib.net_statistics")?;
+        let pptrs = off("bpf_array", "pptrs")?;
+        let index = self.enumerator("LINUX_MIB_TCPKEEPALIVE")?;
+        Some((stats, u16::try_from(index).ok()?, pptrs))
+    }
+
+    /// The value of enumerator `name` in any enum (named or not).
+    pub fn enumerator(&self, name: &str) -> Option<u32> {
+        // Type ids are dense from 1; the first that does not resolve ends them.
+        let mut id = 1;
+        while let Ok(t) = self.btf.resolve_type_by_id(id) {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).is_ok_and(|n| n == name) {
+                        return Some(m.val());
+                    }
+                }
+            }
+            id += 1;
+        }
+        None
     }
 }
 
@@ -269,6 +309,26 @@ impl KernelBtf {
         })
     }
 
+    /// Where a socket's cgroup and its ancestors are (for `cgroup =`
+    /// policy rules); fields this kernel lacks are `u16::MAX`, and the
+    /// tuning programs then never match a cgroup rule.
+    pub fn tune_offsets(&self) -> TuneOffsets {
+        let off = |root: &str, path: &str| {
+            self.field(root, path)
+                .ok()
+                .and_then(|f| u16::try_from(f.offset).ok())
+                .unwrap_or(u16::MAX)
+        };
+        TuneOffsets {
+            sk_cgroup: off("sock", "sk_cgrp_data.cgroup"),
+            cgroup_level: off("cgroup", "level"),
+            cgroup_ancestors: off("cgroup", "ancestors"),
+            cgroup_kn: off("cgroup", "kn"),
+            kernfs_id: off("kernfs_node", "id"),
+            _pad: [0; 3],
+        }
+    }
+
     /// Names of an enum's values indexed by value, with `prefix` removed
     /// (used for `enum sk_rst_reason`). Empty when the kernel lacks the enum.
     pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<Option<String>> {
@@ -317,6 +377,16 @@ mod tests {
         assert_eq!(o.skc_rcv_saddr, 4);
         assert!(o.sk_protocol_size == 1 || o.sk_protocol_size == 2);
         assert_ne!(o.icsk_probes_out, o.icsk_user_timeout);
+        let t = k.tune_offsets();
+        for (name, v) in [
+            ("sk_cgroup", t.sk_cgroup),
+            ("cgroup_level", t.cgroup_level),
+            ("cgroup_ancestors", t.cgroup_ancestors),
+            ("cgroup_kn", t.cgroup_kn),
+            ("kernfs_id", t.kernfs_id),
+        ] {
+            assert_ne!(v, u16::MAX, "{name} missing from this kernel's BTF");
+        }
     }
 
     #[test]
@@ -344,5 +414,17 @@ mod tests {
             assert_eq!(names[0].as_deref(), Some("NOT_SPECIFIED"));
             assert_eq!(names[1].as_deref(), Some("NO_SOCKET"));
         }
+    }
+
+    #[test]
+    fn keepalive_counter_offsets() {
+        let Some(k) = kernel() else { return };
+        let (stats, index, pptrs) = k.keepalive_probe_offsets().unwrap();
+        // LINUX_MIB_NUM is 0; the counter array has __LINUX_MIB_MAX entries.
+        assert_eq!(k.enumerator("LINUX_MIB_NUM"), Some(0));
+        let max = k.enumerator("__LINUX_MIB_MAX").unwrap();
+        assert!(index > 0 && (index as u32) < max, "{index} of {max}");
+        assert!(stats > 0 && pptrs > 0);
+        assert_eq!(k.enumerator("NO_SUCH_ENUMERATOR_ANYWHERE"), None);
     }
 }

@@ -48,6 +48,48 @@ pub struct MonitorOptions {
     pub final_walk: bool,
 }
 
+/// Shortest table refresh: a walk of every socket costs real CPU on a busy
+/// host, and the verdicts move in seconds.
+pub const MIN_REFRESH: Duration = Duration::from_millis(100);
+pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// Ring buffer sizes accepted (a power of two in between).
+pub const MIN_RING_SIZE: u32 = 4096;
+pub const MAX_RING_SIZE: u32 = 256 << 20;
+/// Most connections the table (and the kernel's counter map) may hold:
+/// about 1 GiB of kernel and user memory together at the top.
+pub const MAX_CONNS_LIMIT: usize = 1 << 22;
+
+impl MonitorOptions {
+    /// Checks every setting against its range before anything is loaded;
+    /// errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(size) = self.ring_size
+            && (!(MIN_RING_SIZE..=MAX_RING_SIZE).contains(&size) || !size.is_power_of_two())
+        {
+            anyhow::bail!(
+                "--ring-size must be a power of two between {MIN_RING_SIZE} and {MAX_RING_SIZE} bytes, got {size}"
+            );
+        }
+        if let Some(every) = self.refresh
+            && !(MIN_REFRESH..=MAX_REFRESH).contains(&every)
+        {
+            anyhow::bail!(
+                "--refresh must be 0 (no connection table) or between {} and {}, got {}",
+                humantime::format_duration(MIN_REFRESH),
+                humantime::format_duration(MAX_REFRESH),
+                humantime::format_duration(every)
+            );
+        }
+        if !(1..=MAX_CONNS_LIMIT).contains(&self.max_conns) {
+            anyhow::bail!(
+                "--max-conns must be between 1 and {MAX_CONNS_LIMIT}, got {}",
+                self.max_conns
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Whether the monitor keeps running after a consumer call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -338,6 +380,7 @@ impl Engine {
 /// consumer's [`Flow::Stop`]; then detaches, drains what is left, and
 /// returns the totals. Blocks the calling thread.
 pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters> {
+    opts.validate()?;
     check_privileges()?;
     loader::ensure_object()?;
     // Verdicts are judged from every kind of kernel event.

@@ -22,10 +22,8 @@ pub fn write_line(out: &mut impl Write, record: &impl Serialize) -> io::Result<(
     out.write_all(b"\n")
 }
 
-/// An event as serialised: common fields, then the per-kind ones (absent
-/// fields are skipped). Written straight to the output, which is several
-/// times cheaper than building a `serde_json::Value` per event.
-#[derive(serde::Serialize)]
+/// An event as serialised: the common fields, then the per-kind ones.
+#[derive(Serialize)]
 pub struct EventOut<'a> {
     v: u32,
     event: Kind,
@@ -40,36 +38,72 @@ pub struct EventOut<'a> {
     state: &'static str,
     pid: Option<u32>,
     comm: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    segs: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    syn: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    err: Option<i32>,
-    /// `Some(None)` is written as `null` (a kernel without reset reasons).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<Option<&'a str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    no_socket: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old_state: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    new_state: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    probe: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cause: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    probes_out: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user_timeout_ms: Option<u32>,
+    #[serde(flatten)]
+    detail: DetailOut<'a>,
+}
+
+/// The per-kind fields of an event, written after the common ones.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum DetailOut<'a> {
+    Retransmit {
+        segs: u32,
+        syn: bool,
+        err: i32,
+    },
+    ResetSent {
+        /// `null` on a kernel without reset reasons.
+        reason: Option<&'a str>,
+        no_socket: bool,
+    },
+    StateChange {
+        old_state: &'static str,
+        new_state: &'static str,
+    },
+    KeepaliveProbe {
+        probe: u32,
+    },
+    Timeout {
+        cause: &'static str,
+        error: &'static str,
+        probes_out: u32,
+        user_timeout_ms: u32,
+    },
+    /// `reset_received`: nothing beyond the common fields.
+    Nothing {},
+}
+
+impl<'a> DetailOut<'a> {
+    fn new(d: &'a Detail) -> Self {
+        match d {
+            &Detail::Retransmit { segs, syn, err } => DetailOut::Retransmit { segs, syn, err },
+            Detail::ResetSent { reason, no_socket } => DetailOut::ResetSent {
+                reason: reason.as_deref(),
+                no_socket: *no_socket,
+            },
+            Detail::ResetReceived => DetailOut::Nothing {},
+            &Detail::StateChange { old, new } => DetailOut::StateChange {
+                old_state: state_name(old),
+                new_state: state_name(new),
+            },
+            &Detail::KeepaliveProbe { probe } => DetailOut::KeepaliveProbe { probe },
+            &Detail::Timeout {
+                cause,
+                probes_out,
+                user_timeout_ms,
+            } => DetailOut::Timeout {
+                cause: cause.name(),
+                error: "ETIMEDOUT",
+                probes_out,
+                user_timeout_ms,
+            },
+        }
+    }
 }
 
 impl<'a> EventOut<'a> {
     pub fn new(e: &'a Event, clock: &Clock) -> Self {
-        let mut out = EventOut {
+        EventOut {
             v: SCHEMA_VERSION,
             event: e.kind(),
             ts: clock.rfc3339(e.ts_mono_ns),
@@ -83,47 +117,8 @@ impl<'a> EventOut<'a> {
             state: state_name(e.state),
             pid: e.owner.as_ref().map(|o| o.pid),
             comm: e.owner.as_ref().map(|o| o.comm.as_str()),
-            segs: None,
-            syn: None,
-            err: None,
-            reason: None,
-            no_socket: None,
-            old_state: None,
-            new_state: None,
-            probe: None,
-            cause: None,
-            error: None,
-            probes_out: None,
-            user_timeout_ms: None,
-        };
-        match &e.detail {
-            Detail::Retransmit { segs, syn, err } => {
-                out.segs = Some(*segs);
-                out.syn = Some(*syn);
-                out.err = Some(*err);
-            }
-            Detail::ResetSent { reason, no_socket } => {
-                out.reason = Some(reason.as_deref());
-                out.no_socket = Some(*no_socket);
-            }
-            Detail::ResetReceived => {}
-            Detail::StateChange { old, new } => {
-                out.old_state = Some(state_name(*old));
-                out.new_state = Some(state_name(*new));
-            }
-            Detail::KeepaliveProbe { probe } => out.probe = Some(*probe),
-            Detail::Timeout {
-                cause,
-                probes_out,
-                user_timeout_ms,
-            } => {
-                out.cause = Some(cause.name());
-                out.error = Some("ETIMEDOUT");
-                out.probes_out = Some(*probes_out);
-                out.user_timeout_ms = Some(*user_timeout_ms);
-            }
+            detail: DetailOut::new(&e.detail),
         }
-        out
     }
 }
 
@@ -201,7 +196,7 @@ impl LostOut {
 
 /// The JSON form of a connection row, serialised straight to the output
 /// (building a `serde_json::Value` per row costs several times more).
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 pub struct RowOut<'a> {
     v: u32,
     cookie: u64,
@@ -234,7 +229,7 @@ pub struct RowOut<'a> {
     counters: Option<CountersOut>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 pub struct KeepaliveOut {
     enabled: bool,
     idle_ms: u64,
@@ -242,13 +237,13 @@ pub struct KeepaliveOut {
     probes: u32,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 pub struct TimerOut {
     kind: &'static str,
     fires_in_ms: i64,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 pub struct CountersOut {
     probes: u32,
     retransmit_segs: u32,

@@ -1,0 +1,315 @@
+//! The overhead run's report: a table on stdout and `summary.json`
+//! (derived serde types; `schema` says which layout).
+
+use std::fmt::{self, Write as _};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::bpf_cost::{KernelCost, Runs};
+use super::overhead::{MONITOR_ARGS, Phase, Report, Subject};
+use super::workloads::{CHURN_SERVERS, MSG};
+use super::{Config, Machine, median};
+
+/// Throughput with keepalive / without, at least.
+const RATIO_TARGET: f64 = 0.99;
+/// Nanoseconds per program run, at most.
+const NS_PER_RUN_TARGET: f64 = 100.0;
+
+#[derive(Serialize)]
+pub struct Summary<'a> {
+    schema: u32,
+    machine: Machine,
+    config: SummaryConfig,
+    phases: &'a [Phase],
+    median: Medians,
+    ratio_target: f64,
+    bpf: &'a [KernelCost],
+    ns_per_run_target: f64,
+}
+
+#[derive(Serialize)]
+struct SummaryConfig {
+    seconds: u64,
+    rounds: usize,
+    conns: usize,
+    msg_bytes: usize,
+    churn_servers: usize,
+    bin: String,
+    monitor_args: [&'static str; 5],
+    peer_args: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct Medians {
+    request_response_tps: Compared,
+    churn_cps: Compared,
+}
+
+/// One workload's medians side by side.
+#[derive(Serialize, Clone, Copy)]
+struct Compared {
+    baseline: f64,
+    keepalive: f64,
+    bpftrace: Option<f64>,
+    /// keepalive / baseline.
+    ratio: f64,
+    /// bpftrace / baseline.
+    bpftrace_ratio: Option<f64>,
+    meets_target: bool,
+}
+
+impl Compared {
+    fn of(phases: &[Phase], rate: impl Fn(&Phase) -> f64) -> Compared {
+        let pick = |s: Subject| {
+            let v: Vec<f64> = phases
+                .iter()
+                .filter(|p| p.subject == s)
+                .map(&rate)
+                .collect();
+            (!v.is_empty()).then(|| median(v))
+        };
+        let baseline = pick(Subject::Baseline).unwrap_or(0.0);
+        let keepalive = pick(Subject::Keepalive).unwrap_or(0.0);
+        let bpftrace = pick(Subject::Bpftrace);
+        let ratio = ratio(baseline, keepalive);
+        Compared {
+            baseline,
+            keepalive,
+            bpftrace,
+            ratio,
+            bpftrace_ratio: bpftrace.map(|b| self::ratio(baseline, b)),
+            meets_target: ratio >= RATIO_TARGET,
+        }
+    }
+}
+
+fn ratio(base: f64, with: f64) -> f64 {
+    if base > 0.0 { with / base } else { 0.0 }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISSED" }
+}
+
+fn opt_num(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+fn opt_f(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
+}
+
+impl Report {
+    pub fn summary(&self, bin: &Path, cfg: &Config) -> Summary<'_> {
+        Summary {
+            schema: 2,
+            machine: self.machine.clone(),
+            config: SummaryConfig {
+                seconds: cfg.dur.as_secs(),
+                rounds: cfg.rounds,
+                conns: cfg.conns,
+                msg_bytes: MSG,
+                churn_servers: CHURN_SERVERS,
+                bin: bin.display().to_string(),
+                monitor_args: MONITOR_ARGS,
+                peer_args: cfg.peer.then(super::peer::argv),
+            },
+            phases: &self.phases,
+            median: self.medians(),
+            ratio_target: RATIO_TARGET,
+            bpf: &self.costs,
+            ns_per_run_target: NS_PER_RUN_TARGET,
+        }
+    }
+
+    fn medians(&self) -> Medians {
+        Medians {
+            request_response_tps: Compared::of(&self.phases, |p| p.request_response.rate()),
+            churn_cps: Compared::of(&self.phases, |p| p.churn.rate()),
+        }
+    }
+
+    pub fn table(&self, bin: &Path, cfg: &Config) -> String {
+        let mut o = String::new();
+        let _ = self.write_table(&mut o, bin, cfg);
+        o
+    }
+
+    fn write_table(&self, o: &mut String, bin: &Path, cfg: &Config) -> fmt::Result {
+        writeln!(
+            o,
+            "\nkeepalive bench: {} round(s), {} s per workload per phase, {} connections, {MSG} B request/response on 127.0.0.1",
+            cfg.rounds,
+            cfg.dur.as_secs(),
+            cfg.conns
+        )?;
+        writeln!(o, "{}", self.machine.line())?;
+        writeln!(o, "keepalive: {} {}", bin.display(), MONITOR_ARGS.join(" "))?;
+        if cfg.peer {
+            writeln!(
+                o,
+                "bpftrace:  bpftrace -e <script on the same 4 TCP tracepoints, one JSON line per event, read and discarded>"
+            )?;
+        }
+        writeln!(o)?;
+        writeln!(
+            o,
+            "{:<5} {:<9} {:>12} {:>13} {:>7} {:>9} {:>10} {:>8} {:>8}",
+            "round",
+            "phase",
+            "rr tx/s",
+            "churn conn/s",
+            "errors",
+            "cpu",
+            "events",
+            "lost",
+            "ready s"
+        )?;
+        for p in &self.phases {
+            let (cpu, events, lost, ready) = match &p.usage {
+                Some(u) => (
+                    format!("{:.1}%", 100.0 * u.cpu_secs / u.wall_secs.max(1e-9)),
+                    opt_num(u.events),
+                    opt_num(u.lost),
+                    format!("{:.2}", u.ready_secs),
+                ),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            writeln!(
+                o,
+                "{:<5} {:<9} {:>12.0} {:>13.0} {:>7} {:>9} {:>10} {:>8} {:>8}",
+                p.round,
+                p.subject.name(),
+                p.request_response.rate(),
+                p.churn.rate(),
+                p.request_response.errors + p.churn.errors,
+                cpu,
+                events,
+                lost,
+                ready
+            )?;
+        }
+        writeln!(
+            o,
+            "\nthroughput, median of {} (cpu: the watcher's share of one CPU; ready s: from its start to its probes attached)",
+            cfg.rounds
+        )?;
+        writeln!(
+            o,
+            "{:<24} {:>10} {:>10} {:>10} {:>9} {:>10}   keepalive target >= {RATIO_TARGET}",
+            "workload", "baseline", "keepalive", "bpftrace", "ka ratio", "bt ratio"
+        )?;
+        let m = self.medians();
+        for (label, c) in [
+            ("request/response tx/s", m.request_response_tps),
+            ("connection churn conn/s", m.churn_cps),
+        ] {
+            writeln!(
+                o,
+                "{label:<24} {:>10.0} {:>10.0} {:>10} {:>9.4} {:>10}   {}",
+                c.baseline,
+                c.keepalive,
+                opt_f(c.bpftrace, 0),
+                c.ratio,
+                opt_f(c.bpftrace_ratio, 4),
+                verdict(c.meets_target)
+            )?;
+        }
+        for c in &self.costs {
+            write_cost(o, c, cfg)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_cost(o: &mut String, c: &KernelCost, cfg: &Config) -> fmt::Result {
+    writeln!(
+        o,
+        "\nkernel-side cost of {}: separate phase with BPF run-time statistics on ({} s request/response at {:.0} tx/s, {} s churn at {:.0} conn/s)",
+        c.subject,
+        cfg.dur.as_secs(),
+        c.request_response.rate(),
+        cfg.dur.as_secs(),
+        c.churn.rate()
+    )?;
+    if c.stats_were_on {
+        writeln!(
+            o,
+            "note: kernel.bpf_stats_enabled was already 1, so the throughput rounds ran with statistics on"
+        )?;
+    }
+    writeln!(
+        o,
+        "{:<18} {:>7} {:<22} {:>11} {:>9} {:>11} {:>9}   target <= {NS_PER_RUN_TARGET} ns/run",
+        "program", "prog_id", "hook", "rr runs", "ns/run", "churn runs", "ns/run"
+    )?;
+    let ns = |r: &Runs| opt_f(r.ns_per_run, 1);
+    for p in &c.programs {
+        let worst = [p.request_response.ns_per_run, p.churn.ns_per_run]
+            .into_iter()
+            .flatten()
+            .reduce(f64::max);
+        writeln!(
+            o,
+            "{:<18} {:>7} {:<22} {:>11} {:>9} {:>11} {:>9}   {}",
+            p.name,
+            p.prog_id,
+            p.hook.as_deref().unwrap_or("-"),
+            p.request_response.run_cnt,
+            ns(&p.request_response),
+            p.churn.run_cnt,
+            ns(&p.churn),
+            worst.map_or("not run", |w| verdict(w <= NS_PER_RUN_TARGET))
+        )?;
+    }
+    writeln!(
+        o,
+        "BPF time per operation: {:.1} ns per request/response transaction, {:.1} ns per churned connection",
+        c.ns_per_transaction, c.ns_per_churned_connection
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::workloads::Sample;
+
+    fn phase(subject: Subject, rr: u64) -> Phase {
+        let s = |ops| Sample {
+            ops,
+            errors: 0,
+            secs: 1.0,
+        };
+        Phase {
+            round: 1,
+            subject,
+            request_response: s(rr),
+            churn: s(rr / 2),
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn medians_side_by_side() {
+        let phases = [
+            phase(Subject::Baseline, 100),
+            phase(Subject::Keepalive, 99),
+            phase(Subject::Bpftrace, 50),
+            phase(Subject::Baseline, 110),
+            phase(Subject::Keepalive, 101),
+            phase(Subject::Bpftrace, 60),
+        ];
+        let c = Compared::of(&phases, |p| p.request_response.rate());
+        assert_eq!(
+            (c.baseline, c.keepalive, c.bpftrace),
+            (105.0, 100.0, Some(55.0))
+        );
+        assert!(!c.meets_target);
+        let j = serde_json::to_value(c).unwrap();
+        assert_eq!(j["bpftrace_ratio"], serde_json::json!(55.0 / 105.0));
+        let no_peer = Compared::of(&phases[..2], |p| p.request_response.rate());
+        assert_eq!(no_peer.bpftrace, None);
+        assert!(no_peer.meets_target);
+    }
+}
