@@ -34,7 +34,7 @@ pub struct Query {
     pids: Vec<u32>,
     verdicts: Vec<String>,
     states: Vec<String>,
-    /// Lower-cased.
+    /// ASCII lower case, as the text they are matched against.
     words: Vec<String>,
     /// Some word has a character of an address, port or pid.
     numeric: bool,
@@ -60,7 +60,7 @@ impl Query {
         let mut q = Query::default();
         for term in text.split_whitespace() {
             let Some((key, value)) = term.split_once(':') else {
-                q.words.push(term.to_lowercase());
+                q.words.push(term.to_ascii_lowercase());
                 continue;
             };
             match key {
@@ -95,13 +95,13 @@ impl Query {
                 }
                 "comm" => return Err(format!("`{term}`: expected a process name")),
                 // An IPv6 address, a `host:port` or any other word with a colon.
-                _ => q.words.push(term.to_lowercase()),
+                _ => q.words.push(term.to_ascii_lowercase()),
             }
         }
         q.numeric = q
             .words
             .iter()
-            .any(|w| w.contains(|c: char| c.is_ascii_hexdigit() || "[]:./*".contains(c)));
+            .any(|w| w.contains(|c: char| c.is_ascii_digit() || "[]:.*".contains(c)));
         Ok(q)
     }
 
@@ -163,54 +163,67 @@ impl Query {
     }
 }
 
-/// Everything a bare word may match, lower case, space separated.
+/// Everything a bare word may match, ASCII lower case, space separated.
+/// Appends a number in decimal, without the formatting machinery.
+fn push_u32(h: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    h.extend(digits[i..].iter().map(|&d| d as char));
+}
+
 /// Addresses, ports and pids are written only when some word could match
 /// them (`numeric`): formatting them is most of the cost.
 fn haystack(s: &Subject, h: &mut String, numeric: bool) {
-    use std::fmt::Write;
     h.clear();
-    // Addresses repeat across rows (a few peers, a few local addresses):
-    // each is formatted once and remembered.
-    thread_local! {
-        static TEXT: std::cell::RefCell<std::collections::HashMap<IpAddr, Box<str>>> =
-            std::cell::RefCell::new(std::collections::HashMap::new());
-    }
     if numeric {
-        TEXT.with_borrow_mut(|text| {
-            if text.len() > 1 << 18 {
-                text.clear();
-            }
-            for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
-                match a {
-                    Some(a) => {
-                        let t = text.entry(a).or_insert_with(|| match a {
-                            IpAddr::V6(v6) => format!("[{v6}]").into(),
-                            v4 => v4.to_string().into(),
-                        });
-                        h.push_str(t);
+        for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
+            // As the screen shows them: IPv4-mapped ones as IPv4.
+            match a.map(unmapped) {
+                Some(IpAddr::V4(v4)) => {
+                    for (i, o) in v4.octets().into_iter().enumerate() {
+                        if i > 0 {
+                            h.push('.');
+                        }
+                        push_u32(h, u32::from(o));
                     }
-                    None => h.push('*'),
                 }
-                let _ = write!(h, ":{p} ");
+                Some(IpAddr::V6(v6)) => {
+                    use std::fmt::Write;
+                    let _ = write!(h, "[{v6}]");
+                }
+                None => h.push('*'),
             }
-        });
+            h.push(':');
+            push_u32(h, u32::from(p));
+            h.push(' ');
+        }
     }
     let lower = |h: &mut String, text: &str| {
-        h.extend(text.chars().flat_map(char::to_lowercase));
+        h.push_str(text);
         h.push(' ');
     };
     lower(h, state_name(s.state));
     lower(h, s.verdict.unwrap_or(""));
     for o in s.owners {
-        h.extend(o.comm.chars().flat_map(char::to_lowercase));
+        h.push_str(&o.comm);
         if numeric {
-            let _ = write!(h, "/{}", o.pid);
+            h.push('/');
+            push_u32(h, o.pid);
         }
         h.push(' ');
     }
     for w in s.words {
         lower(h, w);
     }
+    h.make_ascii_lowercase();
 }
 
 #[cfg(test)]
@@ -289,13 +302,19 @@ mod tests {
         assert!(m("postgres"));
         assert!(m("4242"));
         assert!(m("postgres/4242"));
+        assert!(m("10.1.2.3:5432"));
+        assert!(m(":40000"));
         assert!(m("10.1.2.3"));
         assert!(m("unanswered"));
         assert!(m("established dead"));
         assert!(!m("established healthy"));
         assert!(!m("nginx"));
         // An IPv6 word with colons is a bare word, not a keyword.
-        assert!(m("::ffff:10.1.2.3"));
+        let o = owners();
+        let mut v6 = subject(&o, &[]);
+        v6.daddr = Some("fd00::2".parse().unwrap());
+        assert!(Query::parse("[fd00::2]:5432").unwrap().matches(&v6));
+        assert!(Query::parse("fd00::").unwrap().matches(&v6));
         assert!(m("198.18.0.1:40000"));
     }
 
