@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
 use crate::events::{Event, Kind, ResetReasons, decode};
-use crate::kernel::{check_privileges, loader};
+use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
@@ -418,6 +418,11 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         t.refresh(conns, Clock::mono_now_ns());
         engine.table = Some(t);
     }
+    // Everything that needed full privileges is done: keep only what the
+    // walks need (kernel::privileges says what and why).
+    let keep = privileges::steady_state(opts.refresh.is_some() || opts.final_walk);
+    let kept = privileges::drop_all_but(keep)?;
+    tracing::debug!(kept = ?privileges::names(kept), "capabilities dropped after attach");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
