@@ -359,7 +359,10 @@ pub struct TuneState {
     pub rule: u8,
     /// Options we set and still own (an application's later set clears its bit).
     pub set: u8,
-    pub _pad: u8,
+    /// Options we put back on restore: `new` holds what we put there (the
+    /// sysctl's value in place of a 0) and `old` the socket's own value,
+    /// so that a later walk still sees them as the application's defaults.
+    pub restored: u8,
     pub generation: u32,
     /// The socket's own values before we changed them.
     pub old: KaValues,

@@ -278,10 +278,14 @@ pub fn tune_socket(
     cfg: &TuneConfig,
     rules: &RuleSet,
 ) -> bool {
-    if let Some(st) = state_of(sk, false)
-        && st.flags & (tflags::TUNED | tflags::SEEN) != 0
-    {
-        return false;
+    let mut restored = None;
+    if let Some(st) = state_of(sk, false) {
+        if st.flags & (tflags::TUNED | tflags::SEEN) != 0 {
+            return false;
+        }
+        if st.restored != 0 {
+            restored = Some((st.restored, st.new, st.old));
+        }
     }
     identify(r, sk, cookie);
     let mut raddr = r.daddr;
@@ -327,7 +331,18 @@ pub fn tune_socket(
     }
     r.rule = idx as u8 + 1;
     r.generation = cfg.generation;
-    let cur = current(sk, cfg.hz);
+    let mut cur = current(sk, cfg.hz);
+    // What we put back on an earlier restore is still the socket's default.
+    if let Some((bits, put, orig)) = restored {
+        let mut i = 0;
+        while i < opt::ORDER.len() {
+            let bit = opt::ORDER[i];
+            i += 1;
+            if bits & bit != 0 && cur.get(bit) == put.get(bit) {
+                cur.set(bit, orig.get(bit));
+            }
+        }
+    }
     (r.sysctl_idle_s, r.sysctl_intvl_s, r.sysctl_cnt) = sysctls(sk, cfg.hz);
     let p = plan(&rule, &cur, cfg.flags & cfg_flags::ENFORCE != 0);
     r.old = cur;
@@ -358,6 +373,7 @@ pub fn tune_socket(
     st.cookie = cookie;
     st.rule = r.rule;
     st.generation = cfg.generation;
+    st.restored = 0;
     st.old = cur;
     st.new = p.target;
     if cfg.flags & cfg_flags::DRY_RUN != 0 {
@@ -430,6 +446,8 @@ pub fn restore_socket(
     r.new = st.old;
     st.flags = 0;
     st.set = 0;
+    st.restored = bits & !failed;
+    st.new = back;
     true
 }
 

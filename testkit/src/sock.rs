@@ -72,6 +72,13 @@ pub fn set_user_timeout(s: &impl AsFd, timeout: Duration) -> io::Result<()> {
     SockRef::from(s).set_tcp_user_timeout(Some(timeout))
 }
 
+/// TCP_USER_TIMEOUT as the kernel reports it (zero: none).
+pub fn user_timeout(s: &impl AsFd) -> io::Result<Duration> {
+    Ok(SockRef::from(s)
+        .tcp_user_timeout()?
+        .unwrap_or(Duration::ZERO))
+}
+
 /// SO_LINGER {on, 0}: close() sends a reset.
 pub fn set_linger_zero(s: &impl AsFd) -> io::Result<()> {
     SockRef::from(s).set_linger(Some(Duration::ZERO))

@@ -7,6 +7,9 @@
 //! root, no binary, no `ip`/`nft`) is a test failure with a message saying
 //! what to do, never a silent skip.
 
+pub mod daemon;
+pub mod http;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;

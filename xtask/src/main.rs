@@ -196,6 +196,8 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     let bin = build(true)?;
+    // The package test installs what `cargo xtask dist` builds.
+    let deb = dist::run_dist(&bin)?;
     // keepalive-ebpf only builds for bpfel-unknown-none; keepalive-user's
     // build.rs builds it, and it has no host tests. No doc tests: there are
     // none, and their empty summary would end the log.
@@ -215,6 +217,7 @@ fn test(args: &[String]) -> Result<()> {
         ])
         .args(args)
         .env("KEEPALIVE_BIN", &bin)
+        .env("KEEPALIVE_DEB", &deb)
         .env("KEEPALIVE_REQUIRE_EBPF", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

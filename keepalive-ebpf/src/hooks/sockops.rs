@@ -3,11 +3,12 @@
 //! established (both ends), before the application can send a byte.
 
 use aya_ebpf::{
-    helpers::generated::bpf_skc_to_tcp_sock, macros::sock_ops, programs::SockOpsContext,
+    helpers::generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use keepalive_common::tune::{TuneConfig, cfg_flags, tflags};
 
-use crate::mem::cookie_of;
 use crate::tune::{TUNE_RULES, now, scratch, submit, tune_config, tune_socket};
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -47,7 +48,9 @@ fn on_established(ctx: &SockOpsContext, cfg: &TuneConfig) {
     let Some(r) = scratch() else {
         return;
     };
-    let cookie = cookie_of(tp);
+    // In sock_ops the cookie helper takes the context, not the socket.
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     if tune_socket(r, tp, ctx.ops.cast(), cookie, cfg, rules) {
         r.flags |= tflags::NEW;
         r.ts_ns = now();

@@ -7,6 +7,7 @@
 //! the stream and a line on stderr.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,13 +16,20 @@ use crate::diag;
 use crate::events::Event;
 use crate::events::Kind;
 use crate::events::filter::Filter;
-use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
+use crate::metrics::consumer::MetricsConsumer;
+use crate::metrics::labels::LabelOptions;
+use crate::metrics::{Metrics, http};
+use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
 use crate::output::file::{FileOptions, LineFile, WriteError};
 use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
-use crate::output::{Format, text};
+use crate::output::{Clock, Format, text};
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
 use crate::table::walk::Row;
+use crate::tune::report::{Tuned, TunedOut, tuned_text};
+use crate::tune::{
+    PolicyNotice, PolicyOut, TuneOptions, TunedSink, Tuner, load_policy, policy_text,
+};
 
 pub struct RecordOptions {
     pub format: Format,
@@ -35,6 +43,10 @@ pub struct RecordOptions {
     pub thresholds: Thresholds,
     /// Where to write the final connection table (JSON lines) at exit.
     pub table_dump: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address while recording.
+    pub metrics: Option<String>,
+    /// Tune connections with this policy while recording (`--policy`).
+    pub tune: Option<TuneOptions>,
 }
 
 /// Writes what the monitor sees as lines. Flushed after every batch
@@ -55,6 +67,11 @@ pub struct LineSink {
     error: Option<WriteError>,
     writes_to_stdout: bool,
     table_dump: Option<LineFile>,
+    /// Write kernel events and verdict changes (`tune` writes only its own
+    /// records).
+    events: bool,
+    /// What the start line on stderr says the monitor is doing.
+    doing: &'static str,
 }
 
 impl LineSink {
@@ -72,7 +89,20 @@ impl LineSink {
             closed: false,
             error: None,
             table_dump,
+            events: true,
+            doing: "recording",
         }
+    }
+
+    /// The sink of `tune`: only `tuned`, `policy` and `lost` records.
+    pub fn tuning_only(mut self, dry_run: bool) -> Self {
+        self.events = false;
+        self.doing = if dry_run {
+            "tuning (dry run: nothing is changed)"
+        } else {
+            "tuning"
+        };
+        self
     }
 
     /// The write that failed, if one did.
@@ -114,10 +144,52 @@ impl LineSink {
     }
 }
 
+impl TunedSink for LineSink {
+    fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
+        Ok(match self.format {
+            Format::Json => self.write_json(&TunedOut::new(t, clock)),
+            Format::Text => self.write_text(&tuned_text(t, clock)),
+        })
+    }
+
+    fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow> {
+        Ok(match self.format {
+            Format::Json => self.write_json(&PolicyOut::new(n, mono_ns, clock)),
+            Format::Text => self.write_text(&policy_text(n, mono_ns, clock)),
+        })
+    }
+}
+
+/// The line sink, alone or wrapped by a tuner: the monitor drives it as a
+/// consumer, and its write error is read back at the end.
+pub trait SinkConsumer {
+    fn as_consumer(&mut self) -> &mut dyn Consumer;
+    fn sink(&mut self) -> &mut LineSink;
+}
+
+impl SinkConsumer for LineSink {
+    fn as_consumer(&mut self) -> &mut dyn Consumer {
+        self
+    }
+    fn sink(&mut self) -> &mut LineSink {
+        self
+    }
+}
+
+impl SinkConsumer for Tuner<LineSink> {
+    fn as_consumer(&mut self) -> &mut dyn Consumer {
+        self
+    }
+    fn sink(&mut self) -> &mut LineSink {
+        &mut self.inner
+    }
+}
+
 impl Consumer for LineSink {
     fn started(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         diag!(
-            "recording; {} hooks attached (pid {})",
+            "{}; {} hooks attached (pid {})",
+            self.doing,
             ctx.hooks,
             std::process::id()
         );
@@ -125,7 +197,7 @@ impl Consumer for LineSink {
     }
 
     fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
-        if !self.filter.matches(ev) {
+        if !self.events || !self.filter.matches(ev) {
             return Ok(Flow::Continue);
         }
         Ok(match self.format {
@@ -136,7 +208,10 @@ impl Consumer for LineSink {
 
     fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
         let f = &self.filter;
-        if !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict) || !f.matches_conn(&ch.conn) {
+        if !self.events
+            || !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict)
+            || !f.matches_conn(&ch.conn)
+        {
             return Ok(Flow::Continue);
         }
         Ok(match self.format {
@@ -238,7 +313,7 @@ fn dump_table(out: &mut LineFile, table: &ConnTable) -> Result<()> {
     Ok(())
 }
 
-fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
+pub fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
     Ok(match output {
         Some(path) => LineFile::create(path, FileOptions::default())?,
         None => LineFile::stdout().context("cannot write to stdout")?,
@@ -279,6 +354,14 @@ impl RecordOptions {
 
 pub fn run(opts: RecordOptions) -> Result<()> {
     opts.validate()?;
+    // A bad policy is refused before anything runs or is created.
+    let loaded = opts
+        .tune
+        .as_ref()
+        .map(|t| load_policy(&t.policy_path))
+        .transpose()?;
+    // An address in use stops us before anything is attached.
+    let listener = opts.metrics.as_deref().map(http::bind).transpose()?;
     let out = open_output(&opts.output)?;
     // Opened now, so a bad path fails before anything is attached.
     let table_dump = opts
@@ -286,9 +369,29 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .as_deref()
         .map(|p| LineFile::create(p, FileOptions::default()))
         .transpose()?;
-    let mut sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
-    monitor::run(opts.monitor_options(), &mut sink)?;
-    match sink.take_error() {
+    let monitor_opts = opts.monitor_options();
+    let sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
+    // The tuner wraps the sink: its `tuned` records go into the same stream.
+    let mut main: Box<dyn SinkConsumer> = match (opts.tune, loaded) {
+        (Some(tune), Some(loaded)) => Box::new(Tuner::new(sink, tune, loaded)),
+        _ => Box::new(sink),
+    };
+    match listener {
+        Some(listener) => {
+            let labels = LabelOptions::default();
+            let metrics = Arc::new(Metrics::new(&labels));
+            let _server = http::spawn(listener, metrics.clone())?;
+            let mut counting = MetricsConsumer::new(metrics, labels, &opts.filter);
+            monitor::run(
+                monitor_opts,
+                &mut Fanout(vec![main.as_consumer(), &mut counting]),
+            )?;
+        }
+        None => {
+            monitor::run(monitor_opts, main.as_consumer())?;
+        }
+    }
+    match main.sink().take_error() {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }

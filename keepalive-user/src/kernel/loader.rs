@@ -225,13 +225,20 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Result<(usize, Vec<SockRecord>)> {
 /// A TCP iterator sees the namespace of the thread that opens it, so we
 /// open one from inside each namespace.
 pub fn walk_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<SockRecord>> {
+    iter_rows(ebpf, btf, "ka_iter_tcp")
+}
+
+/// Runs the `iter/tcp` program `program` once in every reachable
+/// namespace and returns the fixed-size rows it wrote, in order.
+pub fn iter_rows<T: aya::Pod>(ebpf: &mut Ebpf, btf: &aya::Btf, program: &str) -> Result<Vec<T>> {
     let prog: &mut Iter = ebpf
-        .program_mut("ka_iter_tcp")
-        .ok_or_else(|| anyhow!("program ka_iter_tcp missing from the eBPF object"))?
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
         .try_into()?;
     if prog.fd().is_err() {
         prog.load("tcp", btf)
-            .map_err(|e| anyhow!("{}", verifier_summary(&e)))?;
+            .map_err(|e| anyhow!("{}", verifier_summary(&e)))
+            .with_context(|| format!("loading {program} for iter/tcp"))?;
     }
     let mut rows = Vec::new();
     for ns in super::netns::reachable() {
@@ -250,9 +257,9 @@ pub fn walk_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<SockRecord>> 
                 .map_err(|_| anyhow!("namespace walker thread failed"))?
         });
         match result {
-            Ok(bytes) => rows.extend(bytes.chunks_exact(size_of::<SockRecord>()).map(|c| {
-                // SAFETY: SockRecord is plain old data of exactly this size.
-                unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<SockRecord>()) }
+            Ok(bytes) => rows.extend(bytes.chunks_exact(size_of::<T>()).map(|c| {
+                // SAFETY: T is plain old data of exactly this size.
+                unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) }
             })),
             // A namespace can vanish while we walk; that is not an error.
             Err(e) => tracing::debug!("skipping netns {}: {e:#}", ns.path.display()),
@@ -262,7 +269,7 @@ pub fn walk_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<SockRecord>> 
 }
 
 /// The last informative lines of a verifier log, on one line.
-fn verifier_summary(e: &aya::programs::ProgramError) -> String {
+pub(crate) fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     use std::error::Error;
     let mut s = e.to_string();
     let mut src = e.source();

@@ -43,12 +43,17 @@ fn measure_hz() -> u64 {
     nearest_hz((j1 - j0) as f64 / ((t1 - t0) as f64 / 1e9))
 }
 
-/// Turns iterator rows into connections with their owners.
-pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
-    let hz = records
+/// The kernel's tick rate, from a walk's clock stamps (or measured).
+pub fn hz_of(records: &[SockRecord]) -> u64 {
+    records
         .first()
         .and_then(|r| detect_hz(r.now_jiffies, r.now_ns))
-        .unwrap_or_else(measure_hz);
+        .unwrap_or_else(measure_hz)
+}
+
+/// Turns iterator rows into connections with their owners.
+pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
+    let hz = hz_of(records);
     let owners: HashMap<u64, Vec<Owner>> = if with_owners {
         owners::scan()
     } else {

@@ -36,6 +36,8 @@ pub struct Query {
     states: Vec<String>,
     /// Lower-cased.
     words: Vec<String>,
+    /// Some word has a character of an address, port or pid.
+    numeric: bool,
 }
 
 const VERDICTS: [&str; 4] = ["dead", "orphaned", "unprotected", "healthy"];
@@ -96,6 +98,10 @@ impl Query {
                 _ => q.words.push(term.to_lowercase()),
             }
         }
+        q.numeric = q
+            .words
+            .iter()
+            .any(|w| w.contains(|c: char| c.is_ascii_hexdigit() || "[]:./*".contains(c)));
         Ok(q)
     }
 
@@ -145,33 +151,66 @@ impl Query {
         if self.words.is_empty() {
             return true;
         }
-        let hay = haystack(s);
-        self.words.iter().all(|w| hay.contains(w.as_str()))
+        // One buffer reused for every row: a filter over 100k connections
+        // must not allocate 100k strings per frame.
+        thread_local! {
+            static HAY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        HAY.with_borrow_mut(|hay| {
+            haystack(s, hay, self.numeric);
+            self.words.iter().all(|w| hay.contains(w.as_str()))
+        })
     }
 }
 
 /// Everything a bare word may match, lower case, space separated.
-fn haystack(s: &Subject) -> String {
-    let ep = |a: Option<IpAddr>, p: u16| match a {
-        Some(IpAddr::V6(v6)) => format!("[{v6}]:{p}"),
-        Some(a) => format!("{a}:{p}"),
-        None => format!("*:{p}"),
+/// Addresses, ports and pids are written only when some word could match
+/// them (`numeric`): formatting them is most of the cost.
+fn haystack(s: &Subject, h: &mut String, numeric: bool) {
+    use std::fmt::Write;
+    h.clear();
+    // Addresses repeat across rows (a few peers, a few local addresses):
+    // each is formatted once and remembered.
+    thread_local! {
+        static TEXT: std::cell::RefCell<std::collections::HashMap<IpAddr, Box<str>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    if numeric {
+        TEXT.with_borrow_mut(|text| {
+            if text.len() > 1 << 18 {
+                text.clear();
+            }
+            for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
+                match a {
+                    Some(a) => {
+                        let t = text.entry(a).or_insert_with(|| match a {
+                            IpAddr::V6(v6) => format!("[{v6}]").into(),
+                            v4 => v4.to_string().into(),
+                        });
+                        h.push_str(t);
+                    }
+                    None => h.push('*'),
+                }
+                let _ = write!(h, ":{p} ");
+            }
+        });
+    }
+    let lower = |h: &mut String, text: &str| {
+        h.extend(text.chars().flat_map(char::to_lowercase));
+        h.push(' ');
     };
-    let mut h = format!(
-        "{} {} {} {}",
-        ep(s.saddr, s.sport),
-        ep(s.daddr, s.dport),
-        state_name(s.state),
-        s.verdict.unwrap_or("")
-    );
+    lower(h, state_name(s.state));
+    lower(h, s.verdict.unwrap_or(""));
     for o in s.owners {
-        h += &format!(" {}/{}", o.comm, o.pid);
+        h.extend(o.comm.chars().flat_map(char::to_lowercase));
+        if numeric {
+            let _ = write!(h, "/{}", o.pid);
+        }
+        h.push(' ');
     }
     for w in s.words {
-        h.push(' ');
-        h.push_str(w);
+        lower(h, w);
     }
-    h.to_lowercase()
 }
 
 #[cfg(test)]
@@ -249,6 +288,7 @@ mod tests {
     fn bare_words_match_anything_shown() {
         assert!(m("postgres"));
         assert!(m("4242"));
+        assert!(m("postgres/4242"));
         assert!(m("10.1.2.3"));
         assert!(m("unanswered"));
         assert!(m("established dead"));

@@ -1,0 +1,180 @@
+//! The kernel half of tuning as userspace drives it: attaching the sock_ops
+//! and setsockopt programs to the cgroup v2 root, filling the rule, config,
+//! owner and learned-idle maps, running the tuning walk in every namespace,
+//! and draining the reports.
+//!
+//! Every attachment is a BPF link owned by this process: when it exits for
+//! any reason (SIGKILL included) the kernel detaches the programs and frees
+//! the maps, so new sockets are no longer tuned and nothing stays behind.
+
+use std::collections::HashMap as StdHashMap;
+use std::fs::File;
+
+use anyhow::{Context, Result, anyhow};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSockopt, SockOps};
+use keepalive_common::TASK_COMM_LEN;
+use keepalive_common::tune::{
+    DestKey, MAX_RULES, RuleSet, TuneConfig, TuneReport, TuneRule, cfg_flags, names, walk_mode,
+};
+
+use crate::kernel::{cgroup2_mount, loader};
+
+/// The tuning programs attached and their maps in hand.
+pub struct TuneKernel {
+    ring: RingBuf<MapData>,
+    rules: Array<MapData, RuleSet>,
+    cfg_map: Array<MapData, TuneConfig>,
+    owners: HashMap<MapData, u64, [u8; TASK_COMM_LEN]>,
+    adapt: HashMap<MapData, DestKey, u32>,
+    pub config: TuneConfig,
+    /// Where cgroup v2 is mounted (rules' cgroup paths are below it).
+    pub cgroup_root: std::path::PathBuf,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).map_err(|e| anyhow!("map {name}: {e}"))
+}
+
+impl TuneKernel {
+    /// Takes the tuning maps, writes `rules` and `config` (not yet active),
+    /// loads the programs and attaches sock_ops and the setsockopt hook to
+    /// the cgroup v2 root.
+    pub fn attach(ebpf: &mut Ebpf, rules: &[TuneRule], config: TuneConfig) -> Result<TuneKernel> {
+        let cgroup_root = cgroup2_mount().ok_or_else(|| {
+            anyhow!("cgroup v2 is not mounted (no cgroup2 line in /proc/mounts): tune attaches to its root")
+        })?;
+        let mut k = TuneKernel {
+            ring: take(ebpf, names::TUNE_EVENTS)?,
+            rules: take(ebpf, names::TUNE_RULES)?,
+            cfg_map: take(ebpf, names::TUNE_CFG)?,
+            owners: take(ebpf, names::TUNE_OWNERS)?,
+            adapt: take(ebpf, names::TUNE_ADAPT)?,
+            config: TuneConfig {
+                flags: config.flags & !cfg_flags::ACTIVE,
+                ..config
+            },
+            cgroup_root,
+        };
+        k.set_rules(rules)?;
+        k.write_config()?;
+        let cg = File::open(&k.cgroup_root)
+            .with_context(|| format!("opening the cgroup v2 root {}", k.cgroup_root.display()))?;
+        let prog: &mut SockOps = ebpf
+            .program_mut(names::SOCKOPS)
+            .ok_or_else(|| anyhow!("program {} missing", names::SOCKOPS))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
+            .context("loading the sock_ops program")?;
+        // A BPF link (kernels >= 5.7) always coexists with other programs
+        // on the cgroup; its attach flags must be 0 (`Single`).
+        prog.attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("attaching sock_ops to {}", k.cgroup_root.display()))?;
+        let prog: &mut CgroupSockopt = ebpf
+            .program_mut(names::SETSOCKOPT)
+            .ok_or_else(|| anyhow!("program {} missing", names::SETSOCKOPT))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
+            .context("loading the cgroup/setsockopt program")?;
+        // A BPF link (kernels >= 5.7) always coexists with other programs
+        // on the cgroup; its attach flags must be 0 (`Single`).
+        prog.attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| {
+                format!("attaching cgroup/setsockopt to {}", k.cgroup_root.display())
+            })?;
+        Ok(k)
+    }
+
+    /// Replaces the policy the programs use.
+    pub fn set_rules(&mut self, rules: &[TuneRule]) -> Result<()> {
+        let mut set = RuleSet::default();
+        let n = rules.len().min(MAX_RULES);
+        set.rules[..n].copy_from_slice(&rules[..n]);
+        self.rules
+            .set(0, set, 0)
+            .map_err(|e| anyhow!("writing TUNE_RULES: {e}"))?;
+        self.config.n_rules = n as u32;
+        self.write_config()
+    }
+
+    pub fn write_config(&mut self) -> Result<()> {
+        self.cfg_map
+            .set(0, self.config, 0)
+            .map_err(|e| anyhow!("writing TUNE_CFG: {e}"))
+    }
+
+    /// Turns tuning of new connections on or off.
+    pub fn set_active(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.config.flags |= cfg_flags::ACTIVE;
+        } else {
+            self.config.flags &= !cfg_flags::ACTIVE;
+        }
+        self.write_config()
+    }
+
+    /// Runs the tuning walk (`walk_mode::APPLY` or `RESTORE`) over every
+    /// reachable namespace; returns what it did.
+    pub fn walk(&mut self, ebpf: &mut Ebpf, mode: u32) -> Result<Vec<TuneReport>> {
+        self.config.walk_mode = mode;
+        self.write_config()?;
+        let btf = loader::aya_btf()?;
+        let rows = loader::iter_rows::<TuneReport>(ebpf, btf, names::WALK);
+        self.config.walk_mode = walk_mode::APPLY;
+        self.write_config()?;
+        rows.context("walking TCP sockets to tune them (iter/tcp)")
+    }
+
+    /// Every report sock_ops and the setsockopt hook queued.
+    pub fn drain(&mut self) -> Vec<TuneReport> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<TuneReport>() {
+                // SAFETY: TuneReport is plain old data and the slice is long enough.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        out
+    }
+
+    /// Tells the programs who owns sockets the kernel knows no owner of.
+    pub fn set_owners(&mut self, owners: &StdHashMap<u64, [u8; TASK_COMM_LEN]>) -> Result<()> {
+        for (cookie, comm) in owners {
+            self.owners
+                .insert(cookie, comm, 0)
+                .map_err(|e| anyhow!("writing TUNE_OWNERS: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets owners of sockets that are gone (keeps the map small).
+    pub fn forget_owners(&mut self, keep: impl Fn(u64) -> bool) {
+        let stale: Vec<u64> = self
+            .owners
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !keep(*c))
+            .collect();
+        for c in stale {
+            let _ = self.owners.remove(&c);
+        }
+    }
+
+    /// The learned TCP_KEEPIDLE new connections to `dest` get.
+    pub fn set_learned_idle(&mut self, dest: DestKey, idle_s: u32) -> Result<()> {
+        self.adapt
+            .insert(dest, idle_s, 0)
+            .map_err(|e| anyhow!("writing TUNE_ADAPT: {e}"))
+    }
+}
