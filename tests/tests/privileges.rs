@@ -24,6 +24,11 @@ fn a_running_record_keeps_only_what_its_walks_need() {
     let pair = Pair::new("caps");
     let mut mon = Monitor::start(&["--refresh", "1s", PAIR_ONLY[0], PAIR_ONLY[1]]);
     let pid = mon.pid();
+    // Dropped right after the ready line (consumers attach first).
+    assert!(wait_for(std::time::Duration::from_secs(5), || status(
+        pid, "CapEff"
+    )
+        == WALK_CAPS));
     // Every thread of the process, not just the first.
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: u32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
@@ -52,6 +57,9 @@ fn a_running_record_keeps_only_what_its_walks_need() {
 fn without_the_table_nothing_is_kept() {
     let mut mon = Monitor::start(&["--refresh", "0", PAIR_ONLY[0], PAIR_ONLY[1]]);
     let pid = mon.pid();
+    assert!(wait_for(std::time::Duration::from_secs(5), || status(
+        pid, "CapEff"
+    ) == "0000000000000000"));
     for key in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(status(pid, key), "0000000000000000", "{key}");
     }

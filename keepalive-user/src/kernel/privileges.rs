@@ -132,6 +132,14 @@ pub fn drop_all_but(keep: CapabilitySet) -> anyhow::Result<CapabilitySet> {
     Ok(kept)
 }
 
+/// For a thread that needs no privilege at all (a UI, an HTTP server):
+/// drops every capability from it; a failure is logged, not fatal.
+pub fn drop_all_in_this_thread(what: &str) {
+    if let Err(e) = drop_all_but(CapabilitySet::empty()) {
+        tracing::warn!("{what}: keeping capabilities: {e:#}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
