@@ -27,6 +27,7 @@ use toml::Spanned;
 use ipnet::IpNet;
 
 use crate::events::Kind;
+use crate::events::comm::escape_controls;
 use crate::output::file::{MAX_ROTATE_KEEP, MIN_ROTATE_SIZE};
 use crate::table::verdict::Thresholds;
 
@@ -104,7 +105,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     s.trim()
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
-        .map_err(|_| format!("invalid size `{s}`: use e.g. 100MiB, 10M, 1G or a number of bytes"))
+        .map_err(|_| {
+            let s = escape_controls(s);
+            format!("invalid size `{s}`: use e.g. 100MiB, 10M, 1G or a number of bytes")
+        })
 }
 
 /// Checks `--ring-size`: a power of two of at least one page.
@@ -213,7 +217,12 @@ fn line_of(text: &str, offset: usize) -> usize {
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     humantime::parse_duration(s)
         .map(|d| d.as_millis() as u64)
-        .map_err(|e| format!("invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"))
+        .map_err(|e| {
+            escape_controls(&format!(
+                "invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"
+            ))
+            .into_owned()
+        })
 }
 
 /// A parsed configuration with the text it came from, for error lines.

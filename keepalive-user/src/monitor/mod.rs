@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
 use crate::events::{Event, Kind, ResetReasons, decode};
-use crate::kernel::{check_privileges, loader};
+use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
@@ -159,6 +159,12 @@ pub trait Consumer {
     fn batch_done(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         Ok(Flow::Continue)
     }
+    /// Whether this consumer walks the sockets itself after `started`
+    /// (with [`crate::kernel::loader::walk_sockets`]): the capabilities
+    /// that needs are then kept after attach.
+    fn walks_sockets(&self) -> bool {
+        false
+    }
     /// SIGHUP: reopen files, reload configuration.
     fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         Ok(Flow::Continue)
@@ -215,6 +221,9 @@ impl Consumer for Fanout<'_> {
     }
     fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         all(&mut self.0, |c| c.hangup(ctx))
+    }
+    fn walks_sockets(&self) -> bool {
+        self.0.iter().any(|c| c.walks_sockets())
     }
     fn stopping(&mut self, ctx: &mut Ctx) -> Result<()> {
         // Every consumer gets to clean up, even when one fails.
@@ -450,6 +459,12 @@ async fn event_loop(
         let mut ctx = engine.ctx();
         consumer.started(&mut ctx)?
     };
+    // Everything that needed full privileges is done (the consumers
+    // attached their own programs in `started`): keep only what the walks
+    // need, if anything walks (kernel::privileges says what and why).
+    let walks = engine.table.is_some() || opts.final_walk || consumer.walks_sockets();
+    let kept = privileges::drop_all_but(privileges::steady_state(walks))?;
+    tracing::debug!(kept = ?privileges::names(kept), "capabilities dropped after attach");
     while flow == Flow::Continue {
         flow = tokio::select! {
             guard = ring.readable_mut() => {
