@@ -98,6 +98,8 @@ pub struct ServeSettings {
     pub cidrs: Option<Vec<IpNet>>,
     pub pids: Option<Vec<u32>>,
     pub policy: Option<PathBuf>,
+    /// `[[rule]]` tables in the file (a tuning policy inline).
+    pub rules: usize,
 }
 
 /// Parses `100MiB`, `10M`, `1G`, `4096` into bytes.
@@ -266,6 +268,7 @@ impl Loaded {
             ports: f.port.clone(),
             pids: f.pid.clone(),
             policy: f.policy.clone(),
+            rules: self.file.rule.len(),
             ..ServeSettings::default()
         };
         if let Some(v) = &f.metrics {
