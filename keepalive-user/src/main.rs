@@ -5,10 +5,15 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use keepalive::commands::record::{self, RecordOptions};
+use keepalive::commands::serve;
 use keepalive::commands::snapshot::{self, SnapshotOptions};
+use keepalive::commands::top::{self, TopOptions};
 use keepalive::config;
+use keepalive::config::LogFormat;
+use keepalive::diag;
 use keepalive::events::Kind;
 use keepalive::events::filter::{Filter, parse_cidr};
+use keepalive::metrics::DEFAULT_ADDR;
 use keepalive::output::{Format, is_broken_pipe};
 use keepalive::table::verdict::{Thresholds, VerdictKind};
 
@@ -21,27 +26,39 @@ use keepalive::table::verdict::{Thresholds, VerdictKind};
 struct Cli {
     /// Diagnostics on stderr: error, warn, info, debug or trace (or a
     /// tracing filter such as `keepalive=debug`); RUST_LOG works too.
-    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
-    log_level: String,
+    /// [default: info for `serve`, warn otherwise]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as text for people or JSON objects for machines
+    /// [default: text; `serve` reads log_format from its config].
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
 /// Sends `tracing` diagnostics to stderr, filtered by `--log-level` (or
 /// RUST_LOG when set). Data never goes there: it has its own outputs.
-fn init_logging(level: &str) -> anyhow::Result<()> {
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => EnvFilter::try_new(env),
         _ => EnvFilter::try_new(level),
     }
     .map_err(|e| anyhow::anyhow!("invalid --log-level `{level}`: {e}"))?;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+        // Its fallback for a failed write is eprintln!, which panics when
+        // stderr is gone: a lost diagnostic must not stop the monitor.
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -60,21 +77,26 @@ enum Command {
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
-        /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
+        /// Ring buffer size in bytes (a power of two from 4096 to 256 MiB;
+        /// default 4 MiB).
         #[arg(long, value_name = "BYTES")]
         ring_size: Option<u32>,
-        /// Re-read every connection from the kernel this often to keep the
-        /// connection table and its verdicts current; 0 turns the table and
-        /// `verdict` events off.
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-        refresh: u64,
-        /// Most connections tracked at once; beyond it the least recently
-        /// active is evicted (and counted).
+        /// Re-read every connection from the kernel this often (100ms to
+        /// 24h) to keep the connection table and its verdicts current; 0
+        /// turns the table, `verdict` events and --table-dump off.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        refresh: std::time::Duration,
+        /// Most connections tracked at once (1 to 4194304); beyond it the
+        /// least recently active is evicted (and counted).
         #[arg(long, value_name = "N", default_value = "262144")]
         max_conns: usize,
         /// At exit, write the connection table here (JSON lines, as `snapshot`).
         #[arg(long, value_name = "FILE")]
         table_dump: Option<PathBuf>,
+        /// Also serve Prometheus metrics on ADDR while recording (as
+        /// `serve`; `--metrics` alone: 127.0.0.1:9977).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_ADDR)]
+        metrics: Option<String>,
         #[command(flatten)]
         thresholds: ThresholdArgs,
         /// Also tune connections with this policy while recording (as
@@ -100,6 +122,11 @@ enum Command {
         #[command(flatten)]
         tune: TuneArgs,
     },
+    /// Run as a service: the monitor, Prometheus metrics on --metrics, and
+    /// every event as a JSON line in --output (rotated by size, reopened
+    /// on SIGHUP). Settings come from the [serve] table of --config
+    /// (/etc/keepalive/keepalive.toml when it exists); flags override it.
+    Serve(Box<ServeArgs>),
     /// Show every TCP connection now, with keepalive settings, probes,
     /// retransmits, idle times and a verdict (dead, orphaned, unprotected,
     /// healthy) with its reason, worst first.
@@ -118,6 +145,26 @@ enum Command {
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
+    /// Live terminal UI: connections worst first with verdicts and reasons,
+    /// a detail view with each connection's probe timeline, the event log,
+    /// filters (`/`), sorting (`s`), help (`?`).
+    Top {
+        #[command(flatten)]
+        conn_filter: ConnFilterArgs,
+        /// Re-read every connection from the kernel this often (events
+        /// update the screen in between).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        refresh: u64,
+        /// Redraw the screen this often.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+        interval: u64,
+        /// Most connections tracked at once; beyond it the least recently
+        /// active is evicted (and counted).
+        #[arg(long, value_name = "N", default_value = "262144")]
+        max_conns: usize,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
     /// Print the shell completion script for SHELL to stdout, e.g.
@@ -132,6 +179,98 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Serve /metrics, /healthz and /readyz on ADDR [default: 127.0.0.1:9977].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Extra labels on the event counters: comm, port (comma-separated or
+    /// repeated), each capped at --metrics-label-limit values.
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    metrics_labels: Vec<String>,
+    /// Most distinct values of each extra label; the rest are counted
+    /// under `_overflow` [default: 64].
+    #[arg(long, value_name = "N")]
+    metrics_label_limit: Option<usize>,
+    /// Write every event as a JSON line to FILE (created 0640; a symlink
+    /// is refused).
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Rotate --output when it would grow past SIZE (e.g. 100MiB, 1G).
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    rotate_size: Option<u64>,
+    /// Rotated files to keep (FILE.1 newest) [default: 5].
+    #[arg(long, value_name = "N")]
+    rotate_keep: Option<u32>,
+    /// Only these event kinds in --output (repeatable); metrics count all.
+    #[arg(long = "event", value_name = "KIND", value_enum)]
+    events: Vec<Kind>,
+    #[command(flatten)]
+    conn_filter: ConnFilterArgs,
+    /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    ring_size: Option<u32>,
+    /// Re-read every connection this often (verdict gauges) [default: 5s]; 0: never.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    refresh: Option<u64>,
+    /// Most connections tracked at once [default: 262144].
+    #[arg(long, value_name = "N")]
+    max_conns: Option<usize>,
+    /// Tuning policy: a TOML file of [[rule]] tables.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Only check the configuration and the flags, then exit (0: valid).
+    #[arg(long)]
+    check_config: bool,
+    #[command(flatten)]
+    thresholds: ThresholdArgs,
+}
+
+/// Where `serve` looks for its configuration when --config is not given.
+const SERVE_CONFIG: &str = "/etc/keepalive/keepalive.toml";
+
+impl ServeArgs {
+    /// The config file to read: --config, else the system one if present.
+    fn config_path(&self) -> Option<PathBuf> {
+        self.thresholds.config.clone().or_else(|| {
+            let p = PathBuf::from(SERVE_CONFIG);
+            p.exists().then_some(p)
+        })
+    }
+
+    fn options(self, file: Option<&config::Loaded>) -> anyhow::Result<serve::ServeOptions> {
+        let settings = file
+            .map(config::Loaded::serve)
+            .transpose()?
+            .unwrap_or_default();
+        let thresholds = config::thresholds(&self.thresholds.flags(), file)?;
+        let flags = serve::ServeFlags {
+            metrics: self.metrics,
+            metrics_labels: self.metrics_labels,
+            metrics_label_limit: self.metrics_label_limit,
+            output: self.output,
+            rotate_size: self.rotate_size,
+            rotate_keep: self.rotate_keep,
+            events: self.events,
+            refresh_ms: self.refresh,
+            max_conns: self.max_conns,
+            ring_size: self.ring_size,
+            ports: self.conn_filter.port,
+            cidrs: self.conn_filter.addr,
+            pids: self.conn_filter.pid,
+            policy: self.policy,
+        };
+        serve::resolve(flags, settings, thresholds).map_err(anyhow::Error::msg)
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("invalid ring size `{s}`: expected a number of bytes"))?;
+    config::check_ring_size(n)
 }
 
 /// How a policy is applied.
@@ -216,25 +355,39 @@ struct ThresholdArgs {
 }
 
 impl ThresholdArgs {
+    fn flags(&self) -> config::ThresholdFlags {
+        config::ThresholdFlags {
+            idle_ms: self.idle_threshold,
+            middlebox_idle_ms: self.middlebox_timeout,
+            close_wait_ms: self.close_wait_threshold,
+            dead_retransmits: self.dead_retransmits,
+            no_owners: self.no_owners,
+        }
+    }
+
     fn thresholds(&self) -> anyhow::Result<Thresholds> {
         let file = self
             .config
             .as_deref()
             .map(config::Loaded::load)
             .transpose()?;
-        let flags = config::ThresholdFlags {
-            idle_ms: self.idle_threshold,
-            middlebox_idle_ms: self.middlebox_timeout,
-            close_wait_ms: self.close_wait_threshold,
-            dead_retransmits: self.dead_retransmits,
-            no_owners: self.no_owners,
-        };
-        config::thresholds(&flags, file.as_ref())
+        config::thresholds(&self.flags(), file.as_ref())
     }
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
     config::parse_duration(s)
+}
+
+/// Writes all of `bytes` to stdout; the error keeps its io::Error, so a
+/// reader that went away (`| head`) is told apart.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 /// Man pages generated from the command definitions, so they never drift.
@@ -247,9 +400,13 @@ fn man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
             clap_mangen::generate_to(cmd, &dir)
                 .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))
         }
-        None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
-            .map_err(|e| anyhow::anyhow!("writing the man page: {e}")),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| anyhow::anyhow!("rendering the man page: {e}"))?;
+            write_stdout(&page)
+        }
     }
 }
 
@@ -273,24 +430,67 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    eprintln!("keepalive: {line}");
+    diag!("{line}");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
+    // The hook itself must not panic when stderr is gone (that aborts).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("keepalive: internal error: {info}; please report this");
+        diag!("internal error: {info}; please report this");
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    if let Err(e) = init_logging(&cli.log_level) {
-        eprintln!("keepalive: error: {e:#}");
+    // serve's config may set the log format, so it is read first; any
+    // error in it stops everything before it starts.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => match args.config_path().map(|p| config::Loaded::load(&p)) {
+            Some(Err(e)) => {
+                diag!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            Some(Ok(l)) => Some(l),
+            None => None,
+        },
+        _ => None,
+    };
+    let (default_level, file_format) = match &cli.command {
+        Command::Serve(_) => (
+            "info",
+            serve_config
+                .as_ref()
+                .and_then(|c| c.serve().ok())
+                .and_then(|s| s.log_format),
+        ),
+        _ => ("warn", None),
+    };
+    let level = cli.log_level.as_deref().unwrap_or(default_level);
+    let format = cli.log_format.or(file_format).unwrap_or_default();
+    // Diagnostics on stderr would be drawn over the screen of `top`; what
+    // matters there (lost events) is on the screen itself.
+    let on_screen = matches!(cli.command, Command::Top { .. });
+    if !on_screen && let Err(e) = init_logging(level, format) {
+        diag!("error: {e:#}");
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
+        Command::Serve(args) if args.check_config => {
+            let path = args.config_path();
+            args.options(serve_config.as_ref())
+                .map(|_| match path {
+                    Some(p) => format!("{}: ok\n", p.display()),
+                    None => "flags ok (no config file)\n".to_string(),
+                })
+                .and_then(|line| write_stdout(line.as_bytes()))
+                .map(|()| true)
+        }
+        Command::Serve(args) => args
+            .options(serve_config.as_ref())
+            .and_then(serve::run)
+            .map(|()| true),
         Command::Record {
             format,
             output,
@@ -300,16 +500,18 @@ fn main() -> ExitCode {
             refresh,
             max_conns,
             table_dump,
+            metrics,
             thresholds,
             policy,
             tune,
         } => thresholds.thresholds().and_then(|thresholds| {
             record::run(RecordOptions {
+                metrics,
                 format,
                 output,
                 filter: conn_filter.filter(events),
                 ring_size,
-                refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
+                refresh: (!refresh.is_zero()).then_some(refresh),
                 max_conns,
                 thresholds,
                 table_dump,
@@ -333,6 +535,22 @@ fn main() -> ExitCode {
             })
             .map(|()| true)
         }),
+        Command::Top {
+            conn_filter,
+            refresh,
+            interval,
+            max_conns,
+            thresholds,
+        } => thresholds.thresholds().and_then(|thresholds| {
+            top::run(TopOptions {
+                filter: conn_filter.filter(Vec::new()),
+                refresh: std::time::Duration::from_millis(refresh),
+                interval: std::time::Duration::from_millis(interval),
+                max_conns,
+                thresholds,
+            })
+            .map(|()| true)
+        }),
         Command::Tune {
             policy,
             format,
@@ -346,9 +564,10 @@ fn main() -> ExitCode {
         .map(|()| true),
         Command::Check => keepalive::commands::check::run(),
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "keepalive", &mut std::io::stdout());
-            Ok(true)
+            // Generated in memory: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "keepalive", &mut script);
+            write_stdout(&script).map(|()| true)
         }
         Command::Man { out_dir } => man(out_dir).map(|()| true),
     };
@@ -358,7 +577,7 @@ fn main() -> ExitCode {
         // The reader of our output went away (`| head`): not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keepalive: error: {e:#}");
+            diag!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,9 @@
 //! root, no binary, no `ip`/`nft`) is a test failure with a message saying
 //! what to do, never a silent skip.
 
+pub mod daemon;
+pub mod http;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -318,6 +321,11 @@ impl Monitor {
 
     pub fn stop(&mut self) -> Vec<Value> {
         self.stop_with(libc::SIGTERM)
+    }
+
+    /// The file it writes to.
+    pub fn output(&self) -> &Path {
+        &self.out
     }
 
     /// Stops and checks that the kernel dropped nothing, so that exact

@@ -140,7 +140,8 @@ fn keepalive_probes_refused_by_the_local_qdisc_match_tcpext_tcpkeepalive() {
     assert_eq!(
         probes.len() as i64,
         kernel,
-        "probe events vs TcpExt.TCPKeepAlive: {probes:#?}"
+        "probe events vs TcpExt.TCPKeepAlive: {probes:#?}; monitor: {:?}",
+        mon.stderr
     );
     // None was answered or counted: each is the first unanswered one.
     assert!(probes.iter().all(|p| p["probe"] == 1), "{probes:#?}");

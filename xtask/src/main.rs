@@ -196,6 +196,8 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     let bin = build(true)?;
+    // The package test installs what `cargo xtask dist` builds.
+    let deb = dist::run_dist(&bin)?;
     // keepalive-ebpf only builds for bpfel-unknown-none; keepalive-user's
     // build.rs builds it, and it has no host tests. No doc tests: there are
     // none, and their empty summary would end the log.
@@ -210,11 +212,14 @@ fn test(args: &[String]) -> Result<()> {
             "--lib",
             "--bins",
             "--tests",
+            // Every test binary runs, so one failure does not hide others.
+            "--no-fail-fast",
             "--",
             "--test-threads=1",
         ])
         .args(args)
         .env("KEEPALIVE_BIN", &bin)
+        .env("KEEPALIVE_DEB", &deb)
         .env("KEEPALIVE_REQUIRE_EBPF", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -29,8 +29,16 @@ pub const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "nftables",
     "iproute2",
+    // serve's tests: a real Prometheus scrapes it; promtool checks the
+    // exposition and the alert rules; systemd-analyze checks the unit.
+    "prometheus",
+    "systemd",
+    // tests/tests/top.rs drives `keepalive top` in a real terminal.
+    "tmux",
 ];
 
+const CARGO_DEB_VERSION: &str = "3.8.0";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Debian packages `cargo xtask bench` needs besides: bpftrace runs the
 /// peer row (the same workloads under a bpftrace script).
 pub const BENCH_PACKAGES: &[&str] = &["bpftrace"];
@@ -48,11 +56,19 @@ pub struct Missing {
     pub bpf_linker: bool,
     /// tracefs is not mounted at `/sys/kernel/tracing`.
     pub tracefs: bool,
+    /// `cargo deb` (for `cargo xtask dist`) is not installed.
+    pub cargo_deb: bool,
+    /// Python's kubernetes-validate (checks dist/kubernetes) is not installed.
+    pub kubernetes_validate: bool,
 }
 
 impl Missing {
     pub fn is_empty(&self) -> bool {
-        self.packages.is_empty() && !self.bpf_linker && !self.tracefs
+        self.packages.is_empty()
+            && !self.bpf_linker
+            && !self.tracefs
+            && !self.cargo_deb
+            && !self.kubernetes_validate
     }
 }
 
@@ -67,7 +83,22 @@ pub fn check(bench: bool) -> Missing {
         packages: missing_packages(&wanted),
         bpf_linker: find_bpf_linker().is_none(),
         tracefs: !tracefs_mounted(),
+        cargo_deb: !succeeds(Command::new(crate::cargo()).args(["deb", "--version"])),
+        kubernetes_validate: !succeeds(Command::new("python3").args([
+            "-m",
+            "kubernetes_validate",
+            "--version",
+        ])),
     }
+}
+
+/// Whether `cmd` runs and exits 0 (quietly).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `cargo xtask setup --check`: reports what is missing, fails if anything is.
@@ -91,6 +122,14 @@ pub fn report(bench: bool) -> Result<()> {
     }
     if missing.tracefs {
         eprintln!("setup: tracefs not mounted at {TRACEFS}");
+    }
+    if missing.cargo_deb {
+        eprintln!("setup: missing cargo-deb (cargo xtask dist)");
+    }
+    if missing.kubernetes_validate {
+        eprintln!(
+            "setup: missing the kubernetes-validate Python package (python3 -m kubernetes_validate)"
+        );
     }
     bail!(
         "this host is not ready: run `cargo xtask setup` to install what is missing (as root for apt packages and tracefs)"
@@ -160,6 +199,32 @@ fn install(missing: Missing, bench: bool) -> Result<()> {
         );
         run_cmd(&mut bpf_linker_install(), "cargo install bpf-linker")?;
     }
+    if missing.cargo_deb {
+        eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION} with cargo install");
+        run_cmd(
+            Command::new(crate::cargo()).args([
+                "install",
+                "cargo-deb",
+                "--locked",
+                "--version",
+                CARGO_DEB_VERSION,
+            ]),
+            "cargo install cargo-deb",
+        )?;
+    }
+    if missing.kubernetes_validate {
+        eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} with pip");
+        run_cmd(
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+            ]),
+            "pip install kubernetes-validate",
+        )?;
+    }
 
     let left = check(bench);
     if !left.is_empty() {
@@ -187,6 +252,12 @@ fn print_manual_steps(missing: &Missing, root: bool, debian: bool) {
     }
     if missing.tracefs {
         eprintln!("  {sudo}mount -t tracefs nodev {TRACEFS}");
+    }
+    if missing.cargo_deb {
+        eprintln!("  cargo install cargo-deb --locked --version {CARGO_DEB_VERSION}");
+    }
+    if missing.kubernetes_validate {
+        eprintln!("  python3 -m pip install kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
     }
     if missing.bpf_linker {
         eprintln!(

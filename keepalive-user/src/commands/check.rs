@@ -1,10 +1,13 @@
 //! `keepalive check`: diagnoses whether `record` can run on this host, and
 //! for every hook whether it attaches and, if not, why.
 
-use anyhow::Result;
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use anyhow::{Context, Result};
 
 use crate::events::filter::Filter;
-use crate::kernel::{self, btf::KernelBtf, loader, symbols};
+use crate::kernel::{self, btf::KernelBtf, loader, privileges, symbols};
 
 /// One line of the report.
 struct Line {
@@ -36,6 +39,16 @@ pub fn run() -> Result<bool> {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_else(|| "root / CAP_BPF+CAP_PERFMON".into()),
+    ));
+    let kept = privileges::steady_state(true);
+    lines.push(line(
+        "privileges after attach",
+        true,
+        false,
+        format!(
+            "keeps {} (setns into each namespace for walks, /proc of other users' processes for namespaces and owners); drops every other capability, sets NoNewPrivs",
+            privileges::names(kept).join(", ")
+        ),
     ));
     let obj = loader::ensure_object();
     lines.push(line(
@@ -114,15 +127,17 @@ pub fn run() -> Result<bool> {
     }
 
     let ready = lines.iter().all(|l| l.ok || !l.required);
+    let mut report = String::new();
     for l in &lines {
         let mark = match (l.ok, l.required) {
             (true, _) => "ok  ",
             (false, true) => "FAIL",
             (false, false) => "warn",
         };
-        println!("{mark} {:<28} {}", l.what, l.detail);
+        let _ = writeln!(report, "{mark} {:<28} {}", l.what, l.detail);
     }
-    println!(
+    let _ = writeln!(
+        report,
         "{}",
         if ready {
             "keepalive record can run on this host"
@@ -130,6 +145,12 @@ pub fn run() -> Result<bool> {
             "keepalive record cannot run on this host: fix the FAIL lines above"
         }
     );
+    // Written at once; the io::Error is kept so main can tell a reader that
+    // went away (exit 0) from a full disk (an error), and never panics.
+    let mut out = std::io::stdout().lock();
+    out.write_all(report.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the report")?;
     Ok(ready)
 }
 

@@ -3,5 +3,7 @@
 
 pub mod check;
 pub mod record;
+pub mod serve;
 pub mod snapshot;
+pub mod top;
 pub mod tune;

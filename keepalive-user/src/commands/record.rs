@@ -6,17 +6,21 @@
 //! place in the ring buffer, and each increase becomes a `lost` record in
 //! the stream and a line on stderr.
 
-use std::fs::File;
-use std::io::{self, BufWriter, ErrorKind, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::diag;
 use crate::events::Event;
 use crate::events::Kind;
 use crate::events::filter::Filter;
-use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
+use crate::metrics::consumer::MetricsConsumer;
+use crate::metrics::labels::LabelOptions;
+use crate::metrics::{Metrics, http};
+use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
+use crate::output::file::{FileOptions, LineFile, WriteError};
 use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
 use crate::output::{Clock, Format, text};
 use crate::table::conn_table::{ConnTable, VerdictChange};
@@ -39,6 +43,8 @@ pub struct RecordOptions {
     pub thresholds: Thresholds,
     /// Where to write the final connection table (JSON lines) at exit.
     pub table_dump: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address while recording.
+    pub metrics: Option<String>,
     /// Tune connections with this policy while recording (`--policy`).
     pub tune: Option<TuneOptions>,
 }
@@ -46,86 +52,144 @@ pub struct RecordOptions {
 /// Writes what the monitor sees as lines. Flushed after every batch
 /// drained from the ring, so a reader never waits for a line while we are
 /// idle, and a burst goes out in large writes.
+///
+/// A write that fails stops the monitor cleanly instead of aborting it:
+/// the programs are detached, the totals printed, and [`run`] returns the
+/// error (non-zero exit). Only whole lines reach the file.
 pub struct LineSink {
-    out: Box<dyn Write>,
+    out: LineFile,
     format: Format,
     filter: Filter,
-    /// Set once the writer failed with a broken pipe: nothing more is
-    /// written, and the monitor stops.
+    /// Set once the output cannot take more (the reader went away, or a
+    /// write failed): nothing more is written, and the monitor stops.
     closed: bool,
+    /// The failed write, reported after the totals.
+    error: Option<WriteError>,
     writes_to_stdout: bool,
-    table_dump: Option<PathBuf>,
+    table_dump: Option<LineFile>,
+    /// Write kernel events and verdict changes (`tune` writes only its own
+    /// records).
+    events: bool,
+    /// What the start line on stderr says the monitor is doing.
+    doing: &'static str,
 }
 
 impl LineSink {
     pub fn new(
-        out: Box<dyn Write>,
+        out: LineFile,
         format: Format,
         filter: Filter,
-        writes_to_stdout: bool,
-        table_dump: Option<PathBuf>,
+        table_dump: Option<LineFile>,
     ) -> Self {
         LineSink {
+            writes_to_stdout: out.path().is_none(),
             out,
             format,
             filter,
             closed: false,
-            writes_to_stdout,
+            error: None,
             table_dump,
+            events: true,
+            doing: "recording",
         }
+    }
+
+    /// The sink of `tune`: only `tuned`, `policy` and `lost` records.
+    pub fn tuning_only(mut self, dry_run: bool) -> Self {
+        self.events = false;
+        self.doing = if dry_run {
+            "tuning (dry run: nothing is changed)"
+        } else {
+            "tuning"
+        };
+        self
+    }
+
+    /// The write that failed, if one did.
+    pub fn take_error(&mut self) -> Option<WriteError> {
+        self.error.take()
     }
 
     /// A write's outcome: a reader that went away (`| head`) stops the
-    /// monitor quietly; any other failure is an error.
-    fn flow(&mut self, r: io::Result<()>) -> Result<Flow> {
+    /// monitor quietly; any other failure stops it and is reported at the
+    /// end.
+    fn flow(&mut self, r: Result<(), WriteError>) -> Flow {
         match r {
-            Ok(()) if !self.closed => Ok(Flow::Continue),
-            Ok(()) => Ok(Flow::Stop),
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => {
+            Ok(()) if !self.closed => Flow::Continue,
+            Ok(()) => Flow::Stop,
+            Err(e) => {
                 self.closed = true;
-                Ok(Flow::Stop)
+                if !e.is_broken_pipe() {
+                    self.error.get_or_insert(e);
+                }
+                Flow::Stop
             }
-            Err(e) => Err(e).context("writing events"),
         }
     }
 
-    fn write_text(&mut self, line: &str) -> Result<Flow> {
+    fn write_text(&mut self, line: &str) -> Flow {
         if self.closed {
-            return Ok(Flow::Stop);
+            return Flow::Stop;
         }
-        let r = writeln!(self.out, "{line}");
+        let r = self.out.write_line(line.as_bytes());
         self.flow(r)
     }
 
-    fn write_json(&mut self, record: &impl serde::Serialize) -> Result<Flow> {
+    fn write_json(&mut self, record: &impl serde::Serialize) -> Flow {
         if self.closed {
-            return Ok(Flow::Stop);
+            return Flow::Stop;
         }
-        let r = write_line(&mut self.out, record);
+        let r = self.out.line_with(|b| write_line(b, record));
         self.flow(r)
     }
 }
 
 impl TunedSink for LineSink {
     fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
-        match self.format {
+        Ok(match self.format {
             Format::Json => self.write_json(&TunedOut::new(t, clock)),
             Format::Text => self.write_text(&tuned_text(t, clock)),
-        }
+        })
     }
 
     fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow> {
-        match self.format {
+        Ok(match self.format {
             Format::Json => self.write_json(&PolicyOut::new(n, mono_ns, clock)),
             Format::Text => self.write_text(&policy_text(n, mono_ns, clock)),
-        }
+        })
+    }
+}
+
+/// The line sink, alone or wrapped by a tuner: the monitor drives it as a
+/// consumer, and its write error is read back at the end.
+pub trait SinkConsumer {
+    fn as_consumer(&mut self) -> &mut dyn Consumer;
+    fn sink(&mut self) -> &mut LineSink;
+}
+
+impl SinkConsumer for LineSink {
+    fn as_consumer(&mut self) -> &mut dyn Consumer {
+        self
+    }
+    fn sink(&mut self) -> &mut LineSink {
+        self
+    }
+}
+
+impl SinkConsumer for Tuner<LineSink> {
+    fn as_consumer(&mut self) -> &mut dyn Consumer {
+        self
+    }
+    fn sink(&mut self) -> &mut LineSink {
+        &mut self.inner
     }
 }
 
 impl Consumer for LineSink {
     fn started(&mut self, ctx: &mut Ctx) -> Result<Flow> {
-        eprintln!(
-            "keepalive: recording; {} hooks attached (pid {})",
+        diag!(
+            "{}; {} hooks attached (pid {})",
+            self.doing,
             ctx.hooks,
             std::process::id()
         );
@@ -133,34 +197,37 @@ impl Consumer for LineSink {
     }
 
     fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
-        if !self.filter.matches(ev) {
+        if !self.events || !self.filter.matches(ev) {
             return Ok(Flow::Continue);
         }
-        match self.format {
+        Ok(match self.format {
             Format::Json => self.write_json(&EventOut::new(ev, ctx.clock)),
             Format::Text => self.write_text(&text::event_text(ev, ctx.clock)),
-        }
+        })
     }
 
     fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
         let f = &self.filter;
-        if !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict) || !f.matches_conn(&ch.conn) {
+        if !self.events
+            || !f.kinds.is_empty() && !f.kinds.contains(&Kind::Verdict)
+            || !f.matches_conn(&ch.conn)
+        {
             return Ok(Flow::Continue);
         }
-        match self.format {
+        Ok(match self.format {
             Format::Json => self.write_json(&VerdictOut::new(ch, mono_ns, ctx.clock)),
             Format::Text => self.write_text(&text::verdict_text(ch, mono_ns, ctx.clock)),
-        }
+        })
     }
 
     fn lost(&mut self, count: u64, total: u64, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
-        eprintln!(
-            "keepalive: lost {count} events (ring buffer full, {total} in all); raise --ring-size"
-        );
-        match self.format {
+        // The record in the stream first: it is what the reader relies on.
+        let flow = match self.format {
             Format::Json => self.write_json(&LostOut::new(count, total, mono_ns, ctx.clock)),
             Format::Text => self.write_text(&text::lost_text(count, total, mono_ns, ctx.clock)),
-        }
+        };
+        diag!("lost {count} events (ring buffer full, {total} in all); raise --ring-size");
+        Ok(flow)
     }
 
     fn batch_done(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
@@ -168,7 +235,7 @@ impl Consumer for LineSink {
             return Ok(Flow::Stop);
         }
         let r = self.out.flush();
-        let flow = self.flow(r)?;
+        let flow = self.flow(r);
         if flow == Flow::Continue && self.writes_to_stdout && stdout_reader_gone() {
             self.closed = true;
             return Ok(Flow::Stop);
@@ -176,19 +243,46 @@ impl Consumer for LineSink {
         Ok(flow)
     }
 
+    /// SIGHUP (log rotation): write what is buffered to the old file, then
+    /// open the path again. If that fails, keep writing to the old file.
+    fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
+        if self.closed {
+            return Ok(Flow::Stop);
+        }
+        match self.out.reopen() {
+            Ok(()) => diag!("SIGHUP: reopened {}", self.out.name()),
+            Err(e) => {
+                if let Some(we) = e.downcast_ref::<WriteError>() {
+                    self.closed = true;
+                    if !we.is_broken_pipe() {
+                        self.error = e.downcast::<WriteError>().ok();
+                    }
+                    return Ok(Flow::Stop);
+                }
+                diag!("SIGHUP: {e:#}; still writing to the old file");
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
     fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
         if !self.closed {
             let r = self.out.flush();
-            self.flow(r)?;
+            self.flow(r);
         }
-        if let (Some(table), Some(path)) = (table, &self.table_dump) {
-            dump_table(path, table)?;
-        }
-        eprintln!(
-            "keepalive: stopped; emitted={} received={} lost={} tracked={} evicted={}",
-            totals.emitted, totals.received, totals.lost, totals.tracked, totals.evicted,
+        let dumped = match (table, self.table_dump.as_mut()) {
+            (Some(table), Some(out)) => dump_table(out, table),
+            _ => Ok(()),
+        };
+        diag!(
+            "stopped; emitted={} received={} lost={} tracked={} evicted={}",
+            totals.emitted,
+            totals.received,
+            totals.lost,
+            totals.tracked,
+            totals.evicted,
         );
-        Ok(())
+        dumped
     }
 }
 
@@ -207,68 +301,98 @@ fn stdout_reader_gone() -> bool {
 }
 
 /// Writes the table as JSON lines (one connection each, as `snapshot`).
-fn dump_table(path: &PathBuf, table: &ConnTable) -> Result<()> {
-    let mut out = BufWriter::new(
-        File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-    );
+fn dump_table(out: &mut LineFile, table: &ConnTable) -> Result<()> {
     for (conn, verdict) in table.conns() {
         let row = Row {
             conn: conn.clone(),
             verdict: verdict.clone(),
         };
-        write_line(&mut out, &RowOut::new(&row))?;
+        out.line_with(|b| write_line(b, &RowOut::new(&row)))?;
     }
-    out.flush()
-        .with_context(|| format!("writing {}", path.display()))
+    out.flush()?;
+    Ok(())
 }
 
-pub fn open_output(output: &Option<PathBuf>) -> Result<Box<dyn Write>> {
+pub fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
     Ok(match output {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        )),
-        None => Box::new(BufWriter::new(io::stdout())),
+        Some(path) => LineFile::create(path, FileOptions::default())?,
+        None => LineFile::stdout().context("cannot write to stdout")?,
     })
 }
 
-pub fn run(opts: RecordOptions) -> Result<()> {
-    if let Some(size) = opts.ring_size
-        && (size < 4096 || !size.is_power_of_two())
-    {
-        anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
+impl RecordOptions {
+    fn monitor_options(&self) -> MonitorOptions {
+        MonitorOptions {
+            filter: self.filter.clone(),
+            ring_size: self.ring_size,
+            refresh: self.refresh,
+            max_conns: self.max_conns,
+            thresholds: self.thresholds,
+            final_walk: self.table_dump.is_some(),
+        }
     }
+
+    /// Every setting in range, and no combination that could never print
+    /// anything; errors name the flags.
+    pub fn validate(&self) -> Result<()> {
+        self.monitor_options().validate()?;
+        if self.refresh.is_none() {
+            if self.filter.kinds.contains(&Kind::Verdict) {
+                anyhow::bail!(
+                    "--event verdict needs the connection table, which --refresh 0 turns off"
+                );
+            }
+            if self.table_dump.is_some() {
+                anyhow::bail!(
+                    "--table-dump needs the connection table, which --refresh 0 turns off"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(opts: RecordOptions) -> Result<()> {
+    opts.validate()?;
     // A bad policy is refused before anything runs or is created.
     let loaded = opts
         .tune
         .as_ref()
         .map(|t| load_policy(&t.policy_path))
         .transpose()?;
+    // An address in use stops us before anything is attached.
+    let listener = opts.metrics.as_deref().map(http::bind).transpose()?;
     let out = open_output(&opts.output)?;
-    if let Some(p) = &opts.table_dump {
-        File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
-    }
-    let mut sink = LineSink::new(
-        out,
-        opts.format,
-        opts.filter.clone(),
-        opts.output.is_none(),
-        opts.table_dump.clone(),
-    );
-    let monitor_opts = MonitorOptions {
-        filter: opts.filter,
-        ring_size: opts.ring_size,
-        refresh: opts.refresh,
-        max_conns: opts.max_conns,
-        thresholds: opts.thresholds,
-        final_walk: opts.table_dump.is_some(),
+    // Opened now, so a bad path fails before anything is attached.
+    let table_dump = opts
+        .table_dump
+        .as_deref()
+        .map(|p| LineFile::create(p, FileOptions::default()))
+        .transpose()?;
+    let monitor_opts = opts.monitor_options();
+    let sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
+    // The tuner wraps the sink: its `tuned` records go into the same stream.
+    let mut main: Box<dyn SinkConsumer> = match (opts.tune, loaded) {
+        (Some(tune), Some(loaded)) => Box::new(Tuner::new(sink, tune, loaded)),
+        _ => Box::new(sink),
     };
-    match (opts.tune, loaded) {
-        (Some(tune), Some(loaded)) => {
-            monitor::run(monitor_opts, &mut Tuner::new(sink, tune, loaded))?;
+    match listener {
+        Some(listener) => {
+            let labels = LabelOptions::default();
+            let metrics = Arc::new(Metrics::new(&labels));
+            let _server = http::spawn(listener, metrics.clone())?;
+            let mut counting = MetricsConsumer::new(metrics, labels, &opts.filter);
+            monitor::run(
+                monitor_opts,
+                &mut Fanout(vec![main.as_consumer(), &mut counting]),
+            )?;
         }
-        _ => {
-            monitor::run(monitor_opts, &mut sink)?;
+        None => {
+            monitor::run(monitor_opts, main.as_consumer())?;
         }
     }
-    Ok(())
+    match main.sink().take_error() {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }

@@ -4,7 +4,10 @@
 //! records. The cause of a timeout and the names of reset reasons are
 //! decided here, not in the eBPF programs.
 
+pub mod comm;
 pub mod filter;
+
+pub use comm::Comm;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -151,7 +154,8 @@ pub enum Detail {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    /// Chosen by the process: escape it for text (its `Display` does).
+    pub comm: Comm,
 }
 
 /// One decoded event.
@@ -206,11 +210,6 @@ fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
     }
 }
 
-fn comm(raw: &[u8]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 /// Decodes a kernel record; `None` for a kind this build does not know.
 pub fn decode(raw: &RawEvent, reasons: &ResetReasons) -> Option<Event> {
     let detail = match Kind::from_raw(raw.kind)? {
@@ -249,7 +248,7 @@ pub fn decode(raw: &RawEvent, reasons: &ResetReasons) -> Option<Event> {
         state: raw.state as u32,
         owner: (raw.pid != 0).then(|| Owner {
             pid: raw.pid,
-            comm: comm(&raw.comm),
+            comm: Comm::from_bytes(&raw.comm),
         }),
         detail,
     })

@@ -7,6 +7,7 @@
 //! `Arc` (the series are atomics, no lock on the event path but the
 //! family's read lock).
 
+pub mod consumer;
 pub mod http;
 pub mod labels;
 pub mod process;
@@ -125,6 +126,19 @@ impl Format {
     }
 }
 
+/// Whether the kernel counted a retransmission that ended with `err` in
+/// Tcp.RetransSegs. `__tcp_retransmit_skb` counts the segments just before
+/// handing them to the IP layer, so a failure there (-ENOBUFS, a netfilter
+/// -EPERM, ...) was counted; the checks before it give up uncounted:
+/// still queued (-EBUSY), acked meanwhile (-EINVAL), no memory to trim or
+/// split (-ENOMEM), no route (-EHOSTUNREACH), closed window (-EAGAIN).
+pub fn counted_in_retranssegs(err: i32) -> bool {
+    !matches!(
+        -err,
+        libc::EBUSY | libc::EINVAL | libc::ENOMEM | libc::EHOSTUNREACH | libc::EAGAIN
+    )
+}
+
 /// Every series the endpoint exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -137,6 +151,8 @@ pub struct Metrics {
     resets: Family<Labels, Counter>,
     timeouts: Family<Labels, Counter>,
     events: Family<Labels, Counter>,
+    /// `events` by kind, looked up once: no allocation per event.
+    events_by_kind: Vec<(Kind, Counter)>,
     lost: Counter,
     connections: Family<Labels, Gauge>,
     tracked: Gauge,
@@ -159,6 +175,7 @@ impl Metrics {
             resets: Family::default(),
             timeouts: Family::default(),
             events: Family::default(),
+            events_by_kind: Vec::new(),
             lost: Counter::default(),
             connections: Family::default(),
             tracked: Gauge::default(),
@@ -177,7 +194,7 @@ impl Metrics {
         );
         m.registry.register(
             "keepalive_retransmit_failures",
-            "Retransmissions the kernel could not send (the segment was not counted in RetransSegs)",
+            "Segments of retransmissions that failed (err != 0; those the IP layer refused are in keepalive_retransmits too)",
             m.retransmit_failures.clone(),
         );
         m.registry.register(
@@ -238,11 +255,14 @@ impl Metrics {
                 ])
                 .set(0);
         }
-        for kind in Kind::ALL.into_iter().filter(|k| k.is_kernel()) {
-            let _ = m
-                .events
-                .get_or_create(&vec![("kind", kind.name().to_string())]);
-        }
+        m.events_by_kind = Kind::ALL
+            .into_iter()
+            .filter(|k| k.is_kernel())
+            .map(|k| {
+                let labels = vec![("kind", k.name().to_string())];
+                (k, m.events.get_or_create_owned(&labels))
+            })
+            .collect();
         if !labels.comm && !labels.port {
             let none = Vec::new();
             let _ = m.probes.get_or_create(&none);
@@ -266,21 +286,25 @@ impl Metrics {
 
     /// Counts one kernel event (already filtered by the caller).
     pub fn observe(&self, ev: &Event, extra: &ExtraLabels) {
-        self.events
-            .get_or_create(&vec![("kind", ev.kind().name().to_string())])
-            .inc();
+        let kind = ev.kind();
+        if let Some((_, c)) = self.events_by_kind.iter().find(|(k, _)| *k == kind) {
+            c.inc();
+        }
         match &ev.detail {
             Detail::KeepaliveProbe { .. } => {
                 self.probes.get_or_create(extra).inc();
             }
             Detail::Retransmit { segs, err, .. } => {
-                // The kernel counts only segments that went out.
-                let family = if *err == 0 {
-                    &self.retransmits
-                } else {
-                    &self.retransmit_failures
-                };
-                family.get_or_create(extra).inc_by(u64::from(*segs));
+                if counted_in_retranssegs(*err) {
+                    self.retransmits
+                        .get_or_create(extra)
+                        .inc_by(u64::from(*segs));
+                }
+                if *err != 0 {
+                    self.retransmit_failures
+                        .get_or_create(extra)
+                        .inc_by(u64::from(*segs));
+                }
             }
             Detail::ResetSent { .. } => {
                 self.resets
@@ -398,7 +422,8 @@ mod tests {
         };
         m.observe(&ev(rt(2, 0)), &none);
         m.observe(&ev(rt(3, 0)), &none);
-        m.observe(&ev(rt(1, -105)), &none);
+        m.observe(&ev(rt(1, -105)), &none); // -ENOBUFS: counted
+        m.observe(&ev(rt(4, -16)), &none); // -EBUSY: not sent, not counted
         m.observe(
             &ev(Detail::ResetSent {
                 reason: None,
@@ -420,8 +445,8 @@ mod tests {
         m.lost(4);
         let t = m.encode();
         assert_eq!(sample(&t, "keepalive_probes_total"), Some(3.0), "{t}");
-        assert_eq!(sample(&t, "keepalive_retransmits_total"), Some(5.0), "{t}");
-        assert_eq!(sample(&t, "keepalive_retransmit_failures_total"), Some(1.0));
+        assert_eq!(sample(&t, "keepalive_retransmits_total"), Some(6.0), "{t}");
+        assert_eq!(sample(&t, "keepalive_retransmit_failures_total"), Some(5.0));
         assert_eq!(
             sample(&t, "keepalive_resets_total{direction=\"sent\"}"),
             Some(1.0)
@@ -436,7 +461,7 @@ mod tests {
         );
         assert_eq!(
             sample(&t, "keepalive_events_total{kind=\"retransmit\"}"),
-            Some(3.0)
+            Some(4.0)
         );
         assert_eq!(
             sample(&t, "keepalive_events_total{kind=\"state_change\"}"),

@@ -2,6 +2,7 @@
 //! record, and the `snapshot` table.
 
 use super::{Clock, endpoint};
+use crate::events::comm::escape_str;
 use crate::events::{Detail, Event, state_name};
 use crate::table::conn_table::VerdictChange;
 use crate::table::walk::Row;
@@ -29,7 +30,7 @@ pub fn event_text(e: &Event, clock: &Clock) -> String {
         }
         Detail::ResetSent { reason, no_socket } => {
             if let Some(r) = reason {
-                s += &format!(" reason={r}");
+                s += &format!(" reason={}", escape_str(r));
             }
             if *no_socket {
                 s += " no_socket";
@@ -214,6 +215,24 @@ mod tests {
         assert!(t.contains("segs=2 syn"), "{t}");
         assert!(t.ends_with("pid=5 comm=curl"), "{t}");
         assert!(!t.contains('\n'));
+    }
+
+    #[test]
+    fn a_hostile_name_stays_on_one_line() {
+        let mut e = ev(Detail::ResetSent {
+            reason: Some("X\nY".into()),
+            no_socket: false,
+        });
+        e.owner = Some(Owner {
+            pid: 5,
+            comm: crate::events::Comm::from_bytes(b"a\nb\"c\x1b[31mX\xff"),
+        });
+        let t = event_text(&e, &Clock::fixed(0));
+        assert!(t.ends_with(" pid=5 comm=a\\nb\"c\\x1b[31mX\\xff"), "{t}");
+        assert!(t.contains(" reason=X\\nY "), "{t}");
+        assert!(!t.chars().any(char::is_control), "{t:?}");
+        let v = event_json(&e, &Clock::fixed(0));
+        assert_eq!(v["comm"], "a\nb\"c\x1b[31mX\u{fffd}");
     }
 
     #[test]

@@ -3,7 +3,14 @@
 
 use std::collections::HashMap;
 
-use crate::events::Owner;
+use crate::events::{Comm, Owner};
+
+/// /proc/PID/comm as bytes (a name need not be UTF-8, and may end in
+/// spaces or contain a newline): the kernel adds one newline.
+fn read_comm(pid: u32) -> Comm {
+    let bytes = std::fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Comm::from_bytes(bytes.strip_suffix(b"\n").unwrap_or(&bytes))
+}
 
 /// Socket inode -> processes that have it open.
 pub fn scan() -> HashMap<u64, Vec<Owner>> {
@@ -19,15 +26,9 @@ pub fn scan() -> HashMap<u64, Vec<Owner>> {
         let Some(fds) = FdDir::open(pid) else {
             continue;
         };
-        let mut comm: Option<String> = None;
+        let mut comm: Option<Comm> = None;
         for ino in fds.socket_inodes() {
-            let comm = comm
-                .get_or_insert_with(|| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .map(|s| s.trim_end().to_string())
-                        .unwrap_or_default()
-                })
-                .clone();
+            let comm = comm.get_or_insert_with(|| read_comm(pid)).clone();
             let owners = map.entry(ino).or_default();
             if !owners.iter().any(|o| o.pid == pid) {
                 owners.push(Owner { pid, comm });

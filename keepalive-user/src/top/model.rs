@@ -512,8 +512,9 @@ impl Model {
         );
         match &ev.detail {
             Detail::StateChange { old, new } if *new == TCP_CLOSE => {
-                if let Some(mut row) = self.rows.remove(&ev.cookie) {
-                    row.conn.state = TCP_CLOSE;
+                // The row keeps its last state (a listener stays one, and
+                // is hidden as one); the screen says CLOSED.
+                if let Some(row) = self.rows.remove(&ev.cookie) {
                     let ending = self
                         .ending_of(&row)
                         .unwrap_or(Ending::Closed { from: *old });

@@ -276,7 +276,12 @@ fn draw_header(f: &mut Frame, area: Rect, m: &Model, live: &Model, paused: bool,
         l2.push(Span::styled(format!("{name} {}", n[i]), style));
         l2.push(sep());
     }
-    l2.push(Span::raw(format!("closed {}", m.closed.len())));
+    let closed = m
+        .closed
+        .iter()
+        .filter(|c| c.row.conn.state != TCP_LISTEN)
+        .count();
+    l2.push(Span::raw(format!("closed {closed}")));
     l2.push(sep());
     // Lost events are never hidden, and they are the live count even
     // while the display is paused.

@@ -187,8 +187,8 @@ pub fn decode(r: &TuneReport, rule_name: impl Fn(usize) -> Option<String>) -> Op
         _ => return None,
     };
     let comm_end = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
-    let comm = String::from_utf8_lossy(&r.comm[..comm_end]).into_owned();
-    let owner = (r.pid != 0 || !comm.is_empty()).then_some(Owner { pid: r.pid, comm });
+    let comm = crate::events::comm::Comm::from_bytes(&r.comm[..comm_end]);
+    let owner = (r.pid != 0 || comm_end != 0).then_some(Owner { pid: r.pid, comm });
     let changed = r.set & !r.failed;
     let changes = bits(changed)
         .map(|bit| {

@@ -8,6 +8,9 @@
 //! - `connect-leak`: parks the socket as an fd in flight on a unix socket
 //!   (SCM_RIGHTS, never received) and closes its own fd, so the socket
 //!   stays open in no process's fd table; then waits a minute.
+//!
+//! With `KA_PEER_NAME_HEX` set, it first renames itself to those bytes
+//! (prctl PR_SET_NAME), as a process with a hostile name would.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -36,6 +39,9 @@ fn main() -> ExitCode {
 }
 
 fn run(mode: &str, host: &str, port: &str) -> Result<(), String> {
+    if let Ok(hex) = std::env::var("KA_PEER_NAME_HEX") {
+        rename(&hex)?;
+    }
     let to: SocketAddr = (
         host,
         port.parse::<u16>()
@@ -84,6 +90,21 @@ fn run(mode: &str, host: &str, port: &str) -> Result<(), String> {
         }
         other => Err(format!("unknown mode {other}")),
     }
+}
+
+/// Sets our comm to the bytes `hex` spells (at most 15 are kept).
+fn rename(hex: &str) -> Result<(), String> {
+    let mut name = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|e| format!("KA_PEER_NAME_HEX: {e}"))?;
+    name.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (up to 16 bytes).
+    let r = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    if r != 0 {
+        return Err(format!("prctl: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn say(line: &str) -> Result<(), String> {

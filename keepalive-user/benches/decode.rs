@@ -1,0 +1,157 @@
+//! Userspace decoding on one core: kernel records (`RawEvent`, as the ring
+//! buffer hands them over) → decoded events → JSON lines, the per-event
+//! work `keepalive record --format json` does after the drain.
+//!
+//! The input is recorded: `data/recorded.jsonl` holds 512 events a real
+//! `keepalive record --format json` wrote on the test machine (every kind
+//! the kernel emits, then state changes of loopback churn, the bulk of any
+//! busy host), turned back into the raw records that produced them.
+//! Throughput is reported in events (elements) per second.
+//!
+//! Run: `cargo bench -p keepalive-user --bench decode` or
+//! `cargo xtask bench --micro`.
+
+use std::hint::black_box;
+use std::net::IpAddr;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use keepalive::events::{Kind, ResetReasons, decode, state_name};
+use keepalive::output::Clock;
+use keepalive::output::json::{EventOut, write_line};
+use keepalive_common::{RawEvent, flags};
+use serde_json::Value;
+
+const RECORDED: &str = include_str!("data/recorded.jsonl");
+/// Events per measured iteration (the recording, repeated).
+const BATCH: usize = 16 * 1024;
+
+/// The recorded events as raw kernel records, and the reset reason names
+/// they use (indexed as the kernel's `enum sk_rst_reason`).
+fn recorded() -> (Vec<RawEvent>, ResetReasons) {
+    let mut reasons: Vec<Option<String>> = Vec::new();
+    let raws = RECORDED
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).expect("a recorded JSON line");
+            raw_of(&v, &mut reasons)
+        })
+        .collect();
+    (raws, ResetReasons(reasons))
+}
+
+fn state_number(name: &str) -> u8 {
+    (0..=15u8)
+        .find(|&s| state_name(u32::from(s)) == name)
+        .unwrap_or(0)
+}
+
+fn raw_of(v: &Value, reasons: &mut Vec<Option<String>>) -> RawEvent {
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    let name = v["event"].as_str().expect("event");
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .expect("a known kind");
+    let mut r = RawEvent {
+        ts_ns: u("ts_mono_ns"),
+        cookie: u("cookie"),
+        netns: u("netns") as u32,
+        pid: u("pid") as u32,
+        kind: kind.raw(),
+        state: state_number(v["state"].as_str().unwrap_or("")),
+        sport: u("sport") as u16,
+        dport: u("dport") as u16,
+        ..RawEvent::default()
+    };
+    for (field, out) in [("saddr", &mut r.saddr), ("daddr", &mut r.daddr)] {
+        match v[field].as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+            Some(IpAddr::V4(a)) => {
+                r.family = 2;
+                out[..4].copy_from_slice(&a.octets());
+            }
+            Some(IpAddr::V6(a)) => {
+                r.family = 10;
+                *out = a.octets();
+            }
+            None => {}
+        }
+    }
+    if let Some(comm) = v["comm"].as_str() {
+        let n = comm.len().min(r.comm.len() - 1);
+        r.comm[..n].copy_from_slice(&comm.as_bytes()[..n]);
+    }
+    match kind {
+        Kind::Retransmit => {
+            r.segs = u("segs") as u16;
+            r.err = v["err"].as_i64().unwrap_or(0) as i16;
+            if v["syn"] == true {
+                r.flags |= flags::SYN;
+            }
+        }
+        Kind::ResetSent => {
+            if let Some(reason) = v["reason"].as_str() {
+                let at = reasons
+                    .iter()
+                    .position(|x| x.as_deref() == Some(reason))
+                    .unwrap_or_else(|| {
+                        reasons.push(Some(reason.to_string()));
+                        reasons.len() - 1
+                    });
+                r.reason = at as u32;
+                r.flags |= flags::HAS_REASON;
+            }
+            if v["no_socket"] == true {
+                r.flags |= flags::NO_SOCKET;
+            }
+        }
+        Kind::StateChange => {
+            r.old_state = state_number(v["old_state"].as_str().unwrap_or(""));
+            r.new_state = state_number(v["new_state"].as_str().unwrap_or(""));
+        }
+        Kind::KeepaliveProbe => r.probes_out = u("probe") as u8,
+        Kind::Timeout => {
+            r.probes_out = u("probes_out") as u8;
+            r.user_timeout_ms = u("user_timeout_ms") as u32;
+            if v["cause"] == "keepalive" {
+                r.flags |= flags::IN_KEEPALIVE_TIMER;
+            }
+        }
+        Kind::ResetReceived | Kind::Verdict => {}
+    }
+    r
+}
+
+fn decode_to_json_lines(c: &mut Criterion) {
+    let (raws, reasons) = recorded();
+    let batch: Vec<RawEvent> = raws.iter().cycle().take(BATCH).copied().collect();
+    let clock = Clock::fixed(1_764_000_000_000_000_000);
+    // The recording round-trips: every record decodes.
+    assert!(raws.iter().all(|r| decode(r, &reasons).is_some()));
+
+    let mut g = c.benchmark_group("userspace");
+    g.throughput(Throughput::Elements(batch.len() as u64));
+    let mut out = Vec::with_capacity(batch.len() * 400);
+    g.bench_function("raw_to_json_line", |b| {
+        b.iter(|| {
+            out.clear();
+            for r in &batch {
+                if let Some(e) = decode(black_box(r), &reasons) {
+                    write_line(&mut out, &EventOut::new(&e, &clock)).expect("a Vec takes it");
+                }
+            }
+            black_box(out.len())
+        })
+    });
+    g.bench_function("raw_to_event", |b| {
+        b.iter(|| {
+            batch
+                .iter()
+                .filter_map(|r| decode(black_box(r), &reasons))
+                .count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode_to_json_lines);
+criterion_main!(benches);
