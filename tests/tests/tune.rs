@@ -71,7 +71,9 @@ impl Tune {
             .into_iter()
             .chain([policy.as_os_str(), OsStr::new("--output"), out.as_os_str()])
             .chain(extra.iter().map(OsStr::new));
-        let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(30), || false)
+        // The tuning programs take the verifier a few seconds each on a
+        // loaded machine: a generous wait for readiness, not a timing test.
+        let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(90), || false)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Tune { child, out }
     }
