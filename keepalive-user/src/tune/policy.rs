@@ -33,6 +33,12 @@ use keepalive_common::tune::{KaValues, MAX_RULES, TuneRule, crit, opt};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod compile;
+mod load;
+
+pub use compile::{compile, resolve_cgroup};
+pub use load::{Perm, load, unsafe_permissions};
+
 /// The kernel's limits (include/net/tcp.h).
 pub const MAX_KEEPIDLE_S: u64 = 32767;
 pub const MAX_KEEPINTVL_S: u64 = 32767;
@@ -532,151 +538,6 @@ fn parse_remote(s: &str) -> Result<IpNet, String> {
     s.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("`{s}` is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/64)"))
-}
-
-/// Why a policy file's permissions let a non-root user change it, if they do.
-/// Pure: the caller passes what `stat` said about the file and its directory.
-pub fn unsafe_permissions(file: Perm, dir: Perm) -> Option<String> {
-    const WORLD_W: u32 = 0o002;
-    const GROUP_W: u32 = 0o020;
-    const STICKY: u32 = 0o1000;
-    if file.uid != 0 {
-        return Some(format!("owned by uid {}, not root", file.uid));
-    }
-    if file.mode & WORLD_W != 0 {
-        return Some("writable by every user (chmod o-w)".into());
-    }
-    if file.mode & GROUP_W != 0 && file.gid != 0 {
-        return Some(format!("writable by group {} (chmod g-w)", file.gid));
-    }
-    // Whoever may write the directory may replace the file, unless the
-    // directory is sticky (then only the file's owner, root, may).
-    if dir.mode & STICKY == 0 {
-        if dir.uid != 0 {
-            return Some(format!(
-                "its directory is owned by uid {}, who can replace the file",
-                dir.uid
-            ));
-        }
-        if dir.mode & WORLD_W != 0 {
-            return Some("its directory is writable by every user".into());
-        }
-        if dir.mode & GROUP_W != 0 && dir.gid != 0 {
-            return Some(format!("its directory is writable by group {}", dir.gid));
-        }
-    }
-    None
-}
-
-/// What `stat` says about ownership and mode.
-#[derive(Clone, Copy, Debug)]
-pub struct Perm {
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-}
-
-fn perm_of(p: &Path) -> Result<Perm> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(p).map_err(|e| anyhow!("cannot read policy {}: {e}", p.display()))?;
-    Ok(Perm {
-        uid: m.uid(),
-        gid: m.gid(),
-        mode: m.mode(),
-    })
-}
-
-/// Reads, checks the permissions of, and parses a policy file.
-pub fn load(path: &Path) -> Result<Policy> {
-    let shown = path.display().to_string();
-    let file = perm_of(path)?;
-    let canon =
-        std::fs::canonicalize(path).map_err(|e| anyhow!("cannot read policy {shown}: {e}"))?;
-    let dir = perm_of(canon.parent().unwrap_or(Path::new("/")))?;
-    if let Some(why) = unsafe_permissions(file, dir) {
-        return Err(anyhow!(
-            "{shown}:1: refusing a policy a non-root user could change: {why}"
-        ));
-    }
-    let text = crate::config::read_config_text(path, "policy")?;
-    parse(&text, &shown)
-}
-
-/// Resolves a rule's cgroup path to the kernfs id of that cgroup and its
-/// depth below the root.
-pub fn resolve_cgroup(mount: &Path, path: &str) -> Result<(u64, u32), String> {
-    use std::os::unix::fs::MetadataExt;
-    let rel = path.trim_matches('/');
-    let full: PathBuf = mount.join(rel);
-    let m = std::fs::metadata(&full)
-        .map_err(|e| format!("cgroup {path} not found under {} ({e})", mount.display()))?;
-    if !m.is_dir() {
-        return Err(format!(
-            "cgroup {path}: {} is not a directory",
-            full.display()
-        ));
-    }
-    let level = rel.split('/').filter(|p| !p.is_empty()).count() as u32;
-    Ok((m.ino(), level))
-}
-
-/// Compiles the rules for the kernel. `cgroup` resolves a rule's cgroup
-/// path to (kernfs id, depth). Errors name the rule's line.
-pub fn compile(
-    policy: &Policy,
-    cgroup: impl Fn(&str) -> Result<(u64, u32), String>,
-) -> Result<Vec<TuneRule>> {
-    let mut out = Vec::with_capacity(policy.rules.len());
-    for r in &policy.rules {
-        let mut k = TuneRule {
-            set: r.option_mask(),
-            ..TuneRule::zeroed()
-        };
-        if let Some(p) = r.remote_port {
-            k.criteria |= crit::REMOTE_PORT;
-            (k.rport_lo, k.rport_hi) = (p.lo, p.hi);
-        }
-        if let Some(p) = r.local_port {
-            k.criteria |= crit::LOCAL_PORT;
-            (k.lport_lo, k.lport_hi) = (p.lo, p.hi);
-        }
-        if let Some(n) = r.remote {
-            k.criteria |= crit::REMOTE;
-            k.remote.prefix_len = n.prefix_len();
-            match n.addr() {
-                IpAddr::V4(a) => {
-                    k.remote.family = crate::events::AF_INET;
-                    k.remote.addr[..4].copy_from_slice(&a.octets());
-                }
-                IpAddr::V6(a) => {
-                    k.remote.family = crate::events::AF_INET6;
-                    k.remote.addr = a.octets();
-                }
-            }
-        }
-        if let Some(c) = &r.comm {
-            k.criteria |= crit::COMM;
-            k.comm[..c.len()].copy_from_slice(c.as_bytes());
-        }
-        if let Some(c) = &r.cgroup {
-            k.criteria |= crit::CGROUP;
-            (k.cgroup_id, k.cgroup_level) = cgroup(c).map_err(|why| {
-                anyhow!("{}:{}: rule \"{}\": {why}", policy.source, r.line, r.name)
-            })?;
-        }
-        if r.adaptive.is_some() {
-            k.criteria |= crit::ADAPTIVE;
-        }
-        k.values = KaValues {
-            keepalive: r.keepalive.map_or(0, u32::from),
-            idle_s: r.idle_s.or(r.adaptive.map(|a| a.min_idle_s)).unwrap_or(0),
-            intvl_s: r.interval_s.unwrap_or(0),
-            cnt: r.count.unwrap_or(0),
-            user_timeout_ms: r.user_timeout_ms.unwrap_or(0),
-        };
-        out.push(k);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
