@@ -27,6 +27,7 @@ use toml::Spanned;
 use ipnet::IpNet;
 
 use crate::events::Kind;
+use crate::events::comm::escape_controls;
 use crate::output::file::{MAX_ROTATE_KEEP, MIN_ROTATE_SIZE};
 use crate::table::verdict::Thresholds;
 
@@ -97,6 +98,8 @@ pub struct ServeSettings {
     pub cidrs: Option<Vec<IpNet>>,
     pub pids: Option<Vec<u32>>,
     pub policy: Option<PathBuf>,
+    /// `[[rule]]` tables in the file (a tuning policy inline).
+    pub rules: usize,
 }
 
 /// Parses `100MiB`, `10M`, `1G`, `4096` into bytes.
@@ -104,7 +107,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     s.trim()
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
-        .map_err(|_| format!("invalid size `{s}`: use e.g. 100MiB, 10M, 1G or a number of bytes"))
+        .map_err(|_| {
+            let s = escape_controls(s);
+            format!("invalid size `{s}`: use e.g. 100MiB, 10M, 1G or a number of bytes")
+        })
 }
 
 /// Checks `--ring-size`: a power of two of at least one page.
@@ -123,7 +129,75 @@ pub struct ThresholdsFile {
     pub idle: Option<Spanned<String>>,
     pub middlebox_timeout: Option<Spanned<String>>,
     pub close_wait: Option<Spanned<String>>,
-    pub dead_retransmits: Option<u32>,
+    pub dead_retransmits: Option<Spanned<u32>>,
+}
+
+/// Largest configuration file read: far more than any real one, and it
+/// stops `--config /dev/zero`-style mistakes from eating memory.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file (`what` names it in errors): a regular file
+/// only (a FIFO would block, a device never end) of at most
+/// [`MAX_CONFIG_BYTES`], UTF-8 text.
+pub fn read_config_text(path: &Path, what: &str) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    // O_NONBLOCK: opening a FIFO with no writer returns at once.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {what} {shown}"))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read {what} {shown}"))?;
+    if !meta.is_file() {
+        anyhow::bail!("cannot read {what} {shown}: not a regular file");
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {what} {shown}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        anyhow::bail!(
+            "cannot read {what} {shown}: larger than {} KiB",
+            MAX_CONFIG_BYTES / 1024
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        anyhow!("{shown}:{line}: not UTF-8 text")
+    })
+}
+
+/// Accepted ranges of the verdict thresholds (flags and file alike).
+pub const THRESHOLD_MIN_MS: u64 = 1_000;
+pub const THRESHOLD_MAX_MS: u64 = 30 * 24 * 3_600_000;
+pub const DEAD_RETRANSMITS_MAX: u32 = 255;
+
+fn check_threshold_ms(ms: u64) -> Result<u64, String> {
+    if (THRESHOLD_MIN_MS..=THRESHOLD_MAX_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!(
+            "must be between 1s and 30days, got {}",
+            humantime::format_duration(std::time::Duration::from_millis(ms))
+        ))
+    }
+}
+
+fn check_dead_retransmits(n: u32) -> Result<u32, String> {
+    if (1..=DEAD_RETRANSMITS_MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "must be between 1 and {DEAD_RETRANSMITS_MAX}, got {n}"
+        ))
+    }
 }
 
 /// Thresholds given on the command line (None: not given).
@@ -145,7 +219,12 @@ fn line_of(text: &str, offset: usize) -> usize {
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     humantime::parse_duration(s)
         .map(|d| d.as_millis() as u64)
-        .map_err(|e| format!("invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"))
+        .map_err(|e| {
+            escape_controls(&format!(
+                "invalid duration `{s}` ({e}): use e.g. 90s, 5m, 1h"
+            ))
+            .into_owned()
+        })
 }
 
 /// A parsed configuration with the text it came from, for error lines.
@@ -169,8 +248,7 @@ impl Loaded {
     }
 
     pub fn load(path: &Path) -> Result<Loaded> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = read_config_text(path, "config")?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -190,6 +268,7 @@ impl Loaded {
             ports: f.port.clone(),
             pids: f.pid.clone(),
             policy: f.policy.clone(),
+            rules: self.file.rule.len(),
             ..ServeSettings::default()
         };
         if let Some(v) = &f.metrics {
@@ -303,13 +382,18 @@ impl Loaded {
 
     fn duration(&self, v: &Option<Spanned<String>>, key: &str) -> Result<Option<u64>> {
         let Some(v) = v else { return Ok(None) };
-        parse_duration(v.get_ref()).map(Some).map_err(|e| {
-            anyhow!(
-                "{}:{}: thresholds.{key}: {e}",
-                self.name,
-                line_of(&self.text, v.span().start)
-            )
-        })
+        parse_duration(v.get_ref())
+            .and_then(check_threshold_ms)
+            .map(Some)
+            .map_err(|e| self.error_at(v.span().start, key, &e))
+    }
+
+    fn error_at(&self, offset: usize, key: &str, e: &str) -> anyhow::Error {
+        anyhow!(
+            "{}:{}: thresholds.{key}: {e}",
+            self.name,
+            line_of(&self.text, offset)
+        )
     }
 }
 
@@ -322,8 +406,29 @@ pub fn thresholds(flags: &ThresholdFlags, file: Option<&Loaded>) -> Result<Thres
         idle = f.duration(&t.idle, "idle")?;
         middlebox = f.duration(&t.middlebox_timeout, "middlebox_timeout")?;
         close_wait = f.duration(&t.close_wait, "close_wait")?;
-        dead = t.dead_retransmits;
+        if let Some(v) = &t.dead_retransmits {
+            dead = Some(
+                check_dead_retransmits(*v.get_ref())
+                    .map_err(|e| f.error_at(v.span().start, "dead_retransmits", &e))?,
+            );
+        }
     }
+    let flag = |name: &str, v: Option<u64>| -> Result<Option<u64>> {
+        v.map(check_threshold_ms)
+            .transpose()
+            .map_err(|e| anyhow!("{name} {e}"))
+    };
+    let flags = ThresholdFlags {
+        idle_ms: flag("--idle-threshold", flags.idle_ms)?,
+        middlebox_idle_ms: flag("--middlebox-timeout", flags.middlebox_idle_ms)?,
+        close_wait_ms: flag("--close-wait-threshold", flags.close_wait_ms)?,
+        dead_retransmits: flags
+            .dead_retransmits
+            .map(check_dead_retransmits)
+            .transpose()
+            .map_err(|e| anyhow!("--dead-retransmits {e}"))?,
+        no_owners: flags.no_owners,
+    };
     Ok(Thresholds {
         idle_ms: flags.idle_ms.or(idle).unwrap_or(d.idle_ms),
         middlebox_idle_ms: flags

@@ -15,3 +15,6 @@ pub mod output;
 pub mod table;
 pub mod top;
 pub mod tune;
+
+#[cfg(test)]
+mod fuzz;

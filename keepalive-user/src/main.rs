@@ -77,16 +77,17 @@ enum Command {
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
-        /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
+        /// Ring buffer size in bytes (a power of two from 4096 to 256 MiB;
+        /// default 4 MiB).
         #[arg(long, value_name = "BYTES")]
         ring_size: Option<u32>,
-        /// Re-read every connection from the kernel this often to keep the
-        /// connection table and its verdicts current; 0 turns the table and
-        /// `verdict` events off.
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-        refresh: u64,
-        /// Most connections tracked at once; beyond it the least recently
-        /// active is evicted (and counted).
+        /// Re-read every connection from the kernel this often (100ms to
+        /// 24h) to keep the connection table and its verdicts current; 0
+        /// turns the table, `verdict` events and --table-dump off.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        refresh: std::time::Duration,
+        /// Most connections tracked at once (1 to 4194304); beyond it the
+        /// least recently active is evicted (and counted).
         #[arg(long, value_name = "N", default_value = "262144")]
         max_conns: usize,
         /// At exit, write the connection table here (JSON lines, as `snapshot`).
@@ -510,7 +511,7 @@ fn main() -> ExitCode {
                 output,
                 filter: conn_filter.filter(events),
                 ring_size,
-                refresh: (refresh > 0).then(|| std::time::Duration::from_millis(refresh)),
+                refresh: (!refresh.is_zero()).then_some(refresh),
                 max_conns,
                 thresholds,
                 table_dump,

@@ -24,6 +24,8 @@ pub struct MonitorChild {
     lines: mpsc::Receiver<String>,
     /// Every stderr line read so far.
     pub stderr: Vec<String>,
+    /// From the spawn to the ready line.
+    pub ready_after: Duration,
 }
 
 impl MonitorChild {
@@ -47,13 +49,15 @@ impl MonitorChild {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        let t0 = Instant::now();
         let lines = line_channel(child.stderr.take().expect("stderr is piped"));
         let mut mon = MonitorChild {
             child: Some(child),
             lines,
             stderr: Vec::new(),
+            ready_after: Duration::ZERO,
         };
-        let deadline = Instant::now() + within;
+        let deadline = t0 + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match mon.lines.recv_timeout(left.min(Duration::from_millis(200))) {
@@ -61,6 +65,7 @@ impl MonitorChild {
                     let ready = line.contains(READY_LINE);
                     mon.stderr.push(line);
                     if ready {
+                        mon.ready_after = t0.elapsed();
                         return Ok(mon);
                     }
                 }

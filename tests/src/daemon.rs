@@ -33,8 +33,12 @@ impl Daemon {
             }
             None => Command::new(&bin),
         };
+        cmd.args(["serve", "--log-format", "json"]);
+        // Only what the test says: not a configuration the host may have.
+        if !args.contains(&"--config") {
+            cmd.arg("--config").arg(empty_config());
+        }
         let mut child = cmd
-            .args(["serve", "--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -126,4 +130,16 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// An empty configuration file (config files must be regular files), made
+/// once per test process: serve then reads only what the test says, not a
+/// configuration the host may have in /etc/keepalive.
+pub fn empty_config() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("ka-empty-config-{}.toml", std::process::id()));
+        std::fs::write(&p, "").expect("writing an empty config file");
+        p
+    })
 }

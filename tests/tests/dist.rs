@@ -89,8 +89,32 @@ fn systemd_unit_verifies() {
             .args(["verify", "--man=no"])
             .arg(&path),
     );
-    assert!(text(&o).contains("ProtectSystem"), "{}", text(&o));
+    assert!(text(&o).contains("stricter"), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Capability numbers (include/uapi/linux/capability.h) of those the unit may name.
+fn cap_number(name: &str) -> u32 {
+    match name {
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_PTRACE" => 19,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_SYS_RESOURCE" => 24,
+        "CAP_SYSLOG" => 34,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        other => panic!("the unit names {other}: add its number here"),
+    }
+}
+
+/// `CapBnd` of a /proc/PID/status.
+fn cap_bounding(status: &str) -> u64 {
+    std::fs::read_to_string(status)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -115,20 +139,38 @@ fn the_units_capabilities_are_enough_to_serve() {
     ];
     let pair = Pair::new("cap");
     let net = pair.a4.rsplit_once('.').unwrap().0.to_string() + ".0/24";
-    let mut serve = Daemon::start_with(&setpriv, &["--metrics", "127.0.0.1:0", "--addr", &net]);
-    // Its capabilities really are limited to the unit's.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", serve.pid())).unwrap();
-    let bnd = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .unwrap();
-    assert_eq!(bnd.count_ones() as usize, caps.len(), "CapBnd {bnd:x}");
+    // A port nothing listens on in b (a fresh namespace), and only it: other
+    // tests' namespaces may share the pair's addresses.
+    let closed = listen(&pair.b, &format!("{}:0", pair.b4))
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut serve = Daemon::start_with(
+        &setpriv,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--addr",
+            &net,
+            "--port",
+            &closed,
+        ],
+    );
+    // Its capabilities really are limited to the unit's (those this
+    // machine grants us: a container may lack some).
+    let unit_mask = caps.iter().fold(0u64, |m, c| m | 1 << cap_number(c));
+    let bnd = cap_bounding(&format!("/proc/{}/status", serve.pid()));
+    assert_eq!(
+        bnd,
+        unit_mask & cap_bounding("/proc/self/status"),
+        "CapBnd {bnd:x}"
+    );
 
     // Hooks work: resets from a closed port are counted as the kernel does.
     let b0 = pair.b.counters();
-    for port in [9, 10, 11] {
-        let to: SocketAddr = format!("{}:{port}", pair.b4).parse().unwrap();
+    for _ in 0..3 {
+        let to: SocketAddr = format!("{}:{closed}", pair.b4).parse().unwrap();
         assert!(connect_in(&pair.a, to).is_err());
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -308,6 +350,11 @@ fn debian_package_installs_runs_and_removes_cleanly() {
     .find(|p| p.is_file())
     .expect("the unit installed");
     verify_unit(&unit, true);
+    // Enabled on install, as Debian services are.
+    assert!(
+        Path::new("/etc/systemd/system/multi-user.target.wants/keepalive.service").exists(),
+        "the unit was not enabled"
+    );
     let files = [
         "/usr/share/man/man1/keepalive.1.gz",
         "/usr/share/man/man1/keepalive-serve.1.gz",
@@ -341,5 +388,14 @@ fn debian_package_installs_runs_and_removes_cleanly() {
         !Path::new("/etc/keepalive").exists(),
         "/etc/keepalive left after purge"
     );
+    // No trace of the unit's enablement or mask.
+    for state in [
+        "/etc/systemd/system/multi-user.target.wants/keepalive.service",
+        "/etc/systemd/system/keepalive.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/keepalive.service.dsh-also",
+        "/var/lib/systemd/deb-systemd-helper-masked/keepalive.service",
+    ] {
+        assert!(!Path::new(state).exists(), "{state} left after purge");
+    }
     assert!(!dpkg_status().contains("installed"));
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keepalive_tests::daemon::Daemon;
+use keepalive_tests::daemon::{Daemon, empty_config};
 use keepalive_tests::http::{encode, free_port, get};
 use keepalive_tests::*;
 use serde_json::Value;
@@ -128,6 +128,23 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
+fn port_of(l: &std::net::TcpListener) -> u16 {
+    l.local_addr().unwrap().port()
+}
+
+/// A port nothing listens on in `pair.b` (a fresh namespace: nothing
+/// else listens there on either family), unlike 9 that other tests use.
+fn closed_port(pair: &Pair) -> u16 {
+    port_of(&listen(&pair.b, &format!("{}:0", pair.b4)))
+}
+
+/// A connection from `pair.a` to listener `l` in `pair.b`: (client, server).
+fn accept_from(pair: &Pair, l: &std::net::TcpListener) -> (TcpStream, TcpStream) {
+    let client = connect_in(&pair.a, l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    (client, server)
+}
+
 /// `--addr` filters to this pair's own subnets only, so that other tests'
 /// namespaces (and the host) do not count.
 fn pair_filter(pair: &Pair) -> Vec<String> {
@@ -145,35 +162,50 @@ fn pair_filter(pair: &Pair) -> Vec<String> {
 fn prometheus_scrapes_counters_equal_to_the_kernels() {
     let pair = Pair::new("pm");
     let (a0, b0) = (pair.a.counters(), pair.b.counters());
+    // Every connection of the scenario goes to one of these ports, which
+    // (with the pair's subnets) keeps other tests' namespaces out even
+    // when they happen to use the same addresses.
+    let l_idle = listen(&pair.b, &format!("{}:0", pair.b4));
+    let l_data = listen(&pair.b, &format!("{}:0", pair.b4));
+    let l_abort = listen(&pair.b, &format!("{}:0", pair.b4));
+    let closed = closed_port(&pair);
     let mut args = vec!["--metrics".to_string(), "127.0.0.1:0".into()];
     args.extend(pair_filter(&pair));
+    for p in [
+        port_of(&l_idle),
+        port_of(&l_data),
+        port_of(&l_abort),
+        closed,
+    ] {
+        args.extend(["--port".to_string(), p.to_string()]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut serve = Daemon::start(&args);
     let prom = Prometheus::start(serve.metrics);
 
     // Keepalive probes: an idle connection probed every second.
-    let idle = connect_pair(&pair, &pair.b4);
-    set_keepalive(&idle.client, 1, 1, 5);
+    let idle = accept_from(&pair, &l_idle);
+    set_keepalive(&idle.0, 1, 1, 5);
     // Retransmissions: data dropped for a while, then let through.
-    let c = connect_pair(&pair, &pair.b4);
-    let port = c.listener.local_addr().unwrap().port();
-    blackhole(&pair.b, Some(port));
-    (&c.client).write_all(&[7u8; 3000]).unwrap();
+    let c = accept_from(&pair, &l_data);
+    blackhole(&pair.b, Some(port_of(&l_data)));
+    (&c.0).write_all(&[7u8; 3000]).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     unblackhole(&pair.b);
     let mut got = vec![0u8; 3000];
-    c.server
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    (&c.server).read_exact(&mut got).unwrap();
+    c.1.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&c.1).read_exact(&mut got).unwrap();
     // Resets: a closed port (sent by b), over both families, and an abort (sent by a).
-    for to in [format!("{}:9", pair.b4), format!("[{}]:9", pair.b6)] {
+    for to in [
+        format!("{}:{closed}", pair.b4),
+        format!("[{}]:{closed}", pair.b6),
+    ] {
         let to: SocketAddr = to.parse().unwrap();
         assert!(connect_in(&pair.a, to).is_err());
     }
-    let r = connect_pair(&pair, &pair.b4);
-    set_linger_zero(&r.client);
-    drop(r.client);
+    let r = accept_from(&pair, &l_abort);
+    set_linger_zero(&r.0);
+    drop(r);
     std::thread::sleep(Duration::from_millis(1000));
     drop(idle);
     std::thread::sleep(Duration::from_millis(300));
@@ -442,8 +474,9 @@ fn metrics_address_in_use_is_one_line_and_nothing_attached() {
     let expected = format!(
         "keepalive: error: cannot listen for metrics on {addr}: address already in use (another keepalive or exporter?)"
     );
+    let empty = empty_config().to_str().unwrap();
     for cmd in [
-        vec!["serve", "--metrics", &addr],
+        vec!["serve", "--config", empty, "--metrics", &addr],
         vec!["record", "--format", "json", "--metrics", &addr],
     ] {
         // One line and nothing else: no "hooks attached" report, so
@@ -464,6 +497,8 @@ fn output_symlink_is_refused_and_its_target_untouched() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let (code, stderr) = run_keepalive(&[
         "serve",
+        "--config",
+        empty_config().to_str().unwrap(),
         "--metrics",
         "127.0.0.1:0",
         "--output",
@@ -486,12 +521,17 @@ fn record_serves_metrics_too() {
     let pair = Pair::new("rm");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    let closed = closed_port(&pair);
     let mut args = vec!["--metrics".to_string(), addr.clone()];
     args.extend(pair_filter(&pair));
+    args.extend(["--port".to_string(), closed.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut mon = Monitor::start(&args);
     let (a0, b0) = (pair.a.counters(), pair.b.counters());
-    for to in [format!("{}:9", pair.b4), format!("{}:10", pair.b4)] {
+    for to in [
+        format!("{}:{closed}", pair.b4),
+        format!("[{}]:{closed}", pair.b6),
+    ] {
         let to: SocketAddr = to.parse().unwrap();
         assert!(connect_in(&pair.a, to).is_err());
     }

@@ -27,11 +27,14 @@ impl Tmux {
             .is_ok_and(|s| s.success());
         assert!(ok, "`tmux` not found: run `cargo xtask setup`");
         let t = Tmux {
-            socket: format!(
-                "ka-top-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ),
+            socket: std::env::temp_dir()
+                .join(format!(
+                    "ka-top-tmux-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ))
+                .display()
+                .to_string(),
         };
         t.tmux(&[
             "new-session",
@@ -55,7 +58,7 @@ impl Tmux {
 
     fn tmux(&self, args: &[&str]) -> String {
         let out = Command::new("tmux")
-            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(["-S", &self.socket, "-f", "/dev/null"])
             .args(args)
             .env_remove("TMUX")
             .output()
@@ -99,25 +102,67 @@ impl Tmux {
         last
     }
 
-    fn wait_exit(&self) -> i32 {
-        let exited = wait_for(Duration::from_secs(10), || self.show("#{pane_dead}") == "1");
-        assert!(exited, "top did not exit:\n{}", self.screen());
-        self.show("#{pane_dead_status}").parse().unwrap()
+    /// Waits for the command to exit; its exit status. tmux marks the pane
+    /// dead when the terminal closes and learns the status a moment later.
+    fn wait_exit(&self, pid: u32) -> i32 {
+        let mut status = String::new();
+        let exited = wait_for(Duration::from_secs(30), || {
+            status = self.show("#{pane_dead_status}#{pane_dead_signal}");
+            !status.is_empty()
+        });
+        assert!(
+            exited,
+            "top did not exit (pane dead: {}); its threads:\n{}\nscreen:\n{}",
+            self.show("#{pane_dead}"),
+            threads(pid),
+            self.screen()
+        );
+        assert!(
+            self.show("#{pane_dead_signal}").is_empty(),
+            "top was killed by signal {status}:\n{}",
+            self.screen()
+        );
+        status.parse().unwrap()
     }
+}
+
+/// State and kernel stack of each thread of `pid`, for a hang report.
+fn threads(pid: u32) -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let state = read("status")
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .unwrap_or_default()
+                .to_string();
+            out += &format!(
+                "{} {} {state} wchan {}\n{}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+    }
+    out
 }
 
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
+            .args(["-S", &self.socket, "kill-server"])
             .stderr(Stdio::null())
             .status();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
 fn top_cmd(extra: &str) -> String {
     format!(
-        "exec {} top --refresh 1s --interval 200ms {extra}",
+        "exec {} top --interval 200ms {extra}",
         keepalive_bin().display()
     )
 }
@@ -171,8 +216,10 @@ fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
     let server = format!("{}:{port}", pair.b4);
     let other_server = format!("{}:{other_port}", pair.b4);
 
+    // Keepalive is on from the start (answered while the peer is alive).
+    set_keepalive(&silenced.client, 1, 1, 30);
     let t = Tmux::start(&top_cmd(&format!("--addr {}/32", pair.b4)), 200, 50);
-    let (_, ours) = programs_of(&t);
+    let (pid, ours) = programs_of(&t);
     t.wait_screen("both connections", Duration::from_secs(10), |s| {
         row(s, &client, &server).is_some() && s.contains(&other_server)
     });
@@ -180,7 +227,6 @@ fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
     // Silence the server's side: the client's keepalive probes vanish.
     let before = pair.a.counters();
     blackhole(&pair.b, Some(port));
-    set_keepalive(&silenced.client, 1, 1, 30);
     let screen = t.wait_screen("the silenced peer as dead", Duration::from_secs(10), |s| {
         row(s, &client, &server).is_some_and(|r| r.starts_with("dead"))
     });
@@ -234,7 +280,9 @@ fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
 
     // q: the screen is restored and nothing stays loaded.
     t.keys(&["q"]);
-    assert_eq!(t.wait_exit(), 0, "top's exit status");
+    let quit_at = std::time::Instant::now();
+    assert_eq!(t.wait_exit(pid), 0, "top's exit status");
+    eprintln!("top exited {:?} after q", quit_at.elapsed());
     assert_eq!(
         t.show("#{alternate_on}"),
         "0",
@@ -255,8 +303,31 @@ fn sigterm_restores_the_screen_and_unloads() {
     assert_eq!(t.show("#{alternate_on}"), "1");
     // SAFETY: signalling the process in our own tmux pane.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    assert_eq!(t.wait_exit(), 0);
+    assert_eq!(t.wait_exit(pid), 0);
     assert_eq!(t.show("#{alternate_on}"), "0");
+    assert_unloaded(&ours);
+}
+
+#[test]
+fn a_closed_terminal_ends_top_and_unloads() {
+    require_root();
+    let t = Tmux::start(&top_cmd("--port 9"), 100, 30);
+    let (pid, ours) = programs_of(&t);
+    t.wait_screen("the header", Duration::from_secs(10), |s| {
+        s.contains("keepalive top")
+    });
+    // The terminal goes away (an SSH session dropped): SIGHUP, then a
+    // hung-up tty.
+    drop(t);
+    let gone = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_or(true, |s| s.contains("State:\tZ"))
+    });
+    assert!(
+        gone,
+        "top still runs after its terminal closed:\n{}",
+        threads(pid)
+    );
     assert_unloaded(&ours);
 }
 

@@ -67,7 +67,9 @@ pub fn generate_docs(bin: &Path, dist: &Path) -> Result<()> {
 
 /// Builds the package; returns the path of the .deb.
 pub fn run_dist(bin: &Path) -> Result<PathBuf> {
-    let dist = crate::target_dir().join("dist");
+    // Where keepalive-user's [package.metadata.deb] assets point (relative
+    // to the workspace, whatever CARGO_TARGET_DIR says).
+    let dist = crate::root().join("target/dist");
     generate_docs(bin, &dist)?;
     let out = Command::new(crate::cargo())
         .current_dir(crate::root())

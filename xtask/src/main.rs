@@ -212,6 +212,8 @@ fn test(args: &[String]) -> Result<()> {
             "--lib",
             "--bins",
             "--tests",
+            // Every test binary runs, so one failure does not hide others.
+            "--no-fail-fast",
             "--",
             "--test-threads=1",
         ])

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use anyhow::{Context, Result};
 
 use crate::events::filter::Filter;
-use crate::kernel::{self, btf::KernelBtf, loader, symbols};
+use crate::kernel::{self, btf::KernelBtf, loader, privileges, symbols};
 
 /// One line of the report.
 struct Line {
@@ -39,6 +39,16 @@ pub fn run() -> Result<bool> {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_else(|| "root / CAP_BPF+CAP_PERFMON".into()),
+    ));
+    let kept = privileges::steady_state(true);
+    lines.push(line(
+        "privileges after attach",
+        true,
+        false,
+        format!(
+            "keeps {} (setns into each namespace for walks, /proc of other users' processes for namespaces and owners); drops every other capability, sets NoNewPrivs",
+            privileges::names(kept).join(", ")
+        ),
     ));
     let obj = loader::ensure_object();
     lines.push(line(

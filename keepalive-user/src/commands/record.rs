@@ -320,12 +320,40 @@ pub fn open_output(output: &Option<PathBuf>) -> Result<LineFile> {
     })
 }
 
-pub fn run(opts: RecordOptions) -> Result<()> {
-    if let Some(size) = opts.ring_size
-        && (size < 4096 || !size.is_power_of_two())
-    {
-        anyhow::bail!("--ring-size must be a power of two of at least 4096 bytes, got {size}");
+impl RecordOptions {
+    fn monitor_options(&self) -> MonitorOptions {
+        MonitorOptions {
+            filter: self.filter.clone(),
+            ring_size: self.ring_size,
+            refresh: self.refresh,
+            max_conns: self.max_conns,
+            thresholds: self.thresholds,
+            final_walk: self.table_dump.is_some(),
+        }
     }
+
+    /// Every setting in range, and no combination that could never print
+    /// anything; errors name the flags.
+    pub fn validate(&self) -> Result<()> {
+        self.monitor_options().validate()?;
+        if self.refresh.is_none() {
+            if self.filter.kinds.contains(&Kind::Verdict) {
+                anyhow::bail!(
+                    "--event verdict needs the connection table, which --refresh 0 turns off"
+                );
+            }
+            if self.table_dump.is_some() {
+                anyhow::bail!(
+                    "--table-dump needs the connection table, which --refresh 0 turns off"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(opts: RecordOptions) -> Result<()> {
+    opts.validate()?;
     // A bad policy is refused before anything runs or is created.
     let loaded = opts
         .tune
@@ -341,14 +369,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .as_deref()
         .map(|p| LineFile::create(p, FileOptions::default()))
         .transpose()?;
-    let monitor_opts = MonitorOptions {
-        filter: opts.filter.clone(),
-        ring_size: opts.ring_size,
-        refresh: opts.refresh,
-        max_conns: opts.max_conns,
-        thresholds: opts.thresholds,
-        final_walk: opts.table_dump.is_some(),
-    };
+    let monitor_opts = opts.monitor_options();
     let sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
     // The tuner wraps the sink: its `tuned` records go into the same stream.
     let mut main: Box<dyn SinkConsumer> = match (opts.tune, loaded) {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::config::ServeSettings;
 use crate::events::filter::Filter;
@@ -97,6 +97,13 @@ pub fn resolve(
             .unwrap_or(DEFAULT_ROTATE_KEEP),
     };
     file_opts.validate()?;
+    // Never run without a policy the user asked for.
+    if flags.policy.is_some() || file.policy.is_some() || file.rules > 0 {
+        return Err(
+            "a tuning policy (--policy, policy or [[rule]] in the config) is not supported by serve in this build; remove it to run"
+                .into(),
+        );
+    }
     let refresh_ms = flags
         .refresh_ms
         .or(file.refresh_ms)
@@ -231,9 +238,6 @@ impl Consumer for ServeLog {
 }
 
 pub fn run(opts: ServeOptions) -> Result<()> {
-    if opts.policy.is_some() {
-        bail!("--policy: the tuning policy is not available in this build yet");
-    }
     // Refuse before anything is attached.
     let listener = http::bind(&opts.metrics)?;
     let file = match &opts.output {
@@ -366,5 +370,11 @@ mod tests {
         };
         let e = resolve(flags, ServeSettings::default(), Thresholds::default()).unwrap_err();
         assert!(e.starts_with("--rotate-size must be at least 4096"), "{e}");
+        let file = ServeSettings {
+            rules: 1,
+            ..ServeSettings::default()
+        };
+        let e = resolve(ServeFlags::default(), file, Thresholds::default()).unwrap_err();
+        assert!(e.contains("tuning policy"), "{e}");
     }
 }

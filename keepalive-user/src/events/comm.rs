@@ -157,6 +157,24 @@ pub fn escape_str(s: &str) -> Cow<'_, str> {
     escape_text(s.as_bytes())
 }
 
+/// `s` with control and invisible characters escaped but spaces and
+/// backslashes kept: for messages that quote what a user gave us.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    let bad = |c: char| c.is_control() || invisible(c) || (c.is_whitespace() && c != ' ');
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +210,12 @@ mod tests {
         assert_eq!(escape_str("ab\u{202e}cd"), "ab\\u{202e}cd");
         assert_eq!(escape_str("a\u{7f}"), "a\\x7f");
         assert_eq!(escape_str("a\u{2028}b"), "a\\u{2028}b");
+    }
+
+    #[test]
+    fn messages_keep_spaces_but_not_controls() {
+        assert_eq!(escape_controls("a b\\c"), "a b\\c");
+        assert_eq!(escape_controls("x\n\u{1b}[1m"), "x\\n\\u{1b}[1m");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod loader;
 pub mod netns;
+pub mod privileges;
 pub mod symbols;
 
 use std::path::PathBuf;

@@ -105,6 +105,8 @@ pub fn spawn(listener: TcpListener, m: Arc<Metrics>) -> Result<Server> {
     let thread = std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
+            // Capabilities are per thread: this one serves HTTP and needs none.
+            crate::kernel::privileges::drop_all_in_this_thread("metrics server");
             rt.block_on(async move {
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,

@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
 use crate::events::{Event, Kind, ResetReasons, decode};
-use crate::kernel::{check_privileges, loader};
+use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
@@ -46,6 +46,48 @@ pub struct MonitorOptions {
     /// Walk the sockets once more after stopping, so [`Consumer::finished`]
     /// sees the table as it was at the end (table dumps).
     pub final_walk: bool,
+}
+
+/// Shortest table refresh: a walk of every socket costs real CPU on a busy
+/// host, and the verdicts move in seconds.
+pub const MIN_REFRESH: Duration = Duration::from_millis(100);
+pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// Ring buffer sizes accepted (a power of two in between).
+pub const MIN_RING_SIZE: u32 = 4096;
+pub const MAX_RING_SIZE: u32 = 256 << 20;
+/// Most connections the table (and the kernel's counter map) may hold:
+/// about 1 GiB of kernel and user memory together at the top.
+pub const MAX_CONNS_LIMIT: usize = 1 << 22;
+
+impl MonitorOptions {
+    /// Checks every setting against its range before anything is loaded;
+    /// errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(size) = self.ring_size
+            && (!(MIN_RING_SIZE..=MAX_RING_SIZE).contains(&size) || !size.is_power_of_two())
+        {
+            anyhow::bail!(
+                "--ring-size must be a power of two between {MIN_RING_SIZE} and {MAX_RING_SIZE} bytes, got {size}"
+            );
+        }
+        if let Some(every) = self.refresh
+            && !(MIN_REFRESH..=MAX_REFRESH).contains(&every)
+        {
+            anyhow::bail!(
+                "--refresh must be 0 (no connection table) or between {} and {}, got {}",
+                humantime::format_duration(MIN_REFRESH),
+                humantime::format_duration(MAX_REFRESH),
+                humantime::format_duration(every)
+            );
+        }
+        if !(1..=MAX_CONNS_LIMIT).contains(&self.max_conns) {
+            anyhow::bail!(
+                "--max-conns must be between 1 and {MAX_CONNS_LIMIT}, got {}",
+                self.max_conns
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Whether the monitor keeps running after a consumer call.
@@ -117,6 +159,12 @@ pub trait Consumer {
     fn batch_done(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         Ok(Flow::Continue)
     }
+    /// Whether this consumer walks the sockets itself after `started`
+    /// (with [`crate::kernel::loader::walk_sockets`]): the capabilities
+    /// that needs are then kept after attach.
+    fn walks_sockets(&self) -> bool {
+        false
+    }
     /// SIGHUP: reopen files, reload configuration.
     fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         Ok(Flow::Continue)
@@ -173,6 +221,9 @@ impl Consumer for Fanout<'_> {
     }
     fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         all(&mut self.0, |c| c.hangup(ctx))
+    }
+    fn walks_sockets(&self) -> bool {
+        self.0.iter().any(|c| c.walks_sockets())
     }
     fn stopping(&mut self, ctx: &mut Ctx) -> Result<()> {
         // Every consumer gets to clean up, even when one fails.
@@ -338,6 +389,7 @@ impl Engine {
 /// consumer's [`Flow::Stop`]; then detaches, drains what is left, and
 /// returns the totals. Blocks the calling thread.
 pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters> {
+    opts.validate()?;
     check_privileges()?;
     loader::ensure_object()?;
     // Verdicts are judged from every kind of kernel event.
@@ -407,6 +459,12 @@ async fn event_loop(
         let mut ctx = engine.ctx();
         consumer.started(&mut ctx)?
     };
+    // Everything that needed full privileges is done (the consumers
+    // attached their own programs in `started`): keep only what the walks
+    // need, if anything walks (kernel::privileges says what and why).
+    let walks = engine.table.is_some() || opts.final_walk || consumer.walks_sockets();
+    let kept = privileges::drop_all_but(privileges::steady_state(walks))?;
+    tracing::debug!(kept = ?privileges::names(kept), "capabilities dropped after attach");
     while flow == Flow::Continue {
         flow = tokio::select! {
             guard = ring.readable_mut() => {

@@ -485,7 +485,12 @@ impl LineFile {
                 Err(e) => return Err(errno_io(e)),
             }
         }
-        rustix::fs::renameat(&dir, &name, &dir, numbered(1)).map_err(errno_io)?;
+        match rustix::fs::renameat(&dir, &name, &dir, numbered(1)) {
+            // Moved away already (logrotate, before its SIGHUP reached us):
+            // our lines so far are in that file; start the new one.
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(errno_io(e)),
+        }
         let (file, target) = open_in(&dir, &name, true)?;
         self.file = file;
         self.target = target;
@@ -638,6 +643,39 @@ mod tests {
         assert_eq!(len("out.1"), Some(4000));
         assert_eq!(len("out.2"), Some(4000));
         assert_eq!(len("out.3"), None);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn rotation_after_the_file_was_moved_away_starts_a_new_one() {
+        let d = tmpdir("rotate-moved");
+        let p = d.join("out");
+        let opts = FileOptions {
+            append: true,
+            rotate_size: Some(4096),
+            rotate_keep: 3,
+        };
+        let mut f = LineFile::create(&p, opts).unwrap();
+        let line = [b'x'; 999];
+        for _ in 0..3 {
+            f.write_line(&line).unwrap();
+        }
+        f.flush().unwrap();
+        // logrotate moves the file; a rotation comes before the SIGHUP.
+        std::fs::rename(&p, d.join("moved")).unwrap();
+        for _ in 0..5 {
+            f.write_line(&line).unwrap();
+        }
+        f.flush().unwrap();
+        drop(f);
+        let lines = |s: &str| {
+            std::fs::read_to_string(d.join(s))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        assert_eq!(lines("moved"), 4, "up to the rotation");
+        assert_eq!(lines("out"), 4, "after it");
+        assert_eq!(lines("out.1"), 0);
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -6,6 +6,12 @@
 //! Memory is bounded: at most `cap` live connections (the least recently
 //! touched is evicted and counted) and tombstones for recently closed
 //! connections expire after [`TOMBSTONE_NS`].
+//!
+//! A connection beyond the cap keeps only its last reported verdict (a few
+//! bytes, dropped when a walk no longer finds it), and is judged from each
+//! walk against it: a verdict change is reported once per real change,
+//! however small the cap, instead of once per refresh for every connection
+//! that did not fit.
 
 use std::collections::HashMap;
 
@@ -36,6 +42,9 @@ pub struct ConnTable {
     live: HashMap<u64, Entry>,
     /// Closed connections, with the time they expire.
     tombstones: HashMap<u64, (Entry, u64)>,
+    /// Connections beyond the cap (evicted, or found by a walk with the
+    /// table full): the verdict last reported for each.
+    overflow: HashMap<u64, Verdict>,
     cap: usize,
     thresholds: Thresholds,
     pub evictions: u64,
@@ -46,6 +55,7 @@ impl ConnTable {
         ConnTable {
             live: HashMap::new(),
             tombstones: HashMap::new(),
+            overflow: HashMap::new(),
             cap: cap.max(1),
             thresholds,
             evictions: 0,
@@ -90,9 +100,16 @@ impl ConnTable {
             .collect();
         by_age.select_nth_unstable(batch - 1);
         for &(_, cookie) in &by_age[..batch] {
-            self.live.remove(&cookie);
+            if let Some(e) = self.live.remove(&cookie) {
+                self.overflow.insert(cookie, e.verdict);
+            }
             self.evictions += 1;
         }
+    }
+
+    /// Connections known beyond the cap (only their verdict is kept).
+    pub fn overflow_len(&self) -> usize {
+        self.overflow.len()
     }
 
     /// Re-judges `cookie`; returns the change, if any.
@@ -102,18 +119,28 @@ impl ConnTable {
     }
 
     fn rejudge_entry(e: &mut Entry, thresholds: &Thresholds) -> Option<VerdictChange> {
-        let new = judge(&e.conn, thresholds);
-        if new == e.verdict {
+        Self::judge_against(&e.conn, &mut e.verdict, thresholds)
+    }
+
+    /// Judges `conn` and records the result in `verdict`; returns it as a
+    /// change when it is news.
+    fn judge_against(
+        conn: &Conn,
+        verdict: &mut Verdict,
+        thresholds: &Thresholds,
+    ) -> Option<VerdictChange> {
+        let new = judge(conn, thresholds);
+        if new == *verdict {
             return None;
         }
-        let old = std::mem::replace(&mut e.verdict, new.clone());
+        let old = std::mem::replace(verdict, new.clone());
         // Reason numbers move all the time; only a change of verdict or of
         // reason kind is news.
         if old.name() == new.name() && old.reason_code() == new.reason_code() {
             return None;
         }
         Some(VerdictChange {
-            conn: e.conn.clone(),
+            conn: conn.clone(),
             old,
             new,
         })
@@ -143,8 +170,16 @@ impl ConnTable {
                     e.touched_ns = now_ns;
                 }
                 None => {
-                    self.make_room();
-                    let verdict = Verdict::Healthy;
+                    // Not in the table: judged against what was last
+                    // reported for it (healthy if nothing was), so a
+                    // connection that does not fit is not news every walk.
+                    let verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
+                    if self.live.len() >= self.cap {
+                        let mut verdict = verdict;
+                        changes.extend(Self::judge_against(&conn, &mut verdict, &self.thresholds));
+                        self.overflow.insert(cookie, verdict);
+                        continue;
+                    }
                     self.live.insert(
                         cookie,
                         Entry {
@@ -168,6 +203,7 @@ impl ConnTable {
                 self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
             }
         }
+        self.overflow.retain(|c, _| seen.contains_key(c));
         changes
     }
 
@@ -175,6 +211,22 @@ impl ConnTable {
     pub fn set_stats(&mut self, cookie: u64, stats: ConnStats) {
         if let Some(e) = self.live.get_mut(&cookie) {
             e.conn.stats = Some(stats);
+        }
+    }
+
+    /// What an event alone tells of its connection.
+    fn conn_from_event(ev: &Event) -> Conn {
+        Conn {
+            cookie: ev.cookie,
+            netns: ev.netns,
+            saddr: Some(ev.saddr),
+            sport: ev.sport,
+            daddr: Some(ev.daddr),
+            dport: ev.dport,
+            state: ev.state,
+            owners: ev.owner.iter().cloned().collect(),
+            full: true,
+            ..Conn::default()
         }
     }
 
@@ -192,20 +244,20 @@ impl ConnTable {
                 }
                 return None;
             }
+            // Beyond the cap: walks judge it (an event alone knows too
+            // little of it, and would flap its verdict), except for the
+            // kernel giving up on it, which no walk will see.
+            if let Some(verdict) = self.overflow.get_mut(&ev.cookie) {
+                let Detail::Timeout { cause, .. } = ev.detail else {
+                    return None;
+                };
+                let mut conn = Self::conn_from_event(ev);
+                conn.timed_out = Some(cause);
+                return Self::judge_against(&conn, verdict, &self.thresholds);
+            }
             // A connection born after the last walk.
             self.make_room();
-            let conn = Conn {
-                cookie: ev.cookie,
-                netns: ev.netns,
-                saddr: Some(ev.saddr),
-                sport: ev.sport,
-                daddr: Some(ev.daddr),
-                dport: ev.dport,
-                state: ev.state,
-                owners: ev.owner.iter().cloned().collect(),
-                full: true,
-                ..Conn::default()
-            };
+            let conn = Self::conn_from_event(ev);
             self.live.insert(
                 ev.cookie,
                 Entry {
@@ -391,6 +443,68 @@ mod tests {
             .apply(&keepalive_timeout(8), 3)
             .expect("timed_out is news");
         assert_eq!(ch.old.reason_code(), "probes_unanswered");
+        assert_eq!(ch.new.reason_code(), "timed_out");
+    }
+
+    /// Established, idle for `idle_ms`, keepalive off: unprotected once
+    /// past the idle threshold.
+    fn idle_conn(cookie: u64, idle_ms: u64) -> Conn {
+        let mut c = conn(cookie);
+        c.keepalive.enabled = false;
+        c.last_recv_ms = idle_ms;
+        c.last_send_ms = idle_ms;
+        c
+    }
+
+    #[test]
+    fn over_the_cap_each_verdict_change_is_reported_once() {
+        // The flood: far more idle connections than the cap, walked
+        // again and again.
+        let cap = 100;
+        let mut t = ConnTable::new(cap, Thresholds::default());
+        let walk = |n: u64| (1..=n).map(|c| idle_conn(c, 120_000)).collect::<Vec<_>>();
+        let first = t.refresh(walk(4_000), 0);
+        assert_eq!(first.len(), 4_000, "each connection turns unprotected once");
+        assert!(first.iter().all(|c| c.new.name() == "unprotected"));
+        for round in 1..=5 {
+            let again = t.refresh(walk(4_000), round * 1_000_000_000);
+            assert!(again.is_empty(), "round {round}: {} repeats", again.len());
+        }
+        assert_eq!(t.len(), cap);
+        assert_eq!(t.overflow_len(), 4_000 - cap);
+        // A real change beyond the cap is still reported, once.
+        let mut conns = walk(4_000);
+        conns[3_999].keepalive.enabled = true;
+        conns[3_999].keepalive.idle_ms = 30_000;
+        let ch = t.refresh(conns.clone(), 10_000_000_000);
+        assert_eq!(ch.len(), 1, "{ch:?}");
+        assert_eq!((ch[0].conn.cookie, ch[0].new.name()), (4_000, "healthy"));
+        assert!(t.refresh(conns, 11_000_000_000).is_empty());
+        // Closed connections are forgotten beyond the cap too.
+        t.refresh(walk(50), 12_000_000_000);
+        assert_eq!(t.overflow_len(), 0);
+    }
+
+    #[test]
+    fn evicted_connections_keep_their_verdict() {
+        let mut t = ConnTable::new(2, Thresholds::default());
+        let ch = t.refresh(vec![idle_conn(1, 120_000), idle_conn(2, 120_000)], 0);
+        assert_eq!(ch.len(), 2);
+        // New connections push both out of the table.
+        t.apply(&event(3, Detail::ResetReceived), 5);
+        t.apply(&event(4, Detail::ResetReceived), 6);
+        assert_eq!(t.evictions, 2);
+        let walk = vec![
+            idle_conn(1, 120_000),
+            idle_conn(2, 120_000),
+            conn(3),
+            conn(4),
+        ];
+        assert!(t.refresh(walk, 7).is_empty(), "no verdict moved");
+        // Their events are not news; the kernel giving up on one is.
+        assert!(t.apply(&event(1, Detail::ResetReceived), 8).is_none());
+        let ch = t.apply(&keepalive_timeout(2), 9).expect("timed out");
+        assert_eq!(ch.old.name(), "unprotected");
         assert_eq!(ch.new.reason_code(), "timed_out");
     }
 

@@ -2,7 +2,8 @@
 //! view, filter, sort, selection and scrolling, pause, recently closed,
 //! help. Pure: keys in, state out, no terminal, so every key is unit-tested.
 
-use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::net::IpAddr;
 
 use super::model::{Closed, LogEntry, Model, Row};
 use super::query::{Query, Subject};
@@ -151,43 +152,77 @@ fn gives_up_in(v: &Verdict) -> i64 {
     }
 }
 
-fn compare(key: SortKey, a: &Row, b: &Row) -> Ordering {
-    let (ca, cb) = (&a.conn, &b.conn);
-    let worst = || {
-        b.verdict
-            .severity()
-            .cmp(&a.verdict.severity())
-            .then(gives_up_in(&a.verdict).cmp(&gives_up_in(&b.verdict)))
-            .then(cb.probes_out.cmp(&ca.probes_out))
-            .then(cb.retransmits.cmp(&ca.retransmits))
-            .then(cb.idle_ms().cmp(&ca.idle_ms()))
+/// Integers that order rows like the column does, then worst first, then
+/// by cookie: sorting 100k rows on 32 bytes each is several times faster
+/// than comparing rows field by field.
+type SortKeyOf = (u128, u64, u64);
+
+fn ip_key(a: Option<IpAddr>) -> u128 {
+    match a {
+        Some(IpAddr::V4(v4)) => u128::from(v4.to_ipv6_mapped()),
+        Some(IpAddr::V6(v6)) => u128::from(v6),
+        None => 0,
+    }
+}
+
+/// Worst first in 64 bits: verdict (2 bits), then how soon the kernel
+/// gives up (saturated at about 9 hours of ms), probes and retransmits
+/// outstanding (6 bits each), then idle time (saturated at about 4 hours
+/// of seconds, longest first).
+fn worst(row: &Row) -> u64 {
+    let c = &row.conn;
+    let sev = u64::from(3 - row.verdict.severity().min(3));
+    let gives_up = match gives_up_in(&row.verdict) {
+        i64::MIN => 0,
+        i64::MAX => (1 << 35) - 1,
+        ms => (ms.max(0) as u64 + 1).min((1 << 35) - 2),
     };
-    let first = match key {
-        SortKey::Verdict => Ordering::Equal,
-        SortKey::Probes => cb.probes_out.cmp(&ca.probes_out),
-        SortKey::Retransmits => cb
-            .retransmits
-            .cmp(&ca.retransmits)
-            .then(cb.total_retrans.cmp(&ca.total_retrans)),
-        SortKey::Idle => cb.idle_ms().cmp(&ca.idle_ms()),
-        SortKey::Owner => {
-            let o = |c: &crate::table::Conn| c.owners.first().map(|o| (o.comm.clone(), o.pid));
-            match (o(ca), o(cb)) {
-                (Some(x), Some(y)) => x.cmp(&y),
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (None, None) => Ordering::Equal,
-            }
+    let probes = 63 - u64::from(c.probes_out.min(63));
+    let retrans = 63 - u64::from(c.retransmits.min(63));
+    let idle = (1 << 15) - 1 - (c.idle_ms() / 1000).min((1 << 15) - 1);
+    sev << 62 | gives_up << 27 | probes << 21 | retrans << 15 | idle
+}
+
+fn sort_key(key: SortKey, row: &Row, owner_rank: &HashMap<(&str, u32), u64>) -> SortKeyOf {
+    let c = &row.conn;
+    let w = worst(row);
+    let primary: u128 = match key {
+        SortKey::Verdict => 0,
+        SortKey::Probes => u128::from(u32::MAX - c.probes_out),
+        SortKey::Retransmits => {
+            u128::from(u32::MAX - c.retransmits) << 32 | u128::from(u32::MAX - c.total_retrans)
         }
-        SortKey::Peer => (ca.daddr, ca.dport).cmp(&(cb.daddr, cb.dport)),
-        SortKey::Local => (ca.saddr, ca.sport).cmp(&(cb.saddr, cb.sport)),
-        SortKey::State => state_name(ca.state).cmp(state_name(cb.state)),
-        SortKey::Timer => {
-            let t = |c: &crate::table::Conn| c.timer.map_or(i64::MAX, |t| t.fires_in_ms);
-            t(ca).cmp(&t(cb))
-        }
+        SortKey::Idle => u128::from(u64::MAX - c.idle_ms()),
+        SortKey::Owner => c
+            .owners
+            .first()
+            .and_then(|o| owner_rank.get(&(o.comm.as_str(), o.pid)))
+            .map_or(u128::MAX, |&r| u128::from(r)),
+        SortKey::Peer => ip_key(c.daddr),
+        SortKey::Local => ip_key(c.saddr),
+        SortKey::State => u128::from(state_rank(c.state)),
+        SortKey::Timer => c.timer.map_or(u128::MAX, |t| {
+            (i128::from(t.fires_in_ms) - i128::from(i64::MIN)) as u128
+        }),
     };
-    first.then_with(worst).then(ca.cookie.cmp(&cb.cookie))
+    let secondary = match key {
+        SortKey::Peer | SortKey::Local => {
+            u64::from(if key == SortKey::Peer {
+                c.dport
+            } else {
+                c.sport
+            }) << 48
+                | w >> 16
+        }
+        _ => w,
+    };
+    (primary, secondary, c.cookie)
+}
+
+/// Position of a state's name in alphabetical order.
+fn state_rank(state: u32) -> u8 {
+    let name = state_name(state);
+    (1..=13u32).filter(|&s| state_name(s) < name).count() as u8
 }
 
 #[derive(Clone, Debug)]
@@ -298,23 +333,50 @@ impl App {
     /// the selection on the same connection.
     pub fn sync(&mut self, live: &Model) {
         let m = self.shown(live);
-        let mut rows: Vec<&Row> = m.rows.values().filter(|r| self.visible(r)).collect();
-        let key = self.sort;
-        rows.sort_unstable_by(|a, b| compare(key, a, b));
-        if self.reverse {
-            rows.reverse();
-        }
-        let mut order: Vec<u64> = rows.iter().map(|r| r.conn.cookie).collect();
-        let live_shown = order.len();
-        if self.show_closed {
-            order.extend(
-                m.closed
-                    .iter()
-                    .rev()
-                    .filter(|c| self.visible(&c.row))
-                    .map(|c| c.row.conn.cookie),
-            );
-        }
+        // The table is sorted only when it is what is shown.
+        let table = (self.view == View::Connections).then(|| {
+            let owner_rank = if self.sort == SortKey::Owner {
+                let mut owners: Vec<(&str, u32)> = m
+                    .rows
+                    .values()
+                    .chain(m.closed.iter().map(|c| &c.row))
+                    .filter_map(|r| r.conn.owners.first())
+                    .map(|o| (o.comm.as_str(), o.pid))
+                    .collect();
+                owners.sort_unstable();
+                owners.dedup();
+                owners
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, o)| (o, i as u64))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
+            let key = self.sort;
+            let mut rows: Vec<(SortKeyOf, u64)> = m
+                .rows
+                .values()
+                .filter(|r| self.visible(r))
+                .map(|r| (sort_key(key, r, &owner_rank), r.conn.cookie))
+                .collect();
+            rows.sort_unstable();
+            if self.reverse {
+                rows.reverse();
+            }
+            let mut order: Vec<u64> = rows.into_iter().map(|(_, c)| c).collect();
+            let live_shown = order.len();
+            if self.show_closed {
+                order.extend(
+                    m.closed
+                        .iter()
+                        .rev()
+                        .filter(|c| self.visible(&c.row))
+                        .map(|c| c.row.conn.cookie),
+                );
+            }
+            (order, live_shown)
+        });
         let events: Vec<usize> = m
             .log
             .iter()
@@ -322,8 +384,10 @@ impl App {
             .filter(|(_, e)| self.event_visible(e))
             .map(|(i, _)| i)
             .collect();
-        self.order = order;
-        self.live_shown = live_shown;
+        if let Some((order, live_shown)) = table {
+            self.order = order;
+            self.live_shown = live_shown;
+        }
         self.events = events;
         self.reselect();
     }

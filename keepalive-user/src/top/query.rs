@@ -34,8 +34,10 @@ pub struct Query {
     pids: Vec<u32>,
     verdicts: Vec<String>,
     states: Vec<String>,
-    /// Lower-cased.
+    /// ASCII lower case, as the text they are matched against.
     words: Vec<String>,
+    /// Some word has a character of an address, port or pid.
+    numeric: bool,
 }
 
 const VERDICTS: [&str; 4] = ["dead", "orphaned", "unprotected", "healthy"];
@@ -58,7 +60,7 @@ impl Query {
         let mut q = Query::default();
         for term in text.split_whitespace() {
             let Some((key, value)) = term.split_once(':') else {
-                q.words.push(term.to_lowercase());
+                q.words.push(term.to_ascii_lowercase());
                 continue;
             };
             match key {
@@ -93,9 +95,13 @@ impl Query {
                 }
                 "comm" => return Err(format!("`{term}`: expected a process name")),
                 // An IPv6 address, a `host:port` or any other word with a colon.
-                _ => q.words.push(term.to_lowercase()),
+                _ => q.words.push(term.to_ascii_lowercase()),
             }
         }
+        q.numeric = q
+            .words
+            .iter()
+            .any(|w| w.contains(|c: char| c.is_ascii_digit() || "[]:.*".contains(c)));
         Ok(q)
     }
 
@@ -145,33 +151,79 @@ impl Query {
         if self.words.is_empty() {
             return true;
         }
-        let hay = haystack(s);
-        self.words.iter().all(|w| hay.contains(w.as_str()))
+        // One buffer reused for every row: a filter over 100k connections
+        // must not allocate 100k strings per frame.
+        thread_local! {
+            static HAY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        HAY.with_borrow_mut(|hay| {
+            haystack(s, hay, self.numeric);
+            self.words.iter().all(|w| hay.contains(w.as_str()))
+        })
     }
 }
 
-/// Everything a bare word may match, lower case, space separated.
-fn haystack(s: &Subject) -> String {
-    let ep = |a: Option<IpAddr>, p: u16| match a {
-        Some(IpAddr::V6(v6)) => format!("[{v6}]:{p}"),
-        Some(a) => format!("{a}:{p}"),
-        None => format!("*:{p}"),
+/// Everything a bare word may match, ASCII lower case, space separated.
+/// Appends a number in decimal, without the formatting machinery.
+fn push_u32(h: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    h.extend(digits[i..].iter().map(|&d| d as char));
+}
+
+/// Addresses, ports and pids are written only when some word could match
+/// them (`numeric`): formatting them is most of the cost.
+fn haystack(s: &Subject, h: &mut String, numeric: bool) {
+    h.clear();
+    if numeric {
+        for (a, p) in [(s.saddr, s.sport), (s.daddr, s.dport)] {
+            // As the screen shows them: IPv4-mapped ones as IPv4.
+            match a.map(unmapped) {
+                Some(IpAddr::V4(v4)) => {
+                    for (i, o) in v4.octets().into_iter().enumerate() {
+                        if i > 0 {
+                            h.push('.');
+                        }
+                        push_u32(h, u32::from(o));
+                    }
+                }
+                Some(IpAddr::V6(v6)) => {
+                    use std::fmt::Write;
+                    let _ = write!(h, "[{v6}]");
+                }
+                None => h.push('*'),
+            }
+            h.push(':');
+            push_u32(h, u32::from(p));
+            h.push(' ');
+        }
+    }
+    let lower = |h: &mut String, text: &str| {
+        h.push_str(text);
+        h.push(' ');
     };
-    let mut h = format!(
-        "{} {} {} {}",
-        ep(s.saddr, s.sport),
-        ep(s.daddr, s.dport),
-        state_name(s.state),
-        s.verdict.unwrap_or("")
-    );
+    lower(h, state_name(s.state));
+    lower(h, s.verdict.unwrap_or(""));
     for o in s.owners {
-        h += &format!(" {}/{}", o.comm, o.pid);
+        h.push_str(&o.comm);
+        if numeric {
+            h.push('/');
+            push_u32(h, o.pid);
+        }
+        h.push(' ');
     }
     for w in s.words {
-        h.push(' ');
-        h.push_str(w);
+        lower(h, w);
     }
-    h.to_lowercase()
+    h.make_ascii_lowercase();
 }
 
 #[cfg(test)]
@@ -249,13 +301,20 @@ mod tests {
     fn bare_words_match_anything_shown() {
         assert!(m("postgres"));
         assert!(m("4242"));
+        assert!(m("postgres/4242"));
+        assert!(m("10.1.2.3:5432"));
+        assert!(m(":40000"));
         assert!(m("10.1.2.3"));
         assert!(m("unanswered"));
         assert!(m("established dead"));
         assert!(!m("established healthy"));
         assert!(!m("nginx"));
         // An IPv6 word with colons is a bare word, not a keyword.
-        assert!(m("::ffff:10.1.2.3"));
+        let o = owners();
+        let mut v6 = subject(&o, &[]);
+        v6.daddr = Some("fd00::2".parse().unwrap());
+        assert!(Query::parse("[fd00::2]:5432").unwrap().matches(&v6));
+        assert!(Query::parse("fd00::").unwrap().matches(&v6));
         assert!(m("198.18.0.1:40000"));
     }
 

@@ -5,7 +5,7 @@
 
 use std::io::{Stdout, stdout};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,37 @@ pub fn map_key(k: KeyEvent) -> Option<Key> {
     })
 }
 
+/// The terminal hung up (the SSH session or the terminal window went
+/// away): nothing can be shown any more.
+fn hung_up() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: 0,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Reads terminal events on a thread of their own: crossterm's reader can
+/// spin on a terminal that hung up, and the screen loop must stay free to
+/// notice that the monitor stopped. The thread ends with the process.
+fn spawn_reader() -> Result<Receiver<Event>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("keys".into())
+        .spawn(move || {
+            while let Ok(ev) = event::read() {
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the key reader")?;
+    Ok(rx)
+}
+
 /// Runs the screen until the user quits or the monitor stops.
 pub fn run_ui(
     rx: &Receiver<Update>,
@@ -94,6 +125,7 @@ pub fn run_ui(
 ) -> Result<()> {
     let theme = Theme::from_env();
     let mut guard = TerminalGuard::enter()?;
+    let keys = spawn_reader()?;
     let mut app = App::default();
     let mut next_frame = Instant::now();
     let mut dirty = true;
@@ -115,7 +147,7 @@ pub fn run_ui(
             }
         }
         model.ui_dropped = dropped.load(Ordering::Relaxed);
-        if model.stopped || engine.is_finished() {
+        if model.stopped || engine.is_finished() || hung_up() {
             return Ok(());
         }
         let now = Instant::now();
@@ -134,20 +166,20 @@ pub fn run_ui(
         let wait = next_frame
             .saturating_duration_since(Instant::now())
             .min(KEY_POLL);
-        if event::poll(wait).context("reading the terminal")? {
-            match event::read().context("reading the terminal")? {
-                Event::Key(k) if k.kind != KeyEventKind::Release => {
-                    if let Some(key) = map_key(k) {
-                        app.key(key, model);
-                        dirty = true;
-                        if app.quit {
-                            return Ok(());
-                        }
+        match keys.recv_timeout(wait) {
+            Ok(Event::Key(k)) if k.kind != KeyEventKind::Release => {
+                if let Some(key) = map_key(k) {
+                    app.key(key, model);
+                    dirty = true;
+                    if app.quit {
+                        return Ok(());
                     }
                 }
-                Event::Resize(..) => dirty = true,
-                _ => {}
             }
+            Ok(Event::Resize(..)) => dirty = true,
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            // The reader ended: the terminal is gone.
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
 }

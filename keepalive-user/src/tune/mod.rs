@@ -436,6 +436,11 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
 
     /// Reloads the policy: a bad file keeps the running one and says why;
     /// a good one takes the old values back, then applies the new rules.
+    /// Applying and restoring settings walks the sockets (also at stop).
+    fn walks_sockets(&self) -> bool {
+        true
+    }
+
     fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         let mut flow = self.inner.hangup(ctx)?;
         let Some(ebpf) = ctx.ebpf.as_deref_mut() else {

@@ -598,8 +598,7 @@ pub fn load(path: &Path) -> Result<Policy> {
             "{shown}:1: refusing a policy a non-root user could change: {why}"
         ));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read policy {shown}: {e}"))?;
+    let text = crate::config::read_config_text(path, "policy")?;
     parse(&text, &shown)
 }
 

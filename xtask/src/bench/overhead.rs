@@ -19,7 +19,7 @@ use testkit::MonitorChild;
 use super::bpf_cost::{self, KernelCost, SETTLE};
 use super::peer::Peer;
 use super::workloads::{self, Sample};
-use super::{Config, check_interrupted, interrupted};
+use super::{Config, Machine, check_interrupted, interrupted};
 
 /// How long the monitor may take to attach its hooks.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +58,8 @@ pub struct Usage {
     pub events: Option<u64>,
     /// Events the kernel could not hand it.
     pub lost: Option<u64>,
+    /// Seconds from its start to its hooks attached.
+    pub ready_secs: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +73,8 @@ pub struct Phase {
 }
 
 pub struct Report {
+    /// Read before the first phase.
+    pub machine: Machine,
     pub phases: Vec<Phase>,
     pub costs: Vec<KernelCost>,
 }
@@ -88,6 +92,13 @@ impl Watcher {
             Subject::Keepalive => Some(Watcher::Keepalive(start_monitor(bin)?)),
             Subject::Bpftrace => Some(Watcher::Bpftrace(Peer::start()?)),
         })
+    }
+
+    fn ready_after(&self) -> Duration {
+        match self {
+            Watcher::Keepalive(m) => m.ready_after,
+            Watcher::Bpftrace(p) => p.ready_after,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -121,6 +132,7 @@ pub fn start_monitor(bin: &Path) -> Result<MonitorChild> {
 }
 
 pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
+    let machine = Machine::read();
     let subjects: &[Subject] = if cfg.peer {
         &[Subject::Baseline, Subject::Keepalive, Subject::Bpftrace]
     } else {
@@ -157,12 +169,14 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
             let usage = match (&mut watcher, cpu0) {
                 (Some(w), Some(cpu0)) => {
                     let cpu_secs = testkit::child::cpu_secs(w.pid())? - cpu0;
+                    let ready_secs = w.ready_after().as_secs_f64();
                     let (events, lost) = w.stop()?;
                     Some(Usage {
                         cpu_secs,
                         wall_secs,
                         events,
                         lost,
+                        ready_secs,
                     })
                 }
                 _ => None,
@@ -200,7 +214,11 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
         )?);
         peer.stop()?;
     }
-    Ok(Report { phases, costs })
+    Ok(Report {
+        machine,
+        phases,
+        costs,
+    })
 }
 
 /// Both workloads, one after the other.

@@ -54,11 +54,14 @@ pub struct Peer {
     /// Lines counted after the ready line (its events).
     counted: Option<JoinHandle<u64>>,
     stderr: mpsc::Receiver<String>,
+    /// From the spawn to the ready line (probes compiled and attached).
+    pub ready_after: Duration,
 }
 
 impl Peer {
     /// Starts bpftrace and waits until its probes are attached.
     pub fn start() -> Result<Peer> {
+        let t0 = Instant::now();
         let mut child = Command::new("bpftrace")
             .args(["-e", SCRIPT])
             .stdin(Stdio::null())
@@ -74,11 +77,15 @@ impl Peer {
             child: Some(child),
             counted: Some(counted),
             stderr,
+            ready_after: Duration::ZERO,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             match ready_rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(()) => return Ok(peer),
+                Ok(()) => {
+                    peer.ready_after = t0.elapsed();
+                    return Ok(peer);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout)
                     if Instant::now() < deadline && !interrupted() => {}
                 Err(_) => {

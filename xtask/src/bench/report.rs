@@ -104,7 +104,7 @@ impl Report {
     pub fn summary(&self, bin: &Path, cfg: &Config) -> Summary<'_> {
         Summary {
             schema: 2,
-            machine: Machine::read(),
+            machine: self.machine.clone(),
             config: SummaryConfig {
                 seconds: cfg.dur.as_secs(),
                 rounds: cfg.rounds,
@@ -144,7 +144,7 @@ impl Report {
             cfg.dur.as_secs(),
             cfg.conns
         )?;
-        writeln!(o, "{}", Machine::read().line())?;
+        writeln!(o, "{}", self.machine.line())?;
         writeln!(o, "keepalive: {} {}", bin.display(), MONITOR_ARGS.join(" "))?;
         if cfg.peer {
             writeln!(
@@ -155,21 +155,30 @@ impl Report {
         writeln!(o)?;
         writeln!(
             o,
-            "{:<5} {:<9} {:>12} {:>13} {:>7} {:>9} {:>10} {:>8}",
-            "round", "phase", "rr tx/s", "churn conn/s", "errors", "cpu", "events", "lost"
+            "{:<5} {:<9} {:>12} {:>13} {:>7} {:>9} {:>10} {:>8} {:>8}",
+            "round",
+            "phase",
+            "rr tx/s",
+            "churn conn/s",
+            "errors",
+            "cpu",
+            "events",
+            "lost",
+            "ready s"
         )?;
         for p in &self.phases {
-            let (cpu, events, lost) = match &p.usage {
+            let (cpu, events, lost, ready) = match &p.usage {
                 Some(u) => (
                     format!("{:.1}%", 100.0 * u.cpu_secs / u.wall_secs.max(1e-9)),
                     opt_num(u.events),
                     opt_num(u.lost),
+                    format!("{:.2}", u.ready_secs),
                 ),
-                None => ("-".into(), "-".into(), "-".into()),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             writeln!(
                 o,
-                "{:<5} {:<9} {:>12.0} {:>13.0} {:>7} {:>9} {:>10} {:>8}",
+                "{:<5} {:<9} {:>12.0} {:>13.0} {:>7} {:>9} {:>10} {:>8} {:>8}",
                 p.round,
                 p.subject.name(),
                 p.request_response.rate(),
@@ -177,12 +186,13 @@ impl Report {
                 p.request_response.errors + p.churn.errors,
                 cpu,
                 events,
-                lost
+                lost,
+                ready
             )?;
         }
         writeln!(
             o,
-            "\nthroughput, median of {} (cpu: the watcher's share of one CPU)",
+            "\nthroughput, median of {} (cpu: the watcher's share of one CPU; ready s: from its start to its probes attached)",
             cfg.rounds
         )?;
         writeln!(

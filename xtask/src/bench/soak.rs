@@ -105,6 +105,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
         "bench --soak loads eBPF programs and creates a network namespace",
     )?;
     let _signals = signals::Guard::install();
+    let machine = Machine::read();
     let churn = churn_phase(bin, &o)?;
     let tracked = if o.conns > 0 {
         check_interrupted()?;
@@ -114,7 +115,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
     };
     let summary = SoakSummary {
         schema: 1,
-        machine: Machine::read(),
+        machine,
         monitor_args: MONITOR_ARGS,
         churn,
         tracked,

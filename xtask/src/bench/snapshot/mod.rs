@@ -43,7 +43,8 @@ use self::report::SnapReport;
 use self::run::{Timed, run_bounded};
 use super::hold;
 use super::{
-    check_interrupted, median, parse_opts, require_root_and, signals, summary_dir, write_summary,
+    Machine, check_interrupted, median, parse_opts, require_root_and, signals, summary_dir,
+    write_summary,
 };
 
 /// Largest `--conns` value (twice as many sockets).
@@ -110,6 +111,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
         }
     }
     let _signals = signals::Guard::install();
+    let machine = Machine::read();
     let cfg = SnapConfig {
         conns: opts.conns,
         rounds: opts.rounds as usize,
@@ -121,6 +123,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
         sizes.push(snapshot_size(bin, n, &cfg)?);
     }
     let report = SnapReport {
+        machine,
         sizes,
         ss_version: ss_version(),
     };

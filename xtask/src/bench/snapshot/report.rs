@@ -13,6 +13,8 @@ use super::{RATIOS, SizeResult, SnapConfig, TOOLS, Tool};
 use crate::bench::Machine;
 
 pub struct SnapReport {
+    /// Read before the first measurement.
+    pub machine: Machine,
     pub sizes: Vec<SizeResult>,
     pub ss_version: String,
 }
@@ -262,7 +264,7 @@ impl SnapReport {
             .collect();
         Summary {
             schema: 2,
-            machine: Machine::read(),
+            machine: self.machine.clone(),
             config: SummaryConfig {
                 conns: &cfg.conns,
                 rounds: cfg.rounds,
