@@ -371,7 +371,18 @@ pub fn run(opts: ServeOptions) -> Result<()> {
                 rate_cap: DEFAULT_RATE_CAP,
             };
             let mut tuner = Tuner::new(core, tune, loaded);
+            tuner.summary_line = false;
             let r = monitor::run(monitor_opts, &mut tuner);
+            let c = tuner.counts;
+            tracing::info!(
+                tuned = c.tuned,
+                app_kept = c.app_kept,
+                app_override = c.app_override,
+                restored = c.restored,
+                failed = c.failed,
+                rate_limited = c.rate_limited,
+                "tuning ended"
+            );
             (r, tuner.inner)
         }
         _ => {

@@ -192,6 +192,9 @@ pub struct Tuner<C> {
     /// reports (which carry only the cookie).
     idents: HashMap<u64, Ident>,
     pub counts: TuneCounts,
+    /// Write the closing `tune ended; ...` line on stderr (serve logs the
+    /// counts through `tracing` instead).
+    pub summary_line: bool,
 }
 
 impl<C: Consumer + TunedSink> Tuner<C> {
@@ -206,6 +209,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             rule_of: HashMap::new(),
             idents: HashMap::new(),
             counts: TuneCounts::default(),
+            summary_line: true,
         }
     }
 
@@ -491,17 +495,19 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
 
     fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
         let c = self.counts;
-        eprintln!(
-            "keepalive: tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={}",
-            c.tuned,
-            c.dry_run,
-            c.app_kept,
-            c.app_override,
-            c.enforced,
-            c.restored,
-            c.failed,
-            c.rate_limited
-        );
+        if self.summary_line {
+            crate::diag!(
+                "tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={}",
+                c.tuned,
+                c.dry_run,
+                c.app_kept,
+                c.app_override,
+                c.enforced,
+                c.restored,
+                c.failed,
+                c.rate_limited
+            );
+        }
         self.inner.finished(totals, table)
     }
 }
