@@ -14,9 +14,11 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Effective capabilities of this process (CapEff from /proc/self/status).
+/// Effective capabilities of the calling thread (CapEff of
+/// /proc/thread-self/status: capabilities are per thread, and `top` drops
+/// its UI thread's while the engine thread starts).
 fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/thread-self/status")
         .ok()
         .and_then(|s| {
             s.lines()

@@ -69,7 +69,12 @@ impl Clock {
     }
 
     pub fn rfc3339(&self, mono_ns: u64) -> String {
-        humantime::format_rfc3339_micros(self.wall(mono_ns)).to_string()
+        self.rfc3339_display(mono_ns).to_string()
+    }
+
+    /// The same, to be written by `Display` without a `String`.
+    pub fn rfc3339_display(&self, mono_ns: u64) -> humantime::Rfc3339Timestamp {
+        humantime::format_rfc3339_micros(self.wall(mono_ns))
     }
 }
 

@@ -9,6 +9,7 @@
 //! the policy file is [`policy`], the kernel side [`kernel`], the records
 //! [`report`].
 
+pub mod adaptive;
 pub mod kernel;
 pub mod policy;
 pub mod report;
@@ -29,6 +30,8 @@ use crate::kernel::loader;
 use crate::monitor::{Consumer, Counters, Ctx, Flow};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
+use adaptive::{Evidence, Learner};
+use keepalive_common::tune::DestKey;
 use kernel::TuneKernel;
 use policy::Policy;
 use report::{Action, Tuned};
@@ -175,6 +178,7 @@ pub struct TuneCounts {
     pub restored: u64,
     pub failed: u64,
     pub rate_limited: u64,
+    pub adapted: u64,
 }
 
 /// The tuning consumer, wrapping the one that writes records.
@@ -191,10 +195,28 @@ pub struct Tuner<C> {
     /// The identity of each socket we reported, for the setsockopt hook's
     /// reports (which carry only the cookie).
     idents: HashMap<u64, Ident>,
+    /// Connections under adaptive rules, watched for evidence.
+    watched: HashMap<u64, Watched>,
+    /// One learner per (rule, destination).
+    learners: HashMap<(usize, DestKey), Learner>,
     pub counts: TuneCounts,
     /// Write the closing `tune ended; ...` line on stderr (serve logs the
     /// counts through `tracing` instead).
     pub summary_line: bool,
+}
+
+/// A connection an adaptive rule tuned.
+#[derive(Clone, Debug)]
+struct Watched {
+    rule: usize,
+    dest: DestKey,
+    idle_s: u32,
+    interval_s: u32,
+    /// When its last first probe went out, while not known to be unanswered.
+    probe1_ns: Option<u64>,
+    /// A probe went unanswered since the last answered one.
+    unanswered: bool,
+    tuned: Tuned,
 }
 
 impl<C: Consumer + TunedSink> Tuner<C> {
@@ -208,6 +230,8 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             rewalk_at: None,
             rule_of: HashMap::new(),
             idents: HashMap::new(),
+            watched: HashMap::new(),
+            learners: HashMap::new(),
             counts: TuneCounts::default(),
             summary_line: true,
         }
@@ -258,6 +282,9 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             let Some(mut t) = report::decode(r, |i| rules.get(i).map(|r| r.name.clone())) else {
                 continue;
             };
+            if t.action == Action::Tuned {
+                self.watch_adaptive(&t, r.rule);
+            }
             if t.source == report::Source::Application {
                 if let Some(id) = self.idents.get(&t.cookie) {
                     id.fill(&mut t);
@@ -275,6 +302,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
                 Action::Restored => c.restored += 1,
                 Action::Failed => c.failed += 1,
                 Action::RateLimited => c.rate_limited += 1,
+                Action::Adapted => c.adapted += 1,
             }
             if !t.failed.is_empty() && t.action != Action::Failed {
                 c.failed += 1;
@@ -289,6 +317,112 @@ impl<C: Consumer + TunedSink> Tuner<C> {
                 _ => {}
             }
             if self.inner.tuned(&t, clock)? == Flow::Stop {
+                flow = Flow::Stop;
+            }
+        }
+        Ok(flow)
+    }
+
+    /// Starts watching a connection an adaptive rule just tuned.
+    fn watch_adaptive(&mut self, t: &Tuned, rule_no: u8) {
+        let Some(rule) = (rule_no as usize)
+            .checked_sub(1)
+            .and_then(|i| self.loaded.policy.rules.get(i).map(|r| (i, r)))
+        else {
+            return;
+        };
+        let (idx, rule) = rule;
+        let Some(a) = rule.adaptive else {
+            return;
+        };
+        let Some(daddr) = t.daddr else {
+            return;
+        };
+        let idle_s = t
+            .changes
+            .iter()
+            .find(|c| c.option == "idle_s")
+            .and_then(|c| c.new.as_u64())
+            .unwrap_or(a.min_idle_s as u64) as u32;
+        self.watched.insert(
+            t.cookie,
+            Watched {
+                rule: idx,
+                dest: dest_key(daddr, t.dport),
+                idle_s,
+                interval_s: rule.interval_s.unwrap_or(75),
+                probe1_ns: None,
+                unanswered: false,
+                tuned: t.clone(),
+            },
+        );
+    }
+
+    /// Feeds one piece of evidence to its destination's learner; applies
+    /// and reports what it decides.
+    fn learn(&mut self, cookie: u64, ev: Evidence, ctx: &Ctx) -> Result<Flow> {
+        let Some(w) = self.watched.get(&cookie).cloned() else {
+            return Ok(Flow::Continue);
+        };
+        let Some(a) = self
+            .loaded
+            .policy
+            .rules
+            .get(w.rule)
+            .and_then(|r| r.adaptive)
+        else {
+            return Ok(Flow::Continue);
+        };
+        let learner = self
+            .learners
+            .entry((w.rule, w.dest))
+            .or_insert_with(|| Learner::new(a.min_idle_s, a.max_idle_s));
+        let Some(adj) = learner.observe(ev) else {
+            return Ok(Flow::Continue);
+        };
+        if let Some(k) = self.kernel.as_mut() {
+            k.set_learned_idle(w.dest, adj.to_s)?;
+        }
+        let mut t = w.tuned.clone();
+        t.ts_mono_ns = Clock::mono_now_ns();
+        t.action = Action::Adapted;
+        t.source = report::Source::Learned;
+        t.kept.clear();
+        t.failed.clear();
+        t.changes = vec![report::Change {
+            option: "idle_s",
+            old: adj.from_s.into(),
+            new: adj.to_s.into(),
+            old_from_sysctl: false,
+            new_from_sysctl: false,
+        }];
+        let mut evidence = serde_json::to_value(&adj).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut evidence {
+            m.insert("destination".into(), dest_text(&w.dest).into());
+        }
+        t.evidence = Some(evidence);
+        self.counts.adapted += 1;
+        self.inner.tuned(&t, ctx.clock)
+    }
+
+    /// Probes answered: a first probe not followed by a second within an
+    /// interval (and a second).
+    fn answered_probes(&mut self, ctx: &Ctx) -> Result<Flow> {
+        let now = Clock::mono_now_ns();
+        let due: Vec<(u64, u32)> = self
+            .watched
+            .iter_mut()
+            .filter_map(|(c, w)| {
+                let at = w.probe1_ns?;
+                (now.saturating_sub(at) > (w.interval_s as u64 + 1) * 1_000_000_000).then(|| {
+                    w.probe1_ns = None;
+                    (*c, w.idle_s)
+                })
+            })
+            .collect();
+        let mut flow = Flow::Continue;
+        for (cookie, idle_s) in due {
+            if self.learn(cookie, Evidence::Answered { idle_s }, ctx)? == Flow::Stop {
                 flow = Flow::Stop;
             }
         }
@@ -374,6 +508,33 @@ impl<C: Consumer + TunedSink> Tuner<C> {
     }
 }
 
+/// The destination group of an address (remote /24 or /64, and port), as
+/// the kernel keys learned idles.
+fn dest_key(addr: std::net::IpAddr, port: u16) -> DestKey {
+    let mut raw = [0u8; 16];
+    let family = match addr.to_canonical() {
+        std::net::IpAddr::V4(a) => {
+            raw[..4].copy_from_slice(&a.octets());
+            crate::events::AF_INET
+        }
+        std::net::IpAddr::V6(a) => {
+            raw = a.octets();
+            crate::events::AF_INET6
+        }
+    };
+    DestKey::of(family, &raw, port)
+}
+
+fn dest_text(d: &DestKey) -> String {
+    if d.family == crate::events::AF_INET6 {
+        let a = std::net::Ipv6Addr::from(d.addr);
+        format!("[{a}/64]:{}", d.port)
+    } else {
+        let a = std::net::Ipv4Addr::new(d.addr[0], d.addr[1], d.addr[2], d.addr[3]);
+        format!("{a}/24:{}", d.port)
+    }
+}
+
 fn k_drain(k: &mut Option<TuneKernel>) -> Vec<TuneReport> {
     k.as_mut().map(TuneKernel::drain).unwrap_or_default()
 }
@@ -402,13 +563,48 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     }
 
     fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
-        if let crate::events::Detail::StateChange { new, .. } = ev.detail
-            && new == keepalive_common::tcp_state::CLOSE
-        {
-            self.rule_of.remove(&ev.cookie);
-            self.idents.remove(&ev.cookie);
+        use crate::events::{Detail, TimeoutCause};
+        let mut flow = Flow::Continue;
+        match ev.detail {
+            Detail::KeepaliveProbe { probe } => {
+                let mut answered = None;
+                if let Some(w) = self.watched.get_mut(&ev.cookie) {
+                    if probe <= 1 {
+                        // A new first probe: the previous one was answered.
+                        if w.probe1_ns.is_some() {
+                            answered = Some(w.idle_s);
+                        }
+                        w.probe1_ns = Some(ev.ts_mono_ns);
+                        w.unanswered = false;
+                    } else {
+                        w.probe1_ns = None;
+                        w.unanswered = true;
+                    }
+                }
+                if let Some(idle_s) = answered {
+                    flow = self.learn(ev.cookie, Evidence::Answered { idle_s }, ctx)?;
+                }
+            }
+            Detail::Timeout { cause, .. } => {
+                let died = self.watched.get(&ev.cookie).and_then(|w| {
+                    (cause == TimeoutCause::Keepalive || w.unanswered).then_some(w.idle_s)
+                });
+                if let Some(idle_s) = died {
+                    flow = self.learn(ev.cookie, Evidence::Died { idle_s }, ctx)?;
+                }
+                self.watched.remove(&ev.cookie);
+            }
+            Detail::StateChange { new, .. } if new == keepalive_common::tcp_state::CLOSE => {
+                self.rule_of.remove(&ev.cookie);
+                self.idents.remove(&ev.cookie);
+                self.watched.remove(&ev.cookie);
+            }
+            _ => {}
         }
-        self.inner.event(ev, ctx)
+        if self.inner.event(ev, ctx)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
+        Ok(flow)
     }
 
     fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
@@ -426,6 +622,9 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     fn batch_done(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         let reports = k_drain(&mut self.kernel);
         let mut flow = self.handle(&reports, ctx.clock)?;
+        if !self.watched.is_empty() && self.answered_probes(ctx)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
         if self.rewalk_at.is_some_and(|t| Instant::now() >= t)
             && let Some(ebpf) = ctx.ebpf.as_deref_mut()
             && self.apply_walk(ebpf, ctx.clock)? == Flow::Stop
@@ -497,7 +696,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
         let c = self.counts;
         if self.summary_line {
             crate::diag!(
-                "tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={}",
+                "tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={} adapted={}",
                 c.tuned,
                 c.dry_run,
                 c.app_kept,
@@ -505,7 +704,8 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
                 c.enforced,
                 c.restored,
                 c.failed,
-                c.rate_limited
+                c.rate_limited,
+                c.adapted
             );
         }
         self.inner.finished(totals, table)

@@ -34,6 +34,9 @@ pub enum Action {
     RateLimited,
     /// Every option the rule sets failed to apply.
     Failed,
+    /// An adaptive rule learned a new idle for a destination (new
+    /// connections to it get it); `evidence` says why.
+    Adapted,
 }
 
 /// Where the socket was found.
@@ -46,6 +49,8 @@ pub enum Source {
     Existing,
     /// In the application's own setsockopt call.
     Application,
+    /// What the adaptive learner saw on this connection.
+    Learned,
 }
 
 /// One option's change.
