@@ -166,7 +166,9 @@ pub struct Offsets {
     /// `inet_sock.inet_sport` (network order): the local port, kept after
     /// the kernel zeroes `skc_num` on releasing the port at close.
     pub inet_sport: u16,
-    pub _pad: u16,
+    /// `sock.sk_bpf_storage`: NULL when no BPF program stored anything on
+    /// the socket, which saves the owner lookup (MISSING: always look).
+    pub sk_bpf_storage: u16,
 }
 
 impl Offsets {

@@ -3,11 +3,12 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use keepalive_common::{
-    RawEvent,
+    Offsets, RawEvent,
     filter::{addrs_match, ports_match},
 };
 
 use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_of};
+use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -27,6 +28,15 @@ fn passes_filters(ev: &RawEvent) -> bool {
         )
 }
 
+/// False when no BPF program stored anything on the socket (the server
+/// side of every accepted connection, for one): a load and a compare
+/// instead of a storage lookup that would find nothing.
+#[inline(always)]
+fn has_storage(sk: *const u8) -> bool {
+    let off = conf!(offsets.sk_bpf_storage);
+    off == Offsets::MISSING || load::<u64>(sk, off) != 0
+}
+
 /// Adds the owner learned at connect time (for trusted sockets; the
 /// timer hooks cannot reach socket storage and leave it to userspace),
 /// then filters and submits.
@@ -36,6 +46,7 @@ pub fn emit(ev: &mut RawEvent, trusted_sk: *const u8) {
         return;
     }
     if !trusted_sk.is_null()
+        && has_storage(trusted_sk)
         && let Some(o) = owner_of(trusted_sk)
     {
         ev.pid = o.pid;

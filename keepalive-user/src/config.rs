@@ -137,7 +137,7 @@ pub struct ThresholdsFile {
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Reads a configuration file (`what` names it in errors): a regular file
-/// only (a FIFO would block, a device never end) of at most
+/// (or /dev/null) only (a FIFO would block, a device never end) of at most
 /// [`MAX_CONFIG_BYTES`], UTF-8 text.
 pub fn read_config_text(path: &Path, what: &str) -> Result<String> {
     use std::io::Read;
@@ -152,7 +152,12 @@ pub fn read_config_text(path: &Path, what: &str) -> Result<String> {
     let meta = file
         .metadata()
         .with_context(|| format!("cannot read {what} {shown}"))?;
-    if !meta.is_file() {
+    // /dev/null is the usual way to say "no configuration" (a unit file).
+    let null = {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        meta.file_type().is_char_device() && meta.rdev() == libc::makedev(1, 3)
+    };
+    if !meta.is_file() && !null {
         anyhow::bail!("cannot read {what} {shown}: not a regular file");
     }
     let mut bytes = Vec::new();

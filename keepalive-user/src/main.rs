@@ -218,7 +218,9 @@ struct ServeArgs {
     /// Most connections tracked at once [default: 262144].
     #[arg(long, value_name = "N")]
     max_conns: Option<usize>,
-    /// Tuning policy: a TOML file of [[rule]] tables.
+    /// Tune connections with this policy (TOML [[rule]] tables, as
+    /// `keepalive tune`; default: the config's own [[rule]] tables), and
+    /// count the changes in keepalive_tuned_total{rule,action}.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
     /// Only check the configuration and the flags, then exit (0: valid).
@@ -241,6 +243,7 @@ impl ServeArgs {
     }
 
     fn options(self, file: Option<&config::Loaded>) -> anyhow::Result<serve::ServeOptions> {
+        let config = file.and(self.config_path());
         let settings = file
             .map(config::Loaded::serve)
             .transpose()?
@@ -262,7 +265,7 @@ impl ServeArgs {
             pids: self.conn_filter.pid,
             policy: self.policy,
         };
-        serve::resolve(flags, settings, thresholds).map_err(anyhow::Error::msg)
+        serve::resolve(flags, settings, config.as_deref(), thresholds).map_err(anyhow::Error::msg)
     }
 }
 
@@ -480,6 +483,13 @@ fn main() -> ExitCode {
         Command::Serve(args) if args.check_config => {
             let path = args.config_path();
             args.options(serve_config.as_ref())
+                .and_then(|o| {
+                    // The policy is checked as tune checks it (FILE:LINE).
+                    if let Some(p) = &o.policy {
+                        keepalive::tune::load_policy(p)?;
+                    }
+                    Ok(o)
+                })
                 .map(|_| match path {
                     Some(p) => format!("{}: ok\n", p.display()),
                     None => "flags ok (no config file)\n".to_string(),

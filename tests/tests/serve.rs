@@ -554,3 +554,68 @@ fn record_serves_metrics_too() {
     );
     let _ = TcpStream::connect(("127.0.0.1", port)).expect_err("endpoint still up after exit");
 }
+
+#[test]
+fn serve_applies_the_configs_rules_and_counts_them_in_metrics() {
+    use keepalive_tests::testkit::sock::{self, KeepaliveSettings};
+    use std::os::unix::fs::PermissionsExt;
+    let pair = Pair::new("stn");
+    let dir = TempDir::new("stune");
+    let listener = listen(&pair.b, &format!("{}:0", pair.b4));
+    let to = listener.local_addr().unwrap();
+    let before = connect_in(&pair.a, to).unwrap();
+    let (_before_srv, _) = listener.accept().unwrap();
+    // One file: [serve], and a [[rule]] for exactly this listener.
+    let config = dir.0.join("keepalive.toml");
+    let events = dir.0.join("events.jsonl");
+    std::fs::write(
+        &config,
+        format!(
+            "[serve]\nmetrics = \"127.0.0.1:0\"\noutput = \"{}\"\n\n[[rule]]\nname = \"db\"\nremote = \"{}/32\"\nremote_port = {}\nkeepalive = true\nidle = \"7s\"\ninterval = \"3s\"\ncount = 4\n",
+            events.display(),
+            to.ip(),
+            to.port()
+        ),
+    )
+    .unwrap();
+    // The policy's own rule: only root may change it.
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut serve = Daemon::start(&["--config", config.to_str().unwrap()]);
+    let after = connect_in(&pair.a, to).unwrap();
+    let (_after_srv, _) = listener.accept().unwrap();
+    let want = KeepaliveSettings {
+        enabled: true,
+        idle_s: 7,
+        intvl_s: 3,
+        probes: 4,
+    };
+    let applied = wait_for(Duration::from_secs(10), || {
+        sock::keepalive_settings(&before).unwrap() == want
+            && sock::keepalive_settings(&after).unwrap() == want
+    });
+    assert!(applied, "the rule was not applied to both connections");
+    let tuned = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("keepalive_tuned_total{rule=\"db\",action=\"tuned\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let counted = wait_for(Duration::from_secs(5), || {
+        tuned(&get(serve.metrics, "/metrics", "text/plain").unwrap().1) == Some(2)
+    });
+    assert!(
+        counted,
+        "{}",
+        get(serve.metrics, "/metrics", "text/plain").unwrap().1
+    );
+    serve.stop();
+    let text = std::fs::read_to_string(&events).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v["event"] == "tuned" && v["action"] == "tuned")
+        .collect();
+    assert_eq!(records.len(), 2, "{text}");
+    // Restored at exit, as tune does.
+    assert!(!sock::keepalive_settings(&before).unwrap().enabled);
+}

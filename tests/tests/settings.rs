@@ -112,6 +112,13 @@ fn config_files_must_be_small_regular_files() {
         &["snapshot", "--config", "/dev/zero"],
         "cannot read config /dev/zero: not a regular file",
     );
+    // /dev/null is an empty configuration.
+    let out = Command::new(keepalive_bin())
+        .args(["record", "--config", "/dev/null", "--max-conns", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-conns must be between"), "{err}");
     let fifo = std::env::temp_dir().join(format!("ka-fifo-{}", std::process::id()));
     let _ = std::fs::remove_file(&fifo);
     run(&format!("mkfifo {}", fifo.display()));

@@ -13,7 +13,7 @@ use keepalive_common::Offsets;
 
 use crate::emit::emit;
 use crate::maps::{TIMER, count, this_cpu_offset, wanted};
-use crate::mem::{fill_sock, read};
+use crate::mem::{fill_sock, load, read};
 
 /// Which socket timer is running on this CPU for `sk`, as event flags.
 #[inline(always)]
@@ -28,7 +28,9 @@ pub fn timer_flags(sk: *const u8) -> u8 {
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
     let timer: *const u8 = ctx.arg(0);
-    let func: u64 = read(timer, conf!(offsets.timer_function));
+    // Runs for every timer of the system: a plain load (the argument is a
+    // trusted `struct timer_list *`), no helper call, for the common miss.
+    let func: u64 = load(timer, conf!(offsets.timer_function));
     let (which, sk) = if func == conf!(keepalive_timer_fn) && func != 0 {
         (
             flags::IN_KEEPALIVE_TIMER,
@@ -45,12 +47,13 @@ pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
     let Some(f) = TIMER.get_ptr_mut(0) else {
         return 0;
     };
-    let (mut mib_addr, mut keepalives_before) = (0, 0);
+    let (mut mib_addr, mut keepalives_before, mut probes_before) = (0, 0, 0);
     if which == flags::IN_KEEPALIVE_TIMER {
         mib_addr = keepalive_counter(sk);
         if mib_addr != 0 {
             keepalives_before = read::<u64>(mib_addr as *const u8, 0);
         }
+        probes_before = read::<u8>(sk, conf!(offsets.icsk_probes_out)) as u32;
     }
     // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
     unsafe {
@@ -59,7 +62,7 @@ pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
         (*f).which = which as u32;
         (*f).mib_addr = mib_addr;
         (*f).keepalives_before = keepalives_before;
-        (*f).probes_before = read::<u8>(sk, conf!(offsets.icsk_probes_out)) as u32;
+        (*f).probes_before = probes_before;
     }
     0
 }

@@ -20,11 +20,17 @@ use crate::events::{Event, Kind};
 use crate::metrics::consumer::MetricsConsumer;
 use crate::metrics::labels::{DEFAULT_LIMIT, LabelOptions, parse_label_names};
 use crate::metrics::{DEFAULT_ADDR, Metrics, http};
-use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
+use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
+use crate::output::Clock;
 use crate::output::file::{FileOptions, LineFile};
 use crate::output::json::{EventOut, LostOut, VerdictOut, write_line};
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
+use crate::tune::report::{Tuned, TunedOut};
+use crate::tune::{
+    DEFAULT_RATE_CAP, PolicyNotice, PolicyOut, TuneOptions, TunedSink, Tuner, load_policy,
+    policy_text,
+};
 
 /// Defaults of the settings that have one.
 pub const DEFAULT_REFRESH_MS: u64 = 5_000;
@@ -78,11 +84,17 @@ fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
 }
 
 /// Flags win over the file, the file over the defaults.
+/// `config` is the file `file` came from: its own `[[rule]]` tables are
+/// the policy when neither --policy nor `policy` names another file.
 pub fn resolve(
     flags: ServeFlags,
     file: ServeSettings,
+    config: Option<&std::path::Path>,
     thresholds: Thresholds,
 ) -> Result<ServeOptions, String> {
+    let inline = (file.rules > 0)
+        .then(|| config.map(PathBuf::from))
+        .flatten();
     let limit = flags
         .metrics_label_limit
         .or(file.metrics_label_limit)
@@ -97,13 +109,7 @@ pub fn resolve(
             .unwrap_or(DEFAULT_ROTATE_KEEP),
     };
     file_opts.validate()?;
-    // Never run without a policy the user asked for.
-    if flags.policy.is_some() || file.policy.is_some() || file.rules > 0 {
-        return Err(
-            "a tuning policy (--policy, policy or [[rule]] in the config) is not supported by serve in this build; remove it to run"
-                .into(),
-        );
-    }
+
     let refresh_ms = flags
         .refresh_ms
         .or(file.refresh_ms)
@@ -130,7 +136,7 @@ pub fn resolve(
             .unwrap_or(DEFAULT_MAX_CONNS),
         ring_size: flags.ring_size.or(file.ring_size),
         thresholds,
-        policy: flags.policy.or(file.policy),
+        policy: flags.policy.or(file.policy).or(inline),
     })
 }
 
@@ -191,6 +197,83 @@ impl Consumer for EventFileSink {
     }
 }
 
+/// The daemon's consumers together: what a tuner wraps when there is a
+/// policy, so its `tuned` records reach the file and the metrics too.
+struct ServeCore {
+    metrics: Arc<Metrics>,
+    counting: MetricsConsumer,
+    file: Option<EventFileSink>,
+    log: ServeLog,
+}
+
+impl ServeCore {
+    /// Calls `f` on each part in order; stops when any asks to.
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Consumer) -> Result<Flow>) -> Result<Flow> {
+        let mut flow = f(&mut self.counting)?;
+        if let Some(file) = self.file.as_mut()
+            && f(file)? == Flow::Stop
+        {
+            flow = Flow::Stop;
+        }
+        if f(&mut self.log)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
+        Ok(flow)
+    }
+}
+
+impl Consumer for ServeCore {
+    fn started(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        self.each(|c| c.started(ctx))
+    }
+    fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
+        self.each(|c| c.event(ev, ctx))
+    }
+    fn verdict(&mut self, ch: &VerdictChange, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        self.each(|c| c.verdict(ch, mono_ns, ctx))
+    }
+    fn lost(&mut self, count: u64, total: u64, mono_ns: u64, ctx: &Ctx) -> Result<Flow> {
+        self.each(|c| c.lost(count, total, mono_ns, ctx))
+    }
+    fn refreshed(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        self.each(|c| c.refreshed(ctx))
+    }
+    fn batch_done(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        self.each(|c| c.batch_done(ctx))
+    }
+    fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        self.each(|c| c.hangup(ctx))
+    }
+    fn stopping(&mut self, ctx: &mut Ctx) -> Result<()> {
+        self.each(|c| c.stopping(ctx).map(|()| Flow::Continue))
+            .map(|_| ())
+    }
+    fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
+        self.each(|c| c.finished(totals, table).map(|()| Flow::Continue))
+            .map(|_| ())
+    }
+}
+
+impl TunedSink for ServeCore {
+    fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
+        let action = serde_json::to_value(t.action)?;
+        self.metrics
+            .tuned(&t.rule, action.as_str().unwrap_or("unknown"));
+        match self.file.as_mut() {
+            Some(f) => f.write(&TunedOut::new(t, clock)),
+            None => Ok(Flow::Continue),
+        }
+    }
+
+    fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow> {
+        tracing::info!(notice = %policy_text(n, mono_ns, clock), "tuning policy");
+        match self.file.as_mut() {
+            Some(f) => f.write(&PolicyOut::new(n, mono_ns, clock)),
+            None => Ok(Flow::Continue),
+        }
+    }
+}
+
 /// The daemon's own log lines: start, losses, stop.
 struct ServeLog {
     metrics_addr: SocketAddr,
@@ -238,7 +321,9 @@ impl Consumer for ServeLog {
 }
 
 pub fn run(opts: ServeOptions) -> Result<()> {
-    // Refuse before anything is attached.
+    // Refuse before anything is attached: a bad policy, a busy address,
+    // an output we may not write.
+    let loaded = opts.policy.as_deref().map(load_policy).transpose()?;
     let listener = http::bind(&opts.metrics)?;
     let file = match &opts.output {
         Some(path) => Some(LineFile::create(
@@ -253,15 +338,18 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     };
     let metrics = Arc::new(Metrics::new(&opts.labels));
     let server = http::spawn(listener, metrics.clone())?;
-    let mut metrics_consumer = MetricsConsumer::new(metrics, opts.labels, &opts.filter);
-    let mut log = ServeLog {
-        metrics_addr: server.addr,
+    let core = ServeCore {
+        metrics: metrics.clone(),
+        counting: MetricsConsumer::new(metrics, opts.labels, &opts.filter),
+        file: file.map(|file| EventFileSink {
+            file,
+            filter: opts.filter.clone(),
+            events_written: 0,
+        }),
+        log: ServeLog {
+            metrics_addr: server.addr,
+        },
     };
-    let mut sink = file.map(|file| EventFileSink {
-        file,
-        filter: opts.filter.clone(),
-        events_written: 0,
-    });
     // Kinds select what the file gets; the metrics count every kind.
     let mut kernel_filter = opts.filter.clone();
     kernel_filter.kinds.clear();
@@ -273,13 +361,37 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         thresholds: opts.thresholds,
         final_walk: false,
     };
-    let mut consumers: Vec<&mut dyn Consumer> = vec![&mut metrics_consumer];
-    if let Some(s) = sink.as_mut() {
-        consumers.push(s);
-    }
-    consumers.push(&mut log);
-    let result = monitor::run(monitor_opts, &mut Fanout(consumers));
-    if let Some(s) = &sink {
+    let (result, core) = match (opts.policy, loaded) {
+        (Some(policy_path), Some(loaded)) => {
+            let tune = TuneOptions {
+                policy_path,
+                dry_run: false,
+                enforce: false,
+                keep: false,
+                rate_cap: DEFAULT_RATE_CAP,
+            };
+            let mut tuner = Tuner::new(core, tune, loaded);
+            tuner.summary_line = false;
+            let r = monitor::run(monitor_opts, &mut tuner);
+            let c = tuner.counts;
+            tracing::info!(
+                tuned = c.tuned,
+                app_kept = c.app_kept,
+                app_override = c.app_override,
+                restored = c.restored,
+                failed = c.failed,
+                rate_limited = c.rate_limited,
+                "tuning ended"
+            );
+            (r, tuner.inner)
+        }
+        _ => {
+            let mut core = core;
+            let r = monitor::run(monitor_opts, &mut core);
+            (r, core)
+        }
+    };
+    if let Some(s) = &core.file {
         tracing::info!(
             events_written = s.events_written,
             lines_written = s.file.lines_written(),
@@ -307,7 +419,13 @@ mod tests {
             refresh_ms: Some(0),
             ..ServeSettings::default()
         };
-        let o = resolve(ServeFlags::default(), file.clone(), Thresholds::default()).unwrap();
+        let o = resolve(
+            ServeFlags::default(),
+            file.clone(),
+            None,
+            Thresholds::default(),
+        )
+        .unwrap();
         assert_eq!(o.metrics, "0.0.0.0:9100");
         assert!(o.labels.comm && !o.labels.port);
         assert_eq!(o.labels.limit, DEFAULT_LIMIT);
@@ -325,7 +443,7 @@ mod tests {
             refresh_ms: Some(1000),
             ..ServeFlags::default()
         };
-        let o = resolve(flags, file, Thresholds::default()).unwrap();
+        let o = resolve(flags, file, None, Thresholds::default()).unwrap();
         assert_eq!(o.metrics, "127.0.0.1:1");
         assert!(!o.labels.comm && o.labels.port);
         assert_eq!(o.rotate_keep, 9);
@@ -338,6 +456,7 @@ mod tests {
         let o = resolve(
             ServeFlags::default(),
             ServeSettings::default(),
+            None,
             Thresholds::default(),
         )
         .unwrap();
@@ -362,19 +481,35 @@ mod tests {
             metrics_labels: vec!["pid".into()],
             ..ServeFlags::default()
         };
-        let e = resolve(flags, ServeSettings::default(), Thresholds::default()).unwrap_err();
+        let e = resolve(flags, ServeSettings::default(), None, Thresholds::default()).unwrap_err();
         assert!(e.contains("unknown metrics label `pid`"), "{e}");
         let flags = ServeFlags {
             rotate_size: Some(10),
             ..ServeFlags::default()
         };
-        let e = resolve(flags, ServeSettings::default(), Thresholds::default()).unwrap_err();
+        let e = resolve(flags, ServeSettings::default(), None, Thresholds::default()).unwrap_err();
         assert!(e.starts_with("--rotate-size must be at least 4096"), "{e}");
         let file = ServeSettings {
             rules: 1,
             ..ServeSettings::default()
         };
-        let e = resolve(ServeFlags::default(), file, Thresholds::default()).unwrap_err();
-        assert!(e.contains("tuning policy"), "{e}");
+        let cfg = std::path::Path::new("/etc/keepalive/keepalive.toml");
+        let o = resolve(
+            ServeFlags::default(),
+            file.clone(),
+            Some(cfg),
+            Thresholds::default(),
+        );
+        assert_eq!(
+            o.unwrap().policy,
+            Some(cfg.to_path_buf()),
+            "inline [[rule]] tables"
+        );
+        let flags = ServeFlags {
+            policy: Some("/p.toml".into()),
+            ..ServeFlags::default()
+        };
+        let o = resolve(flags, file, Some(cfg), Thresholds::default()).unwrap();
+        assert_eq!(o.policy, Some(PathBuf::from("/p.toml")), "--policy wins");
     }
 }

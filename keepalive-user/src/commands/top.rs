@@ -63,9 +63,6 @@ pub fn run(opts: TopOptions) -> Result<()> {
         .name("monitor".into())
         .spawn(move || monitor::run(monitor_opts, &mut feed).map(|_| ()))
         .context("starting the monitor thread")?;
-    // Capabilities are per thread: the monitor thread took its own copy;
-    // this one draws the screen and needs none.
-    crate::kernel::privileges::drop_all_in_this_thread("top");
     // The screen is taken only once the monitor runs, so a startup error
     // (not root, no BTF) is a plain line on a normal terminal.
     let first = loop {

@@ -213,7 +213,7 @@ impl KernelBtf {
             net_mib_stats: Offsets::MISSING,
             mib_tcp_keepalive: Offsets::MISSING,
             bpf_array_pptrs: Offsets::MISSING,
-            _pad: 0,
+            sk_bpf_storage: off("sock", "sk_bpf_storage").unwrap_or(Offsets::MISSING),
         })
     }
 

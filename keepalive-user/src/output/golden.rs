@@ -182,7 +182,7 @@ pub(crate) fn fixture_conns() -> Vec<(Conn, Verdict)> {
             base.clone(),
             Verdict::Dead(Dead::RetransmitBackoff {
                 retransmits: 4,
-                since_last_ack_ms: 9000,
+                since_last_ack_ms: Some(9000),
                 gives_up_in_ms: 90_000,
             }),
         ),

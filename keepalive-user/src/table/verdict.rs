@@ -6,7 +6,7 @@ use crate::events::{TimeoutCause, state_name};
 
 use super::{
     Conn, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
-    TimerKind,
+    TCP_SYN_SENT, TimerKind,
 };
 
 /// Thresholds of the rules (flags and config; defaults documented in the README).
@@ -47,7 +47,8 @@ pub enum Dead {
     /// Retransmissions back off with no ACK progress.
     RetransmitBackoff {
         retransmits: u32,
-        since_last_ack_ms: u64,
+        /// `None` before the handshake completed (SYN_SENT): no ACK yet.
+        since_last_ack_ms: Option<u64>,
         gives_up_in_ms: i64,
     },
     /// The kernel already aborted it.
@@ -173,11 +174,17 @@ impl Verdict {
                 retransmits,
                 since_last_ack_ms,
                 gives_up_in_ms,
-            }) => format!(
-                "{retransmits} retransmissions without an ACK, last ACK {} ago; kernel gives up in about {}",
-                secs(*since_last_ack_ms),
-                secs_i(*gives_up_in_ms)
-            ),
+            }) => match since_last_ack_ms {
+                Some(ms) => format!(
+                    "{retransmits} retransmissions without an ACK, last ACK {} ago; kernel gives up in about {}",
+                    secs(*ms),
+                    secs_i(*gives_up_in_ms)
+                ),
+                None => format!(
+                    "{retransmits} SYN retransmissions without an answer; kernel gives up in about {}",
+                    secs_i(*gives_up_in_ms)
+                ),
+            },
             Verdict::Dead(Dead::TimedOut { cause }) => {
                 format!("kernel aborted it with ETIMEDOUT ({})", cause.name())
             }
@@ -258,7 +265,8 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
         if timer.kind == TimerKind::Retransmit && c.retransmits >= t.dead_retransmits {
             return Verdict::Dead(Dead::RetransmitBackoff {
                 retransmits: c.retransmits,
-                since_last_ack_ms: c.last_ack_ms,
+                // Before the handshake the kernel's last-ACK stamp is 0.
+                since_last_ack_ms: (c.state != TCP_SYN_SENT).then_some(c.last_ack_ms),
                 gives_up_in_ms: retransmit_gives_up_in(c, timer.fires_in_ms),
             });
         }
@@ -388,6 +396,36 @@ mod tests {
     }
 
     #[test]
+    fn unanswered_syns_do_not_claim_a_last_ack() {
+        let mut c = established();
+        c.state = TCP_SYN_SENT;
+        c.timer = Some(Timer {
+            kind: TimerKind::Retransmit,
+            fires_in_ms: 800,
+        });
+        c.retransmits = 3;
+        // The kernel's stamp of the last ACK is 0 before the handshake.
+        c.last_ack_ms = 4_110_000;
+        let v = judge(&c, &t());
+        assert!(
+            matches!(
+                v,
+                Verdict::Dead(Dead::RetransmitBackoff {
+                    since_last_ack_ms: None,
+                    ..
+                })
+            ),
+            "{v:?}"
+        );
+        assert!(
+            v.reason()
+                .starts_with("3 SYN retransmissions without an answer"),
+            "{}",
+            v.reason()
+        );
+    }
+
+    #[test]
     fn retransmission_backoff_threshold() {
         let mut c = established();
         c.timer = Some(Timer {
@@ -407,7 +445,7 @@ mod tests {
                 gives_up_in_ms,
             }) => {
                 assert_eq!(retransmits, 3);
-                assert_eq!(since_last_ack_ms, 3_000);
+                assert_eq!(since_last_ack_ms, Some(3_000));
                 assert_eq!(gives_up_in_ms, 800 + 3_200 + 6_400);
             }
             v => panic!("{v:?}"),

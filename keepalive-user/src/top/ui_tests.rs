@@ -116,7 +116,7 @@ fn model(lost: u64) -> Model {
         rtx.clone(),
         Verdict::Dead(Dead::RetransmitBackoff {
             retransmits: 6,
-            since_last_ack_ms: 25_000,
+            since_last_ack_ms: Some(25_000),
             gives_up_in_ms: 700_000,
         }),
     ));

@@ -200,6 +200,9 @@ pub struct Tuner<C> {
     /// One learner per (rule, destination).
     learners: HashMap<(usize, DestKey), Learner>,
     pub counts: TuneCounts,
+    /// Write the closing `tune ended; ...` line on stderr (serve logs the
+    /// counts through `tracing` instead).
+    pub summary_line: bool,
 }
 
 /// A connection an adaptive rule tuned.
@@ -230,6 +233,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             watched: HashMap::new(),
             learners: HashMap::new(),
             counts: TuneCounts::default(),
+            summary_line: true,
         }
     }
 
@@ -690,18 +694,20 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
 
     fn finished(&mut self, totals: &Counters, table: Option<&ConnTable>) -> Result<()> {
         let c = self.counts;
-        eprintln!(
-            "keepalive: tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={} adapted={}",
-            c.tuned,
-            c.dry_run,
-            c.app_kept,
-            c.app_override,
-            c.enforced,
-            c.restored,
-            c.failed,
-            c.rate_limited,
-            c.adapted
-        );
+        if self.summary_line {
+            crate::diag!(
+                "tune ended; tuned={} dry_run={} app_kept={} app_override={} enforced={} restored={} failed={} rate_limited={} adapted={}",
+                c.tuned,
+                c.dry_run,
+                c.app_kept,
+                c.app_override,
+                c.enforced,
+                c.restored,
+                c.failed,
+                c.rate_limited,
+                c.adapted
+            );
+        }
         self.inner.finished(totals, table)
     }
 }
