@@ -1,10 +1,13 @@
 //! keepalive: an eBPF TCP connection monitor.
 //!
-//! Layers only point down: [`commands`] → [`monitor`] (the running engine)
-//! and [`output`] → [`table`] (connections and verdicts) and [`events`]
-//! (decoded kernel events) → [`kernel`] (BTF, symbols, loading the eBPF
-//! programs). See docs/architecture.md.
+//! Layers only point down (no module imports one above it):
+//! [`commands`] → consumers ([`top`], [`tune`], [`metrics`]) → [`monitor`]
+//! (the running engine) → [`output`] → [`table`] (connections and
+//! verdicts) → [`kernel`] (BTF, symbols, loading the eBPF programs) →
+//! [`events`] (decoded kernel events, filters) → [`clock`].
+//! See docs/architecture.md.
 
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod events;

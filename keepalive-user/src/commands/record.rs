@@ -23,6 +23,7 @@ use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions
 use crate::output::file::{FileOptions, LineFile, WriteError};
 use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
 use crate::output::{Clock, Format, text};
+use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
 use crate::table::walk::Row;

@@ -24,6 +24,7 @@ use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
 use crate::output::Clock;
 use crate::output::file::{FileOptions, LineFile};
 use crate::output::json::{EventOut, LostOut, VerdictOut, write_line};
+use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
 use crate::tune::report::{Tuned, TunedOut};

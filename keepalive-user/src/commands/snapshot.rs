@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use crate::events::filter::Filter;
 use crate::output::json::{RowOut, write_line};
 use crate::output::{Format, text};
+use crate::table::MatchesConn;
 use crate::table::TCP_LISTEN;
 use crate::table::verdict::{Thresholds, VerdictKind};
 use crate::table::walk::{Row, collect};

@@ -54,21 +54,9 @@ impl Filter {
         )
     }
 
-    /// Whether a tracked connection passes the port, address and owner
-    /// filters (kinds do not apply to connections).
-    pub fn matches_conn(&self, c: &crate::table::Conn) -> bool {
-        self.matches_tuple(
-            c.sport,
-            c.dport,
-            c.saddr,
-            c.daddr,
-            c.owners.iter().map(|o| o.pid),
-        )
-    }
-
     /// Port (either side), address (either side, IPv4-mapped too) and
     /// owner filters; an unknown owner fails a pid filter.
-    fn matches_tuple(
+    pub fn matches_tuple(
         &self,
         sport: u16,
         dport: u16,

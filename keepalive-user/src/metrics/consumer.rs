@@ -12,6 +12,7 @@ use super::labels::{LabelOptions, Labeler};
 use crate::events::Event;
 use crate::events::filter::Filter;
 use crate::monitor::{Consumer, Ctx, Flow};
+use crate::table::MatchesConn;
 use crate::table::conn_table::ConnTable;
 
 pub struct MetricsConsumer {

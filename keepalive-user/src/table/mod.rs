@@ -236,6 +236,25 @@ impl Conn {
     }
 }
 
+/// The event filters applied to a tracked connection (ports, addresses,
+/// owners; kinds do not apply to connections). Lives with [`Conn`] so the
+/// filter module does not need the table.
+pub trait MatchesConn {
+    fn matches_conn(&self, c: &Conn) -> bool;
+}
+
+impl MatchesConn for crate::events::filter::Filter {
+    fn matches_conn(&self, c: &Conn) -> bool {
+        self.matches_tuple(
+            c.sport,
+            c.dport,
+            c.saddr,
+            c.daddr,
+            c.owners.iter().map(|o| o.pid),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

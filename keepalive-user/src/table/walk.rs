@@ -9,10 +9,10 @@ use keepalive_common::SockRecord;
 
 use super::verdict::{Thresholds, Verdict, judge};
 use super::{Conn, detect_hz, nearest_hz, owners};
+use crate::clock::Clock;
 use crate::events::Owner;
 use crate::events::filter::Filter;
 use crate::kernel::{check_privileges, loader};
-use crate::output::Clock;
 
 /// A connection with its verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -18,6 +18,7 @@ use crate::events::filter::Filter;
 use crate::monitor::{Consumer, Counters, Ctx, Flow};
 use crate::output::Clock;
 use crate::table::Conn;
+use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Verdict;
 
