@@ -515,3 +515,26 @@ impl Drop for PeerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `keepalive ARGS` that must end by itself within `limit` (a bad
+/// flag, a refused file): its exit code and stderr lines. One still running
+/// after `limit` (it took the bait and started recording) is killed and
+/// fails the test.
+pub fn run_to_exit(args: &[&str], limit: Duration) -> (i32, Vec<String>) {
+    let mut child = std::process::Command::new(keepalive_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting keepalive");
+    let rx = line_channel(child.stderr.take().expect("stderr is piped"));
+    let exited = wait_for(limit, || child.try_wait().ok().flatten().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+    let err: Vec<String> = rx.iter().collect();
+    assert!(exited, "{args:?} kept running: {err:?}");
+    (code, err)
+}

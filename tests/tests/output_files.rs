@@ -60,26 +60,9 @@ fn as_nobody(cmd: &str) {
     assert!(st.success(), "as nobody: `{cmd}` failed");
 }
 
-/// Runs keepalive and returns its exit code and stderr; one that is still
-/// running after 30 s (it took the bait and is recording) is killed.
+/// Runs keepalive and returns its exit code and stderr.
 fn run_bin(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(keepalive_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = line_channel(child.stderr.take().unwrap());
-    let exited = wait_for(Duration::from_secs(30), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-    }
-    let code = child.wait().unwrap().code().unwrap_or(-1);
-    let err: Vec<String> = rx.iter().collect();
-    assert!(exited, "{args:?} kept running: {err:?}");
+    let (code, err) = run_to_exit(args, Duration::from_secs(30));
     (code, err.join("\n"))
 }
 

@@ -3,7 +3,7 @@
 //! print anything are refused; configuration files are read only when they
 //! are regular files of sane size.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use keepalive_tests::*;
@@ -11,24 +11,8 @@ use keepalive_tests::*;
 /// Runs keepalive with `args`; it must fail within 10 s with one line on
 /// stderr that contains `expect`.
 fn refused(args: &[&str], expect: &str) {
-    let mut child = Command::new(keepalive_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = line_channel(child.stderr.take().unwrap());
-    let exited = wait_for(Duration::from_secs(10), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    let err: Vec<String> = rx.iter().collect();
-    assert!(exited, "{args:?} kept running: {err:?}");
-    assert!(!status.success(), "{args:?} succeeded: {err:?}");
+    let (code, err) = run_to_exit(args, Duration::from_secs(10));
+    assert_ne!(code, 0, "{args:?} succeeded: {err:?}");
     assert_eq!(err.len(), 1, "{args:?}: {err:?}");
     assert!(
         err[0].contains(expect),
