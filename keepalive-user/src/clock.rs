@@ -41,11 +41,135 @@ impl Clock {
     }
 
     pub fn rfc3339(&self, mono_ns: u64) -> String {
-        self.rfc3339_display(mono_ns).to_string()
+        self.rfc3339_display(mono_ns).as_str().to_string()
     }
 
-    /// The same, to be written by `Display` without a `String`.
-    pub fn rfc3339_display(&self, mono_ns: u64) -> humantime::Rfc3339Timestamp {
-        humantime::format_rfc3339_micros(self.wall(mono_ns))
+    /// The same on the stack, to be written without a `String` (the hot
+    /// path writes a million of these a second).
+    pub fn rfc3339_display(&self, mono_ns: u64) -> Rfc3339 {
+        let real = (mono_ns as i128 + self.offset_ns).max(0) as u128;
+        Rfc3339::from_unix_ns(real as u64)
+    }
+}
+
+/// A UTC time as RFC 3339 with microseconds, `2025-11-24T16:00:01.001234Z`,
+/// byte for byte what `humantime::format_rfc3339_micros` writes (the tests
+/// hold it to that), formatted on the stack without `fmt` machinery.
+#[derive(Clone, Copy)]
+pub struct Rfc3339([u8; 27]);
+
+impl Rfc3339 {
+    /// From nanoseconds since the Unix epoch (any `u64`: years 1970–2554).
+    pub fn from_unix_ns(ns: u64) -> Rfc3339 {
+        let secs = ns / 1_000_000_000;
+        let micros = (ns % 1_000_000_000) / 1_000;
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        let sod = secs % 86_400;
+        let mut b = *b"0000-00-00T00:00:00.000000Z";
+        let mut put = |at: usize, digits: usize, mut v: u64| {
+            for i in (at..at + digits).rev() {
+                b[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, sod / 3600);
+        put(14, 2, sod / 60 % 60);
+        put(17, 2, sod % 60);
+        put(20, 6, micros);
+        Rfc3339(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Days since 1970-01-01 -> (year, month, day) of the proleptic Gregorian
+/// calendar (H. Hinnant's `civil_from_days`, for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn humantime_micros(ns: u64) -> String {
+        humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+    }
+
+    #[test]
+    fn rfc3339_matches_humantime_at_calendar_edges() {
+        let day = 86_400_000_000_000u64;
+        for ns in [
+            0,
+            1,
+            999,
+            1_000,
+            59_999_999_999,
+            day - 1,
+            day,
+            // 2000-02-28/29, 2000-03-01 (a leap century), 2100-03-01 (not).
+            951_696_000_000_000_000,
+            951_782_400_000_000_000,
+            951_868_800_000_000_000,
+            4_107_542_400_000_000_000,
+            1_764_000_000_123_456_789,
+            u64::MAX,
+        ] {
+            assert_eq!(
+                Rfc3339::from_unix_ns(ns).to_string(),
+                humantime_micros(ns),
+                "{ns}"
+            );
+        }
+    }
+
+    #[test]
+    fn rfc3339_matches_humantime_every_day_for_six_centuries() {
+        let day = 86_400_000_000_000u64;
+        let days = u64::MAX / day;
+        for d in 0..=days {
+            // A different time of day each day, down to the nanosecond.
+            let ns = d * day + (d * 7_919_000_013_579) % day;
+            assert_eq!(
+                Rfc3339::from_unix_ns(ns).to_string(),
+                humantime_micros(ns),
+                "day {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn wall_clock_text_is_the_offset_stamp() {
+        let c = Clock::fixed(1_764_000_000_000_000_000);
+        assert_eq!(c.rfc3339(1_001_234_567), "2025-11-24T16:00:01.001234Z");
+        // Before the epoch: clamped to it, as `wall` does.
+        assert_eq!(Clock::fixed(-5).rfc3339(1), "1970-01-01T00:00:00.000000Z");
     }
 }

@@ -1,14 +1,19 @@
 //! The wire types: every JSON record the tool writes (events, verdict
-//! changes, lost records, connection rows) is one of these derived serde
-//! types, serialised straight to the output (building a
-//! `serde_json::Value` per record costs several times more). Field order
-//! is the documented schema (docs/events.md); the golden test holds it.
+//! changes, lost records, connection rows) is one of these serde types,
+//! serialised straight to the output (building a `serde_json::Value` per
+//! record costs several times more). Field order is the documented schema
+//! (docs/events.md); the golden test holds it.
 
 use std::io::{self, Write};
 
+use std::net::IpAddr;
+
 use serde::Serialize;
+use serde::ser::{SerializeStruct, Serializer};
 
 use super::Clock;
+use super::addr::AddrOut;
+use crate::clock::Rfc3339;
 use crate::events::{Detail, Event, Kind, Owner, state_name};
 use crate::table::conn_table::VerdictChange;
 use crate::table::walk::Row;
@@ -22,138 +27,139 @@ pub fn write_line(out: &mut impl Write, record: &impl Serialize) -> io::Result<(
     out.write_all(b"\n")
 }
 
-/// Writes a value through its `Display` straight into the output, with
-/// no intermediate `String` (the hot path writes a million of these a
-/// second).
-fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
+/// Who a record about one connection is about, and when: the fields
+/// every such record (an event, a verdict change, a `tuned` record) writes
+/// after `v` and `event`, in this order. One definition for all of them,
+/// embedded by [`serialize_conn_record`] (a derive's `#[serde(flatten)]`
+/// would turn each record into a map, several times slower). Nothing here
+/// allocates: the timestamp and the addresses are formatted on the stack.
+pub struct ConnIdentityOut<'a> {
+    pub ts: Rfc3339,
+    pub ts_mono_ns: u64,
+    pub cookie: u64,
+    pub netns: u32,
+    /// `null` when unknown.
+    pub saddr: Option<IpAddr>,
+    pub sport: u16,
+    pub daddr: Option<IpAddr>,
+    pub dport: u16,
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub comm: Option<&'a str>,
+}
+
+impl ConnIdentityOut<'_> {
+    /// How many fields [`Self::serialize_fields`] writes.
+    const FIELDS: usize = 11;
+
+    fn serialize_fields<S: SerializeStruct>(&self, s: &mut S) -> Result<(), S::Error> {
+        s.serialize_field("ts", &self.ts)?;
+        s.serialize_field("ts_mono_ns", &self.ts_mono_ns)?;
+        s.serialize_field("cookie", &self.cookie)?;
+        s.serialize_field("netns", &self.netns)?;
+        s.serialize_field("saddr", &self.saddr.map(AddrOut))?;
+        s.serialize_field("sport", &self.sport)?;
+        s.serialize_field("daddr", &self.daddr.map(AddrOut))?;
+        s.serialize_field("dport", &self.dport)?;
+        s.serialize_field("state", self.state)?;
+        s.serialize_field("pid", &self.pid)?;
+        s.serialize_field("comm", &self.comm)
+    }
+}
+
+/// Serialises a record about one connection: `v`, `event`, the identity,
+/// then the `own` fields the record type writes (`own_fields` of them).
+pub fn serialize_conn_record<S: Serializer>(
+    s: S,
+    event: &impl Serialize,
+    id: &ConnIdentityOut<'_>,
+    own_fields: usize,
+    own: impl FnOnce(&mut S::SerializeStruct) -> Result<(), S::Error>,
+) -> Result<S::Ok, S::Error> {
+    let mut st = s.serialize_struct("record", 2 + ConnIdentityOut::FIELDS + own_fields)?;
+    st.serialize_field("v", &SCHEMA_VERSION)?;
+    st.serialize_field("event", event)?;
+    id.serialize_fields(&mut st)?;
+    own(&mut st)?;
+    st.end()
 }
 
 /// An event as serialised: the common fields, then the per-kind ones.
-/// Nothing here allocates: the timestamp and the addresses are written
-/// by their `Display` straight into the output.
-#[derive(Serialize)]
 pub struct EventOut<'a> {
-    v: u32,
     event: Kind,
-    #[serde(serialize_with = "display")]
-    ts: humantime::Rfc3339Timestamp,
-    ts_mono_ns: u64,
-    cookie: u64,
-    netns: u32,
-    #[serde(serialize_with = "display")]
-    saddr: std::net::IpAddr,
-    sport: u16,
-    #[serde(serialize_with = "display")]
-    daddr: std::net::IpAddr,
-    dport: u16,
-    state: &'static str,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    #[serde(flatten)]
-    detail: DetailOut<'a>,
-}
-
-/// The per-kind fields of an event, written after the common ones.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum DetailOut<'a> {
-    Retransmit {
-        segs: u32,
-        syn: bool,
-        err: i32,
-    },
-    ResetSent {
-        /// `null` on a kernel without reset reasons.
-        reason: Option<&'a str>,
-        no_socket: bool,
-    },
-    StateChange {
-        old_state: &'static str,
-        new_state: &'static str,
-    },
-    KeepaliveProbe {
-        probe: u32,
-    },
-    Timeout {
-        cause: &'static str,
-        error: &'static str,
-        probes_out: u32,
-        user_timeout_ms: u32,
-    },
-    /// `reset_received`: nothing beyond the common fields.
-    Nothing {},
-}
-
-impl<'a> DetailOut<'a> {
-    fn new(d: &'a Detail) -> Self {
-        match d {
-            &Detail::Retransmit { segs, syn, err } => DetailOut::Retransmit { segs, syn, err },
-            Detail::ResetSent { reason, no_socket } => DetailOut::ResetSent {
-                reason: reason.as_deref(),
-                no_socket: *no_socket,
-            },
-            Detail::ResetReceived => DetailOut::Nothing {},
-            &Detail::StateChange { old, new } => DetailOut::StateChange {
-                old_state: state_name(old),
-                new_state: state_name(new),
-            },
-            &Detail::KeepaliveProbe { probe } => DetailOut::KeepaliveProbe { probe },
-            &Detail::Timeout {
-                cause,
-                probes_out,
-                user_timeout_ms,
-            } => DetailOut::Timeout {
-                cause: cause.name(),
-                error: "ETIMEDOUT",
-                probes_out,
-                user_timeout_ms,
-            },
-        }
-    }
+    id: ConnIdentityOut<'a>,
+    detail: &'a Detail,
 }
 
 impl<'a> EventOut<'a> {
     pub fn new(e: &'a Event, clock: &Clock) -> Self {
         EventOut {
-            v: SCHEMA_VERSION,
             event: e.kind(),
-            ts: clock.rfc3339_display(e.ts_mono_ns),
-            ts_mono_ns: e.ts_mono_ns,
-            cookie: e.cookie,
-            netns: e.netns,
-            saddr: e.saddr,
-            sport: e.sport,
-            daddr: e.daddr,
-            dport: e.dport,
-            state: state_name(e.state),
-            pid: e.owner.as_ref().map(|o| o.pid),
-            comm: e.owner.as_ref().map(|o| o.comm.as_str()),
-            detail: DetailOut::new(&e.detail),
+            id: ConnIdentityOut {
+                ts: clock.rfc3339_display(e.ts_mono_ns),
+                ts_mono_ns: e.ts_mono_ns,
+                cookie: e.cookie,
+                netns: e.netns,
+                saddr: Some(e.saddr),
+                sport: e.sport,
+                daddr: Some(e.daddr),
+                dport: e.dport,
+                state: state_name(e.state),
+                pid: e.owner.as_ref().map(|o| o.pid),
+                comm: e.owner.as_ref().map(|o| o.comm.as_str()),
+            },
+            detail: &e.detail,
         }
     }
 }
 
+impl Serialize for EventOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let fields = match self.detail {
+            Detail::Retransmit { .. } => 3,
+            Detail::ResetSent { .. } | Detail::StateChange { .. } => 2,
+            Detail::KeepaliveProbe { .. } => 1,
+            Detail::Timeout { .. } => 4,
+            Detail::ResetReceived => 0,
+        };
+        serialize_conn_record(s, &self.event, &self.id, fields, |st| {
+            match self.detail {
+                Detail::Retransmit { segs, syn, err } => {
+                    st.serialize_field("segs", segs)?;
+                    st.serialize_field("syn", syn)?;
+                    st.serialize_field("err", err)
+                }
+                Detail::ResetSent { reason, no_socket } => {
+                    // `null` on a kernel without reset reasons.
+                    st.serialize_field("reason", &reason.as_deref())?;
+                    st.serialize_field("no_socket", no_socket)
+                }
+                Detail::StateChange { old, new } => {
+                    st.serialize_field("old_state", state_name(*old))?;
+                    st.serialize_field("new_state", state_name(*new))
+                }
+                Detail::KeepaliveProbe { probe } => st.serialize_field("probe", probe),
+                Detail::Timeout {
+                    cause,
+                    probes_out,
+                    user_timeout_ms,
+                } => {
+                    st.serialize_field("cause", cause.name())?;
+                    st.serialize_field("error", "ETIMEDOUT")?;
+                    st.serialize_field("probes_out", probes_out)?;
+                    st.serialize_field("user_timeout_ms", user_timeout_ms)
+                }
+                // Nothing beyond the common fields.
+                Detail::ResetReceived => Ok(()),
+            }
+        })
+    }
+}
+
 /// A connection's verdict changed.
-#[derive(Serialize)]
 pub struct VerdictOut<'a> {
-    v: u32,
-    event: Kind,
-    ts: String,
-    ts_mono_ns: u64,
-    cookie: u64,
-    netns: u32,
-    saddr: Option<String>,
-    sport: u16,
-    daddr: Option<String>,
-    dport: u16,
-    state: &'static str,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    old: &'static str,
-    new: &'static str,
-    reason_code: &'static str,
-    reason: String,
+    id: ConnIdentityOut<'a>,
+    change: &'a VerdictChange,
 }
 
 impl<'a> VerdictOut<'a> {
@@ -161,24 +167,33 @@ impl<'a> VerdictOut<'a> {
         let c = &ch.conn;
         let owner = c.owners.first();
         VerdictOut {
-            v: SCHEMA_VERSION,
-            event: Kind::Verdict,
-            ts: clock.rfc3339(mono_ns),
-            ts_mono_ns: mono_ns,
-            cookie: c.cookie,
-            netns: c.netns,
-            saddr: c.saddr.map(|a| a.to_string()),
-            sport: c.sport,
-            daddr: c.daddr.map(|a| a.to_string()),
-            dport: c.dport,
-            state: state_name(c.state),
-            pid: owner.map(|o| o.pid),
-            comm: owner.map(|o| o.comm.as_str()),
-            old: ch.old.name(),
-            new: ch.new.name(),
-            reason_code: ch.new.reason_code(),
-            reason: ch.new.reason(),
+            id: ConnIdentityOut {
+                ts: clock.rfc3339_display(mono_ns),
+                ts_mono_ns: mono_ns,
+                cookie: c.cookie,
+                netns: c.netns,
+                saddr: c.saddr,
+                sport: c.sport,
+                daddr: c.daddr,
+                dport: c.dport,
+                state: state_name(c.state),
+                pid: owner.map(|o| o.pid),
+                comm: owner.map(|o| o.comm.as_str()),
+            },
+            change: ch,
         }
+    }
+}
+
+impl Serialize for VerdictOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ch = self.change;
+        serialize_conn_record(s, &Kind::Verdict, &self.id, 4, |st| {
+            st.serialize_field("old", ch.old.name())?;
+            st.serialize_field("new", ch.new.name())?;
+            st.serialize_field("reason_code", ch.new.reason_code())?;
+            st.serialize_field("reason", &ch.new.reason())
+        })
     }
 }
 
@@ -187,7 +202,7 @@ impl<'a> VerdictOut<'a> {
 pub struct LostOut {
     v: u32,
     event: &'static str,
-    ts: String,
+    ts: Rfc3339,
     ts_mono_ns: u64,
     lost: u64,
     lost_total: u64,
@@ -198,7 +213,7 @@ impl LostOut {
         LostOut {
             v: SCHEMA_VERSION,
             event: "lost",
-            ts: clock.rfc3339(mono_ns),
+            ts: clock.rfc3339_display(mono_ns),
             ts_mono_ns: mono_ns,
             lost: count,
             lost_total: total,
@@ -213,9 +228,9 @@ pub struct RowOut<'a> {
     v: u32,
     cookie: u64,
     netns: u32,
-    saddr: Option<String>,
+    saddr: Option<AddrOut>,
     sport: u16,
-    daddr: Option<String>,
+    daddr: Option<AddrOut>,
     dport: u16,
     state: &'static str,
     verdict: &'static str,
@@ -271,9 +286,9 @@ impl<'a> RowOut<'a> {
             v: SCHEMA_VERSION,
             cookie: c.cookie,
             netns: c.netns,
-            saddr: c.saddr.map(|a| a.to_string()),
+            saddr: c.saddr.map(AddrOut),
             sport: c.sport,
-            daddr: c.daddr.map(|a| a.to_string()),
+            daddr: c.daddr.map(AddrOut),
             dport: c.dport,
             state: state_name(c.state),
             verdict: row.verdict.name(),

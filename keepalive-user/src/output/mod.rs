@@ -3,6 +3,7 @@
 //! the wire types, [`text`] the lines, and this module what both share
 //! (the output format, the clock, broken-pipe handling).
 
+pub mod addr;
 pub mod diag;
 pub mod file;
 pub mod json;

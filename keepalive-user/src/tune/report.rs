@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::events::{AF_INET6, Owner, state_name};
-use crate::output::json::SCHEMA_VERSION;
+use crate::output::json::{ConnIdentityOut, serialize_conn_record};
 use crate::output::{Clock, endpoint};
 
 /// What happened to a socket.
@@ -250,58 +250,52 @@ pub fn decode(r: &TuneReport, rule_name: impl Fn(usize) -> Option<String>) -> Op
     })
 }
 
-/// A `tuned` record as serialised (schema in docs/tuning.md).
-#[derive(Serialize)]
+/// A `tuned` record as serialised (schema in docs/tuning.md): the
+/// connection's identity as every record has it, then the tuning fields.
 pub struct TunedOut<'a> {
-    v: u32,
-    event: &'static str,
-    ts: String,
-    ts_mono_ns: u64,
-    cookie: u64,
-    netns: u32,
-    saddr: Option<String>,
-    sport: u16,
-    daddr: Option<String>,
-    dport: u16,
-    state: &'static str,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    action: Action,
-    source: Source,
-    rule: &'a str,
-    dry_run: bool,
-    changes: &'a [Change],
-    kept: &'a [Kept],
-    failed: &'a [Failure],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    evidence: Option<&'a Value>,
+    id: ConnIdentityOut<'a>,
+    tuned: &'a Tuned,
 }
 
 impl<'a> TunedOut<'a> {
     pub fn new(t: &'a Tuned, clock: &Clock) -> Self {
         TunedOut {
-            v: SCHEMA_VERSION,
-            event: "tuned",
-            ts: clock.rfc3339(t.ts_mono_ns),
-            ts_mono_ns: t.ts_mono_ns,
-            cookie: t.cookie,
-            netns: t.netns,
-            saddr: t.saddr.map(|a| a.to_string()),
-            sport: t.sport,
-            daddr: t.daddr.map(|a| a.to_string()),
-            dport: t.dport,
-            state: state_name(t.state),
-            pid: t.owner.as_ref().map(|o| o.pid).filter(|p| *p != 0),
-            comm: t.owner.as_ref().map(|o| o.comm.as_str()),
-            action: t.action,
-            source: t.source,
-            rule: &t.rule,
-            dry_run: t.action == Action::DryRun,
-            changes: &t.changes,
-            kept: &t.kept,
-            failed: &t.failed,
-            evidence: t.evidence.as_ref(),
+            id: ConnIdentityOut {
+                ts: clock.rfc3339_display(t.ts_mono_ns),
+                ts_mono_ns: t.ts_mono_ns,
+                cookie: t.cookie,
+                netns: t.netns,
+                saddr: t.saddr,
+                sport: t.sport,
+                daddr: t.daddr,
+                dport: t.dport,
+                state: state_name(t.state),
+                pid: t.owner.as_ref().map(|o| o.pid).filter(|p| *p != 0),
+                comm: t.owner.as_ref().map(|o| o.comm.as_str()),
+            },
+            tuned: t,
         }
+    }
+}
+
+impl Serialize for TunedOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let t = self.tuned;
+        let fields = 7 + usize::from(t.evidence.is_some());
+        serialize_conn_record(s, &"tuned", &self.id, fields, |st| {
+            st.serialize_field("action", &t.action)?;
+            st.serialize_field("source", &t.source)?;
+            st.serialize_field("rule", &t.rule)?;
+            st.serialize_field("dry_run", &(t.action == Action::DryRun))?;
+            st.serialize_field("changes", &t.changes)?;
+            st.serialize_field("kept", &t.kept)?;
+            st.serialize_field("failed", &t.failed)?;
+            match &t.evidence {
+                Some(evidence) => st.serialize_field("evidence", evidence),
+                None => Ok(()),
+            }
+        })
     }
 }
 
@@ -491,5 +485,61 @@ mod tests {
             (json!(30), json!(100))
         );
         assert!(decode(&rep(report::NEED_OWNER), names).is_none());
+    }
+
+    /// The `tuned` record's bytes, field order included (docs/tuning.md):
+    /// pinned as they were before the identity fields became shared.
+    #[test]
+    fn tuned_record_bytes_are_the_schema() {
+        let mut t = Tuned {
+            ts_mono_ns: 1_001_234_567,
+            cookie: 9,
+            netns: 4026531840,
+            saddr: Some("10.0.0.1".parse().unwrap()),
+            sport: 40000,
+            daddr: Some("fd00::2".parse().unwrap()),
+            dport: 5432,
+            state: 1,
+            owner: Some(Owner {
+                pid: 77,
+                comm: "pg \"x\"".into(),
+            }),
+            action: Action::DryRun,
+            source: Source::Existing,
+            rule: "postgres".into(),
+            changes: vec![Change {
+                option: "idle_s",
+                old: json!(7200),
+                new: json!(30),
+                old_from_sysctl: true,
+                new_from_sysctl: false,
+            }],
+            kept: vec![Kept {
+                option: "count",
+                value: json!(3),
+            }],
+            failed: vec![Failure {
+                option: "user_timeout_ms",
+                error: "EINVAL".into(),
+            }],
+            evidence: Some(json!({"idle_s": 30})),
+        };
+        let clock = Clock::fixed(1_764_000_000_000_000_000);
+        let line = |t: &Tuned| serde_json::to_string(&TunedOut::new(t, &clock)).unwrap();
+        assert_eq!(
+            line(&t),
+            r#"{"v":1,"event":"tuned","ts":"2025-11-24T16:00:01.001234Z","ts_mono_ns":1001234567,"cookie":9,"netns":4026531840,"saddr":"10.0.0.1","sport":40000,"daddr":"fd00::2","dport":5432,"state":"ESTABLISHED","pid":77,"comm":"pg \"x\"","action":"dry_run","source":"existing","rule":"postgres","dry_run":true,"changes":[{"option":"idle_s","old":7200,"new":30,"old_from_sysctl":true}],"kept":[{"option":"count","value":3}],"failed":[{"option":"user_timeout_ms","error":"EINVAL"}],"evidence":{"idle_s":30}}"#
+        );
+        t.owner = Some(Owner {
+            pid: 0,
+            comm: "x".into(),
+        });
+        t.daddr = None;
+        t.evidence = None;
+        t.action = Action::Tuned;
+        assert_eq!(
+            line(&t),
+            r#"{"v":1,"event":"tuned","ts":"2025-11-24T16:00:01.001234Z","ts_mono_ns":1001234567,"cookie":9,"netns":4026531840,"saddr":"10.0.0.1","sport":40000,"daddr":null,"dport":5432,"state":"ESTABLISHED","pid":null,"comm":"x","action":"tuned","source":"existing","rule":"postgres","dry_run":false,"changes":[{"option":"idle_s","old":7200,"new":30,"old_from_sysctl":true}],"kept":[{"option":"count","value":3}],"failed":[{"option":"user_timeout_ms","error":"EINVAL"}]}"#
+        );
     }
 }

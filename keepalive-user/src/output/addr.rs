@@ -1,0 +1,118 @@
+//! IP addresses as the wire types write them, formatted on the stack: the
+//! text of `IpAddr`'s `Display` without a `String` or the `fmt` machinery
+//! per record (IPv4 by hand; IPv6, rare on the hot path, through `Display`
+//! into a stack buffer).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+/// Longest `Ipv6Addr` text (`ffff:…:ffff`, 39 bytes) with room to spare.
+const CAP: usize = 48;
+
+/// An address's text, as `IpAddr::to_string` would give it.
+pub struct AddrText {
+    buf: [u8; CAP],
+    len: usize,
+}
+
+impl AddrText {
+    pub fn new(addr: IpAddr) -> AddrText {
+        let mut t = AddrText {
+            buf: [0; CAP],
+            len: 0,
+        };
+        match addr {
+            IpAddr::V4(a) => {
+                for (i, octet) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    if octet >= 100 {
+                        t.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        t.push(b'0' + octet / 10 % 10);
+                    }
+                    t.push(b'0' + octet % 10);
+                }
+            }
+            // Cannot fail: the longest form fits the buffer.
+            IpAddr::V6(a) => {
+                let _ = write!(t, "{a}");
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole UTF-8 strings (ASCII, in fact) are ever written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for AddrText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let room = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Serialises an address as its text (a JSON string), from the stack.
+#[derive(Clone, Copy)]
+pub struct AddrOut(pub IpAddr);
+
+impl serde::Serialize for AddrOut {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(AddrText::new(self.0).as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn every_octet_in_every_position_reads_as_std_writes_it() {
+        for o in 0..=255u8 {
+            for pos in 0..4 {
+                let mut octets = [1, 22, 133, 4];
+                octets[pos] = o;
+                let a = IpAddr::V4(Ipv4Addr::from(octets));
+                assert_eq!(AddrText::new(a).as_str(), a.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_read_as_std_writes_them() {
+        for s in [
+            "::",
+            "::1",
+            "fd00::2",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "2001:db8::8:800:200c:417a",
+            "1:0:0:1:0:0:0:1",
+        ] {
+            let a: Ipv6Addr = s.parse().unwrap();
+            assert_eq!(AddrText::new(IpAddr::V6(a)).as_str(), a.to_string());
+        }
+    }
+
+    #[test]
+    fn serialises_as_a_json_string() {
+        let a = AddrOut("198.18.0.1".parse().unwrap());
+        assert_eq!(serde_json::to_string(&a).unwrap(), "\"198.18.0.1\"");
+        assert_eq!(serde_json::to_string(&Some(a)).unwrap(), "\"198.18.0.1\"");
+        assert_eq!(serde_json::to_string(&None::<AddrOut>).unwrap(), "null");
+    }
+}
