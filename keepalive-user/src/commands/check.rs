@@ -156,12 +156,13 @@ pub fn run() -> Result<bool> {
 
 fn hooks_report() -> Result<Vec<Line>> {
     let info = loader::kernel_info(&Filter::default(), loader::Use::Monitor)?;
-    let mut ebpf = loader::load(&info.config, loader::Sizes::default())?;
+    // Held across load and attach: parsed once.
     let btf = loader::aya_btf()?;
+    let mut ebpf = loader::load(&info.config, loader::Sizes::default())?;
     let mut lines: Vec<Line> = loader::HOOKS
         .iter()
         .map(|h| {
-            let r = loader::attach(&mut ebpf, btf, h);
+            let r = loader::attach(&mut ebpf, &btf, h);
             line(
                 format!("tp_btf/{}", h.tracepoint),
                 r.is_ok(),
@@ -173,7 +174,7 @@ fn hooks_report() -> Result<Vec<Line>> {
             )
         })
         .collect();
-    let walk = loader::walk_sockets(&mut ebpf, btf);
+    let walk = loader::walk_sockets(&mut ebpf);
     lines.push(line(
         "iter/tcp",
         walk.is_ok(),

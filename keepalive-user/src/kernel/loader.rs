@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::Read;
+use std::sync::{Arc, Mutex, Weak};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -142,14 +143,19 @@ const DEFAULT_WAKEUP_BYTES: u32 = DEFAULT_RING_BYTES / 16;
 /// How often the reader drains the ring without being woken.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// The kernel's BTF as aya reads it, parsed once per process.
-pub fn aya_btf() -> Result<&'static aya::Btf> {
-    static BTF: std::sync::OnceLock<aya::Btf> = std::sync::OnceLock::new();
-    if let Some(b) = BTF.get() {
+/// The kernel's BTF as aya reads it, shared by whoever holds it at once.
+pub fn aya_btf() -> Result<Arc<aya::Btf>> {
+    // Parsed, the kernel's BTF takes about 13 MiB: it is needed to load
+    // and attach programs, not to run them, so it is shared while someone
+    // holds it and parsed again when needed after that.
+    static BTF: Mutex<Weak<aya::Btf>> = Mutex::new(Weak::new());
+    let mut cached = BTF.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = cached.upgrade() {
         return Ok(b);
     }
-    let b = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-    Ok(BTF.get_or_init(|| b))
+    let b = Arc::new(aya::Btf::from_sys_fs().context("reading kernel BTF")?);
+    *cached = Arc::downgrade(&b);
+    Ok(b)
 }
 
 /// Map sizes chosen at load time.
@@ -171,8 +177,9 @@ pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
         config.wakeup_bytes = size / 16;
     }
     let config = &config;
+    let btf = aya_btf()?;
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(aya_btf()?));
+    loader.btf(Some(&btf));
     loader.override_global("CONFIG", config, true);
     if let Some(size) = ring_size {
         loader.map_max_entries(keepalive_common::maps::EVENTS, size);
@@ -201,71 +208,114 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
 }
 
 /// Attaches every hook (the first failure is an error naming the hook),
-/// then walks the existing sockets; returns the hook count and the walk.
-pub fn attach_all(ebpf: &mut Ebpf) -> Result<(usize, Vec<SockRecord>)> {
+/// then walks the existing sockets, handing each to `row`; returns the
+/// hook count.
+pub fn attach_all(ebpf: &mut Ebpf, row: impl FnMut(&SockRecord)) -> Result<usize> {
     let btf = aya_btf()?;
     // Walk once before attaching so that every socket that already exists
     // has its cookie assigned before a timer hook can see it (those hooks
     // can only read the cookie, not create it)...
-    walk_sockets(ebpf, btf).context("walking existing TCP sockets (iter/tcp)")?;
+    for_each_socket(ebpf, |_| {}).context("walking existing TCP sockets (iter/tcp)")?;
     for hook in HOOKS {
-        attach(ebpf, btf, hook)?;
+        attach(ebpf, &btf, hook)?;
     }
     // ...and once after, for the sockets born in between.
     // After the hooks, so every socket is either walked here or seen by them.
-    let rows = walk_sockets(ebpf, btf).context("walking existing TCP sockets (iter/tcp)")?;
-    Ok((HOOKS.len(), rows))
+    for_each_socket(ebpf, row).context("walking existing TCP sockets (iter/tcp)")?;
+    Ok(HOOKS.len())
 }
 
 /// Runs the `iter/tcp` program once over every TCP socket of every
 /// reachable namespace and returns one row per socket. Asking for each
 /// cookie also makes the kernel assign one, so connections opened before we
 /// started carry their real cookie in the timer tracepoints.
-///
-/// A TCP iterator sees the namespace of the thread that opens it, so we
-/// open one from inside each namespace.
-pub fn walk_sockets(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<SockRecord>> {
-    iter_rows(ebpf, btf, "ka_iter_tcp")
+pub fn walk_sockets(ebpf: &mut Ebpf) -> Result<Vec<SockRecord>> {
+    iter_rows(ebpf, "ka_iter_tcp")
+}
+
+/// [`walk_sockets`], one row at a time: nothing is kept but what `f`
+/// keeps, however many sockets there are.
+pub fn for_each_socket(ebpf: &mut Ebpf, f: impl FnMut(&SockRecord)) -> Result<()> {
+    for_each_row(ebpf, "ka_iter_tcp", f)
 }
 
 /// Runs the `iter/tcp` program `program` once in every reachable
 /// namespace and returns the fixed-size rows it wrote, in order.
-pub fn iter_rows<T: aya::Pod>(ebpf: &mut Ebpf, btf: &aya::Btf, program: &str) -> Result<Vec<T>> {
+pub fn iter_rows<T: aya::Pod>(ebpf: &mut Ebpf, program: &str) -> Result<Vec<T>> {
+    let mut rows = Vec::new();
+    for_each_row(ebpf, program, |r: &T| rows.push(*r))?;
+    Ok(rows)
+}
+
+/// Rows read from an iterator per read(2).
+const ROWS_PER_READ: usize = 256;
+
+/// Runs the `iter/tcp` program `program` once in every reachable
+/// namespace and hands `f` each fixed-size row it wrote, in order. The
+/// program is loaded (with the kernel's BTF) on first use.
+///
+/// A TCP iterator sees the namespace of the thread that opens it, so each
+/// is opened by a thread inside the namespace; this thread reads it.
+pub fn for_each_row<T: aya::Pod>(
+    ebpf: &mut Ebpf,
+    program: &str,
+    mut f: impl FnMut(&T),
+) -> Result<()> {
     let prog: &mut Iter = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load("tcp", btf)
+        let btf = aya_btf()?;
+        prog.load("tcp", &btf)
             .map_err(|e| anyhow!("{}", verifier_summary(&e)))
             .with_context(|| format!("loading {program} for iter/tcp"))?;
     }
-    let mut rows = Vec::new();
+    let size = size_of::<T>();
+    let mut buf = vec![0u8; size * ROWS_PER_READ];
     for ns in super::netns::reachable() {
-        let result = std::thread::scope(|scope| {
+        let opened = std::thread::scope(|scope| {
             scope
-                .spawn(|| -> Result<Vec<u8>> {
+                .spawn(|| -> Result<std::fs::File> {
                     ns.enter()?;
                     let link_id = prog.attach()?;
                     let link = prog.take_link(link_id)?;
-                    let mut file = link.into_file()?;
-                    let mut bytes = Vec::new();
-                    file.read_to_end(&mut bytes)?;
-                    Ok(bytes)
+                    Ok(link.into_file()?)
                 })
                 .join()
                 .map_err(|_| anyhow!("namespace walker thread failed"))?
         });
-        match result {
-            Ok(bytes) => rows.extend(bytes.chunks_exact(size_of::<T>()).map(|c| {
+        // A namespace can vanish while we walk; that is not an error.
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::debug!("skipping netns {}: {e:#}", ns.path.display());
+                continue;
+            }
+        };
+        // The iterator writes whole rows; a read may still end mid-row.
+        let mut filled = 0;
+        loop {
+            let n = match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("skipping the rest of netns {}: {e}", ns.path.display());
+                    break;
+                }
+            };
+            filled += n;
+            let whole = filled / size * size;
+            for c in buf[..whole].chunks_exact(size) {
                 // SAFETY: T is plain old data of exactly this size.
-                unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) }
-            })),
-            // A namespace can vanish while we walk; that is not an error.
-            Err(e) => tracing::debug!("skipping netns {}: {e:#}", ns.path.display()),
+                f(&unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) });
+            }
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// The last informative lines of a verifier log, on one line.

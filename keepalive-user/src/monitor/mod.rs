@@ -9,6 +9,7 @@
 //! TUI, an HTTP endpoint) copies what it needs and does the slow work on
 //! another thread: ingestion never waits for it.
 
+mod heap;
 mod kernel_maps;
 
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
-use crate::table::walk;
+use crate::table::walk::TableRows;
 use kernel_maps::KernelMaps;
 
 /// How often the kernel's drop counters are read.
@@ -122,7 +123,6 @@ pub struct Ctx<'a> {
     /// (tuning) are reached through it. `None` only during the final drain,
     /// after the programs were detached.
     pub ebpf: Option<&'a mut aya::Ebpf>,
-    pub btf: &'static aya::Btf,
     pub clock: &'a Clock,
     pub counters: Counters,
     pub started: Instant,
@@ -251,7 +251,6 @@ impl Consumer for Fanout<'_> {
 struct Engine {
     /// `None` once detached.
     ebpf: Option<aya::Ebpf>,
-    btf: &'static aya::Btf,
     maps: KernelMaps,
     table: Option<ConnTable>,
     reasons: ResetReasons,
@@ -271,7 +270,6 @@ impl Engine {
         Ctx {
             table: self.table.as_ref(),
             ebpf: self.ebpf.as_mut(),
-            btf: self.btf,
             clock: &self.clock,
             counters: self.counters,
             started: self.started,
@@ -291,9 +289,9 @@ impl Engine {
         // The timer hooks cannot reach the owner stored on the socket; the
         // table knows it.
         if ev.owner.is_none()
-            && let Some(c) = self.table.as_ref().and_then(|t| t.get(ev.cookie))
+            && let Some(o) = self.table.as_ref().and_then(|t| t.first_owner(ev.cookie))
         {
-            ev.owner = c.owners.first().cloned();
+            ev.owner = Some(o.clone());
         }
         let change = self.table.as_mut().and_then(|t| t.apply(&ev, mono_ns));
         let ctx = self.ctx();
@@ -353,9 +351,10 @@ impl Engine {
         let Some(ebpf) = self.ebpf.as_mut() else {
             return Ok(Flow::Continue);
         };
-        let records = loader::walk_sockets(ebpf, self.btf)?;
+        let rows = TableRows::walk(ebpf)?;
         let now = Clock::mono_now_ns();
-        let changes = self.update_table(&records, now);
+        let changes = self.update_table(rows, now);
+        heap::release();
         let ctx = self.ctx();
         for ch in &changes {
             if consumer.verdict(ch, now, &ctx)? == Flow::Stop {
@@ -368,16 +367,14 @@ impl Engine {
 
     /// Replaces the table's view with a walk of the sockets plus the
     /// kernel's per-connection counters; returns the verdict changes.
-    fn update_table(
-        &mut self,
-        records: &[keepalive_common::SockRecord],
-        now: u64,
-    ) -> Vec<VerdictChange> {
+    fn update_table(&mut self, rows: TableRows, now: u64) -> Vec<VerdictChange> {
         let Some(table) = self.table.as_mut() else {
             return Vec::new();
         };
-        let conns = walk::conns_from_records(records, self.thresholds.owners_known);
-        let changes = table.refresh(conns, now);
+        let mut changes = Vec::new();
+        table.refresh_with(rows.into_conns(self.thresholds.owners_known), now, |ch| {
+            changes.push(ch)
+        });
         for (cookie, s) in self.maps.conn_stats() {
             table.set_stats(cookie, s);
         }
@@ -390,6 +387,7 @@ impl Engine {
 /// returns the totals. Blocks the calling thread.
 pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters> {
     opts.validate()?;
+    heap::configure();
     check_privileges()?;
     loader::ensure_object()?;
     // Verdicts are judged from every kind of kernel event.
@@ -398,6 +396,9 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         kernel_filter.kinds.clear();
     }
     let info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
+    // The kernel's BTF, held until the consumers have attached what they
+    // attach; then it is freed (it is most of an idle monitor's memory).
+    let btf = loader::aya_btf()?;
     let mut ebpf = loader::load(
         &info.config,
         loader::Sizes {
@@ -406,12 +407,11 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
             stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
         },
     )?;
-    let (hooks, records) = loader::attach_all(&mut ebpf)?;
-    let btf = loader::aya_btf()?;
+    let mut rows = TableRows::default();
+    let hooks = loader::attach_all(&mut ebpf, |r| rows.add(r))?;
     let (maps, ring) = KernelMaps::take(&mut ebpf)?;
     let mut engine = Engine {
         ebpf: Some(ebpf),
-        btf,
         maps,
         table: None,
         reasons: info.reset_reasons,
@@ -423,15 +423,20 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     };
     if opts.refresh.is_some() {
         let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
-        let conns = walk::conns_from_records(&records, opts.thresholds.owners_known);
-        t.refresh(conns, Clock::mono_now_ns());
+        // What the table holds at the start is no change.
+        t.refresh_with(
+            rows.into_conns(opts.thresholds.owners_known),
+            Clock::mono_now_ns(),
+            |_| {},
+        );
         engine.table = Some(t);
     }
+    heap::release();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    rt.block_on(event_loop(engine, ring, opts, consumer))
+    rt.block_on(event_loop(engine, ring, opts, consumer, btf))
 }
 
 async fn event_loop(
@@ -439,6 +444,7 @@ async fn event_loop(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     opts: MonitorOptions,
     consumer: &mut dyn Consumer,
+    btf: std::sync::Arc<aya::Btf>,
 ) -> Result<Counters> {
     // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the
     // fd stays open for as long as it is registered.
@@ -459,6 +465,7 @@ async fn event_loop(
         let mut ctx = engine.ctx();
         consumer.started(&mut ctx)?
     };
+    drop(btf);
     // Everything that needed full privileges is done (the consumers
     // attached their own programs in `started`): keep only what the walks
     // need, if anything walks (kernel::privileges says what and why).
@@ -499,9 +506,7 @@ async fn event_loop(
         consumer.stopping(&mut ctx)
     };
     let final_walk = match engine.ebpf.as_mut() {
-        Some(ebpf) if engine.table.is_some() && opts.final_walk => {
-            Some(loader::walk_sockets(ebpf, engine.btf))
-        }
+        Some(ebpf) if engine.table.is_some() && opts.final_walk => Some(TableRows::walk(ebpf)),
         _ => None,
     };
     // Detach: the programs and links go with the object; the maps we took
@@ -512,7 +517,7 @@ async fn event_loop(
     engine.counters.emitted = engine.maps.emitted();
     if let Some(Ok(records)) = final_walk {
         // Nobody reads verdict changes after the stream ended.
-        let _ = engine.update_table(&records, Clock::mono_now_ns());
+        let _ = engine.update_table(records, Clock::mono_now_ns());
     }
     let _ = engine.ctx();
     let totals = engine.counters;

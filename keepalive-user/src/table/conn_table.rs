@@ -17,15 +17,19 @@ use std::collections::HashMap;
 
 use keepalive_common::ConnStats;
 
+use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
 use super::{Conn, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
-use crate::events::{Detail, Event};
+use crate::events::{Detail, Event, Owner};
 
 /// How long a closed connection stays resolvable for late events.
 pub const TOMBSTONE_NS: u64 = 10_000_000_000;
 
-struct Entry {
-    conn: Conn,
+/// One tracked connection: boxed, so the maps' slots stay small and a
+/// connection moves from live to tombstone without copying.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    conn: Packed,
     verdict: Verdict,
     touched_ns: u64,
 }
@@ -39,14 +43,17 @@ pub struct VerdictChange {
 }
 
 pub struct ConnTable {
-    live: HashMap<u64, Entry>,
+    live: HashMap<u64, Box<Entry>>,
     /// Closed connections, with the time they expire.
-    tombstones: HashMap<u64, (Entry, u64)>,
+    tombstones: HashMap<u64, (Box<Entry>, u64)>,
     /// Connections beyond the cap (evicted, or found by a walk with the
     /// table full): the verdict last reported for each.
     overflow: HashMap<u64, Verdict>,
     cap: usize,
     thresholds: Thresholds,
+    /// The owners of the last connection an event brought in: the next
+    /// one is usually the same process's, and shares them.
+    event_owners: Option<Owners>,
     pub evictions: u64,
 }
 
@@ -58,6 +65,7 @@ impl ConnTable {
             overflow: HashMap::new(),
             cap: cap.max(1),
             thresholds,
+            event_owners: None,
             evictions: 0,
         }
     }
@@ -70,11 +78,21 @@ impl ConnTable {
         self.live.is_empty()
     }
 
-    pub fn get(&self, cookie: u64) -> Option<&Conn> {
+    fn entry(&self, cookie: u64) -> Option<&Entry> {
         self.live
             .get(&cookie)
-            .map(|e| &e.conn)
-            .or_else(|| self.tombstones.get(&cookie).map(|(e, _)| &e.conn))
+            .or_else(|| self.tombstones.get(&cookie).map(|(e, _)| e))
+            .map(|e| &**e)
+    }
+
+    /// A live or recently closed connection.
+    pub fn get(&self, cookie: u64) -> Option<Conn> {
+        self.entry(cookie).map(|e| e.conn.conn(cookie))
+    }
+
+    /// The first owner of a live or recently closed connection.
+    pub fn first_owner(&self, cookie: u64) -> Option<&Owner> {
+        self.entry(cookie).and_then(|e| e.conn.first_owner())
     }
 
     pub fn verdict(&self, cookie: u64) -> Option<&Verdict> {
@@ -82,8 +100,10 @@ impl ConnTable {
     }
 
     /// Live connections.
-    pub fn conns(&self) -> impl Iterator<Item = (&Conn, &Verdict)> {
-        self.live.values().map(|e| (&e.conn, &e.verdict))
+    pub fn conns(&self) -> impl Iterator<Item = (Conn, &Verdict)> {
+        self.live
+            .iter()
+            .map(|(&cookie, e)| (e.conn.conn(cookie), &e.verdict))
     }
 
     /// At the cap, evicts the least recently touched 1/64 of the table in
@@ -112,24 +132,27 @@ impl ConnTable {
         self.overflow.len()
     }
 
-    /// Re-judges `cookie`; returns the change, if any.
-    fn rejudge(&mut self, cookie: u64) -> Option<VerdictChange> {
-        let e = self.live.get_mut(&cookie)?;
-        Self::rejudge_entry(e, &self.thresholds)
-    }
-
-    fn rejudge_entry(e: &mut Entry, thresholds: &Thresholds) -> Option<VerdictChange> {
-        Self::judge_against(&e.conn, &mut e.verdict, thresholds)
+    /// Stores `conn` in `e` and judges it against the verdict last
+    /// reported; returns the change, if any.
+    fn store(
+        e: &mut Entry,
+        conn: Conn,
+        shared: Option<&Owners>,
+        t: &Thresholds,
+    ) -> Option<VerdictChange> {
+        let shared = shared.or(e.conn.owners()).cloned();
+        e.conn = Packed::new(&conn, shared.as_ref());
+        Self::judge_against(conn, &mut e.verdict, t)
     }
 
     /// Judges `conn` and records the result in `verdict`; returns it as a
     /// change when it is news.
     fn judge_against(
-        conn: &Conn,
+        conn: Conn,
         verdict: &mut Verdict,
         thresholds: &Thresholds,
     ) -> Option<VerdictChange> {
-        let new = judge(conn, thresholds);
+        let new = judge(&conn, thresholds);
         if new == *verdict {
             return None;
         }
@@ -139,58 +162,73 @@ impl ConnTable {
         if old.name() == new.name() && old.reason_code() == new.reason_code() {
             return None;
         }
-        Some(VerdictChange {
-            conn: conn.clone(),
-            old,
-            new,
-        })
+        Some(VerdictChange { conn, old, new })
     }
 
     /// Replaces the table with a fresh walk of the kernel's sockets.
     /// Connections the walk no longer finds have closed.
     pub fn refresh(&mut self, conns: Vec<Conn>, now_ns: u64) -> Vec<VerdictChange> {
-        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
-        let mut seen: HashMap<u64, ()> = HashMap::with_capacity(conns.len());
         let mut changes = Vec::new();
-        for mut conn in conns {
+        self.refresh_with(conns.into_iter().map(|c| (c, None)), now_ns, |ch| {
+            changes.push(ch)
+        });
+        changes
+    }
+
+    /// [`ConnTable::refresh`] from a walk that hands every connection with
+    /// its owners also as a list shared by the process's sockets (stored
+    /// once, not per socket); each change goes to `changed` as it is found.
+    pub fn refresh_with(
+        &mut self,
+        conns: impl IntoIterator<Item = (Conn, Option<Owners>)>,
+        now_ns: u64,
+        mut changed: impl FnMut(VerdictChange),
+    ) {
+        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
+        let mut seen: HashMap<u64, ()> = HashMap::with_capacity(self.live.len());
+        for (mut conn, shared) in conns {
             let cookie = conn.cookie;
             if cookie == 0 || (!conn.full && !conn.kernel_orphan) {
                 continue;
             }
             seen.insert(cookie, ());
-            match self.live.get_mut(&cookie) {
-                Some(e) => {
-                    // Kernel state wins; keep what only events know.
-                    conn.stats = e.conn.stats.or(conn.stats);
-                    conn.timed_out = e.conn.timed_out;
-                    if conn.owners.is_empty() && !e.conn.owners.is_empty() && conn.ino == 0 {
-                        conn.owners = e.conn.owners.clone();
-                    }
-                    e.conn = conn;
-                    e.touched_ns = now_ns;
+            if let Some(e) = self.live.get_mut(&cookie) {
+                // Kernel state wins; keep what only events know.
+                let old = e.conn.conn(cookie);
+                conn.stats = old.stats.or(conn.stats);
+                conn.timed_out = old.timed_out;
+                if conn.owners.is_empty() && !old.owners.is_empty() && conn.ino == 0 {
+                    conn.owners = old.owners;
                 }
-                None => {
-                    // Not in the table: judged against what was last
-                    // reported for it (healthy if nothing was), so a
-                    // connection that does not fit is not news every walk.
-                    let verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
-                    if self.live.len() >= self.cap {
-                        let mut verdict = verdict;
-                        changes.extend(Self::judge_against(&conn, &mut verdict, &self.thresholds));
-                        self.overflow.insert(cookie, verdict);
-                        continue;
-                    }
-                    self.live.insert(
-                        cookie,
-                        Entry {
-                            conn,
-                            verdict,
-                            touched_ns: now_ns,
-                        },
-                    );
+                e.touched_ns = now_ns;
+                if let Some(ch) = Self::store(e, conn, shared.as_ref(), &self.thresholds) {
+                    changed(ch);
                 }
+                continue;
             }
-            changes.extend(self.rejudge(cookie));
+            // Not in the table: judged against what was last reported for
+            // it (healthy if nothing was), so a connection that does not
+            // fit is not news every walk.
+            let mut verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
+            if self.live.len() >= self.cap {
+                if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
+                    changed(ch);
+                }
+                self.overflow.insert(cookie, verdict);
+                continue;
+            }
+            let packed = Packed::new(&conn, shared.as_ref());
+            if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
+                changed(ch);
+            }
+            self.live.insert(
+                cookie,
+                Box::new(Entry {
+                    conn: packed,
+                    verdict,
+                    touched_ns: now_ns,
+                }),
+            );
         }
         let gone: Vec<u64> = self
             .live
@@ -204,13 +242,16 @@ impl ConnTable {
             }
         }
         self.overflow.retain(|c, _| seen.contains_key(c));
-        changes
+        // Capacity follows the maps down, so a burst's peak is not kept.
+        shrink(&mut self.live);
+        shrink(&mut self.tombstones);
+        shrink(&mut self.overflow);
     }
 
     /// Sets the kernel-kept counters of a connection.
     pub fn set_stats(&mut self, cookie: u64, stats: ConnStats) {
         if let Some(e) = self.live.get_mut(&cookie) {
-            e.conn.stats = Some(stats);
+            e.conn.set_stats(stats);
         }
     }
 
@@ -235,12 +276,14 @@ impl ConnTable {
         if ev.cookie == 0 {
             return None;
         }
+        let t = self.thresholds;
         if !self.live.contains_key(&ev.cookie) {
             if let Some((e, _)) = self.tombstones.get_mut(&ev.cookie) {
                 // The kernel reports ETIMEDOUT after it closed the socket.
                 if let Detail::Timeout { cause, .. } = ev.detail {
-                    e.conn.timed_out = Some(cause);
-                    return Self::rejudge_entry(e, &self.thresholds);
+                    let mut conn = e.conn.conn(ev.cookie);
+                    conn.timed_out = Some(cause);
+                    return Self::store(e, conn, None, &t);
                 }
                 return None;
             }
@@ -253,23 +296,28 @@ impl ConnTable {
                 };
                 let mut conn = Self::conn_from_event(ev);
                 conn.timed_out = Some(cause);
-                return Self::judge_against(&conn, verdict, &self.thresholds);
+                return Self::judge_against(conn, verdict, &t);
             }
             // A connection born after the last walk.
             self.make_room();
             let conn = Self::conn_from_event(ev);
+            let shared = self.event_owners.clone();
+            let conn = Packed::new(&conn, shared.as_ref());
+            if conn.owners().is_some() {
+                self.event_owners = conn.owners().cloned();
+            }
             self.live.insert(
                 ev.cookie,
-                Entry {
+                Box::new(Entry {
                     conn,
                     verdict: Verdict::Healthy,
                     touched_ns: now_ns,
-                },
+                }),
             );
         }
         let e = self.live.get_mut(&ev.cookie)?;
         e.touched_ns = now_ns;
-        let c = &mut e.conn;
+        let mut c = e.conn.conn(ev.cookie);
         if c.owners.is_empty()
             && let Some(o) = &ev.owner
         {
@@ -309,7 +357,7 @@ impl ConnTable {
             Detail::Timeout { cause, .. } => c.timed_out = Some(*cause),
             Detail::ResetSent { .. } | Detail::ResetReceived => {}
         }
-        let change = self.rejudge(ev.cookie);
+        let change = Self::store(e, c, None, &t);
         if let Detail::StateChange { new, .. } = ev.detail
             && new == TCP_CLOSE
             && let Some(e) = self.live.remove(&ev.cookie)
@@ -318,6 +366,13 @@ impl ConnTable {
                 .insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
         }
         change
+    }
+}
+
+/// Gives back a map's room when it holds under half of it.
+fn shrink<V>(m: &mut HashMap<u64, V>) {
+    if m.capacity() > 2 * m.len() + 64 {
+        m.shrink_to_fit();
     }
 }
 
@@ -536,15 +591,61 @@ mod tests {
 
     #[test]
     fn bytes_per_tracked_connection() {
-        // What a tracked connection costs, for the docs: the entry, plus
-        // the hash map's slot (key + control byte), plus one owner.
-        let entry = size_of::<Entry>() + size_of::<u64>() + 1;
-        let owner = size_of::<Owner>() + 16;
-        eprintln!(
-            "bytes per tracked connection: {} (+{} per owner)",
-            entry, owner
+        // What a tracked connection costs: its boxed entry plus the map's
+        // slot (key, pointer, control byte); owners are shared per process.
+        // The budget of docs/benchmarks.md §3 (<= 64 MiB at 200k sockets)
+        // rests on it: a field added to Conn must be packed to keep it.
+        let entry = size_of::<Entry>();
+        let slot = size_of::<(u64, Box<Entry>)>() + 1;
+        eprintln!("bytes per tracked connection: {entry} + {slot}");
+        assert!(entry <= 144, "a tracked connection grew to {entry} bytes");
+        assert!(slot <= 17);
+    }
+
+    #[test]
+    fn a_refresh_does_not_keep_the_peak() {
+        let mut t = ConnTable::new(100_000, Thresholds::default());
+        t.refresh((1..=20_000).map(conn).collect(), 0);
+        assert_eq!(t.len(), 20_000);
+        // Most close; they stay as tombstones until those expire.
+        t.refresh((1..=10).map(conn).collect(), 1);
+        t.refresh((1..=10).map(conn).collect(), 2 + TOMBSTONE_NS);
+        assert_eq!((t.len(), t.tombstones.len()), (10, 0));
+        assert!(t.live.capacity() < 1_000, "{}", t.live.capacity());
+        assert!(
+            t.tombstones.capacity() < 1_000,
+            "{}",
+            t.tombstones.capacity()
         );
-        assert!(entry < 512, "a tracked connection grew to {entry} bytes");
+    }
+
+    #[test]
+    fn owners_are_shared_not_copied_per_connection() {
+        let mut t = ConnTable::new(100, Thresholds::default());
+        let shared: Owners = conn(1).owners.into();
+        let walk = (1..=3).map(|c| {
+            let mut c = conn(c);
+            (c.saddr, c.daddr) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+            (c, Some(shared.clone()))
+        });
+        t.refresh_with(walk, 0, |_| {});
+        for c in 1..=3 {
+            let e = &t.live[&c];
+            assert!(std::sync::Arc::ptr_eq(e.conn.owners().unwrap(), &shared));
+        }
+        // Connections that events bring in share their process's too.
+        t.apply(&event(7, Detail::ResetReceived), 1);
+        let mut ev = event(8, Detail::ResetReceived);
+        ev.owner = Some(conn(1).owners[0].clone());
+        t.apply(&ev, 2);
+        let mut ev9 = ev.clone();
+        ev9.cookie = 9;
+        t.apply(&ev9, 3);
+        assert!(std::sync::Arc::ptr_eq(
+            t.live[&8].conn.owners().unwrap(),
+            t.live[&9].conn.owners().unwrap()
+        ));
+        assert_eq!(t.get(9).unwrap().owners, conn(1).owners);
     }
 
     #[test]

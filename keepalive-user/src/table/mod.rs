@@ -5,6 +5,7 @@
 
 pub mod conn_table;
 pub mod owners;
+pub mod packed;
 pub mod verdict;
 pub mod walk;
 

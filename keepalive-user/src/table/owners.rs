@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::packed::Owners;
 use crate::events::{Comm, Owner};
 
 /// /proc/PID/comm as bytes (a name need not be UTF-8, and may end in
@@ -36,6 +37,77 @@ pub fn scan() -> HashMap<u64, Vec<Owner>> {
         }
     }
     map
+}
+
+/// Socket inode -> the processes that hold it, each list shared by every
+/// socket with the same holders (usually: one list per process), so a
+/// socket costs a few bytes however many there are.
+#[derive(Default)]
+pub struct SharedOwners {
+    /// (inode, index in `lists`), sorted by inode.
+    by_ino: Vec<(u64, u32)>,
+    lists: Vec<Owners>,
+}
+
+impl SharedOwners {
+    pub fn get(&self, ino: u64) -> Option<&Owners> {
+        let i = self.by_ino.binary_search_by_key(&ino, |&(i, _)| i).ok()?;
+        self.lists.get(self.by_ino[i].1 as usize)
+    }
+}
+
+/// [`scan`], with the owner lists shared (same order, same owners).
+pub fn scan_shared() -> SharedOwners {
+    let mut procs: Vec<Owner> = Vec::new();
+    // (inode, index in procs): processes in /proc order, as `scan` has them.
+    let mut pairs: Vec<(u64, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for p in dir.flatten() {
+            let name = p.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Some(fds) = FdDir::open(pid) else {
+                continue;
+            };
+            let mut index = None;
+            for ino in fds.socket_inodes() {
+                let i = *index.get_or_insert_with(|| {
+                    procs.push(Owner {
+                        pid,
+                        comm: read_comm(pid),
+                    });
+                    (procs.len() - 1) as u32
+                });
+                pairs.push((ino, i));
+            }
+        }
+    }
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut lists: Vec<Owners> = Vec::new();
+    let mut alone: HashMap<u32, u32> = HashMap::new();
+    let mut shared: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut by_ino = Vec::new();
+    for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+        let mut add = |holders: &[(u64, u32)]| {
+            lists.push(
+                holders
+                    .iter()
+                    .map(|&(_, i)| procs[i as usize].clone())
+                    .collect(),
+            );
+            (lists.len() - 1) as u32
+        };
+        let list = if let [(_, i)] = run {
+            *alone.entry(*i).or_insert_with(|| add(run))
+        } else {
+            let key: Vec<u32> = run.iter().map(|&(_, i)| i).collect();
+            *shared.entry(key).or_insert_with(|| add(run))
+        };
+        by_ino.push((run[0].0, list));
+    }
+    SharedOwners { by_ino, lists }
 }
 
 /// An open /proc/PID/fd directory. Links are read relative to it
@@ -110,6 +182,32 @@ mod tests {
         assert_eq!(socket_inode("pipe:[4026]"), None);
         assert_eq!(socket_inode("/dev/null"), None);
         assert_eq!(socket_inode("socket:[x]"), None);
+    }
+
+    #[test]
+    fn shared_owners_are_those_of_scan() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (plain, shared) = (scan(), scan_shared());
+        let mut same = 0;
+        for (ino, owners) in &plain {
+            // Sockets can come and go between the two scans.
+            if let Some(s) = shared.get(*ino) {
+                assert_eq!(&s[..], &owners[..], "inode {ino}");
+                same += 1;
+            }
+        }
+        assert!(same >= 3, "only {same} sockets in both scans");
+        // Ours share one list.
+        let mine: Vec<_> = plain
+            .iter()
+            .filter(|(_, o)| o.iter().any(|o| o.pid == std::process::id()))
+            .filter_map(|(ino, _)| shared.get(*ino).cloned())
+            .collect();
+        assert!(
+            mine.windows(2)
+                .all(|w| std::sync::Arc::ptr_eq(&w[0], &w[1]))
+        );
     }
 
     #[test]

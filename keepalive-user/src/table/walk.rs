@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use keepalive_common::SockRecord;
+use keepalive_common::{SockRecord, sock_flags};
 
+use super::packed::Owners;
 use super::verdict::{Thresholds, Verdict, judge};
 use super::{Conn, detect_hz, nearest_hz, owners};
 use crate::clock::Clock;
@@ -73,11 +74,62 @@ pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn
         .collect()
 }
 
+/// The rows of a walk that the connection table keeps (full sockets and
+/// orphans, with a cookie; not TIME_WAIT or request sockets, which churn
+/// makes by the hundred thousand), and the kernel's tick rate.
+#[derive(Default)]
+pub struct TableRows {
+    pub records: Vec<SockRecord>,
+    /// Clock stamps of the walk's first row, for the tick rate.
+    first: Option<(u64, u64)>,
+}
+
+impl TableRows {
+    /// Takes one row of a walk.
+    pub fn add(&mut self, r: &SockRecord) {
+        self.first.get_or_insert((r.now_jiffies, r.now_ns));
+        if r.cookie != 0 && r.flags & (sock_flags::FULL | sock_flags::ORPHAN) != 0 {
+            self.records.push(*r);
+        }
+    }
+
+    /// Walks every socket.
+    pub fn walk(ebpf: &mut aya::Ebpf) -> Result<TableRows> {
+        let mut rows = TableRows::default();
+        loader::for_each_socket(ebpf, |r| rows.add(r))?;
+        Ok(rows)
+    }
+
+    /// The connections, with their owners (shared between a process's
+    /// sockets) when asked; consumes the rows as it goes.
+    pub fn into_conns(self, with_owners: bool) -> impl Iterator<Item = (Conn, Option<Owners>)> {
+        let hz = self
+            .first
+            .and_then(|(j, ns)| detect_hz(j, ns))
+            .unwrap_or_else(measure_hz);
+        let owners = if with_owners {
+            owners::scan_shared()
+        } else {
+            owners::SharedOwners::default()
+        };
+        self.records.into_iter().map(move |r| {
+            let mut conn = Conn::from_record(&r, hz);
+            let shared = (conn.ino != 0).then(|| owners.get(conn.ino)).flatten();
+            if let Some(o) = shared {
+                conn.owners = o.to_vec();
+            }
+            (conn, shared.cloned())
+        })
+    }
+}
+
 /// Loads only the socket iterator, walks every socket in every reachable
 /// namespace, resolves owners and judges each connection.
 pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
     check_privileges()?;
     let info = loader::kernel_info(&Filter::default(), loader::Use::Snapshot)?;
+    // Held from load to the walk's program load: parsed once.
+    let _btf = loader::aya_btf()?;
     let mut ebpf = loader::load(
         &info.config,
         loader::Sizes {
@@ -85,8 +137,7 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
             stats: Some(1),
         },
     )?;
-    let btf = loader::aya_btf()?;
-    let records = loader::walk_sockets(&mut ebpf, btf)?;
+    let records = loader::walk_sockets(&mut ebpf)?;
     drop(ebpf);
     Ok(conns_from_records(&records, thresholds.owners_known)
         .into_iter()

@@ -129,8 +129,7 @@ impl TuneKernel {
     pub fn walk(&mut self, ebpf: &mut Ebpf, mode: u32) -> Result<Vec<TuneReport>> {
         self.config.walk_mode = mode;
         self.write_config()?;
-        let btf = loader::aya_btf()?;
-        let rows = loader::iter_rows::<TuneReport>(ebpf, btf, names::WALK);
+        let rows = loader::iter_rows::<TuneReport>(ebpf, names::WALK);
         self.config.walk_mode = walk_mode::APPLY;
         self.write_config()?;
         rows.context("walking TCP sockets to tune them (iter/tcp)")

@@ -439,7 +439,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
         let Some(k) = self.kernel.as_mut() else {
             return Ok(());
         };
-        let rows = loader::walk_sockets(ebpf, loader::aya_btf()?)?;
+        let rows = loader::walk_sockets(ebpf)?;
         let by_ino = crate::table::owners::scan();
         let mut owners = HashMap::new();
         for r in rows.iter().filter(|r| r.ino != 0) {
