@@ -36,6 +36,8 @@ use super::{
 const MIB: f64 = 1024.0 * 1024.0;
 /// RSS at `--conns` tracked connections, at most (issue #7 item 9).
 const TRACKED_RSS_GOAL_MIB: f64 = 64.0;
+/// 100 ms samples over one default refresh period (5 s) in the tracked phase.
+const REFRESH_SAMPLES: usize = 50;
 /// How long a stop may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -99,6 +101,10 @@ struct TrackedPhase {
     tracked: Option<u64>,
     rss_bytes: u64,
     memory: Memory,
+    /// Lowest and highest RSS over the next refresh period (sampled every
+    /// 100 ms): between refreshes, and during one.
+    rss_min_bytes: u64,
+    rss_max_bytes: u64,
     goal_rss_mib: f64,
     /// (rss - churn phase start rss) / tracked.
     bytes_per_tracked_conn: Option<f64>,
@@ -199,6 +205,14 @@ fn tracked_phase(bin: &Path, conns: u64, idle_rss: u64) -> Result<TrackedPhase> 
         thread::sleep(Duration::from_millis(100));
     }
     let memory = Memory::of(mon.pid())?;
+    let (mut rss_min_bytes, mut rss_max_bytes) = (memory.rss, memory.rss);
+    for _ in 0..REFRESH_SAMPLES {
+        check_interrupted()?;
+        thread::sleep(Duration::from_millis(100));
+        let rss = Memory::of(mon.pid())?.rss;
+        rss_min_bytes = rss_min_bytes.min(rss);
+        rss_max_bytes = rss_max_bytes.max(rss);
+    }
     let _ = stop(&mut mon)?;
     let tracked = mon.summary_field("tracked");
     drop(held);
@@ -208,6 +222,8 @@ fn tracked_phase(bin: &Path, conns: u64, idle_rss: u64) -> Result<TrackedPhase> 
         tracked,
         rss_bytes: memory.rss,
         memory,
+        rss_min_bytes,
+        rss_max_bytes,
         goal_rss_mib: TRACKED_RSS_GOAL_MIB,
         bytes_per_tracked_conn: tracked
             .filter(|&t| t > 0)
@@ -258,6 +274,12 @@ fn table(s: &SoakSummary) -> String {
     if let Some(t) = &s.tracked {
         let _ = writeln!(o, "{}", memory_header("tracked"));
         let _ = writeln!(o, "{}", memory_row(&t.conns.to_string(), &t.memory));
+        let _ = writeln!(
+            o,
+            "over the next 5 s (a refresh every 5 s), sampled every 100 ms: RSS {} to {} MiB",
+            mib(t.rss_min_bytes),
+            mib(t.rss_max_bytes)
+        );
         let _ = writeln!(
             o,
             "tracked: {} connections held ({} sockets), monitor tracked {}: RSS {} MiB (goal <= {} MiB: {}), {} bytes per tracked connection",
