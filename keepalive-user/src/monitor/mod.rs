@@ -354,32 +354,89 @@ impl Engine {
         let rows = TableRows::walk(ebpf)?;
         let now = Clock::mono_now_ns();
         let changes = self.update_table(rows, now);
+        let flow = self.report(changes, now, consumer);
+        // The kernel's counters after the changes are reported, so that each
+        // shows its connection as the walk found it.
+        self.update_stats();
         heap::release();
-        let ctx = self.ctx();
-        for ch in &changes {
-            if consumer.verdict(ch, now, &ctx)? == Flow::Stop {
-                return Ok(Flow::Stop);
-            }
+        if flow? == Flow::Stop {
+            return Ok(Flow::Stop);
         }
         let mut ctx = self.ctx();
         consumer.refreshed(&mut ctx)
     }
 
-    /// Replaces the table's view with a walk of the sockets plus the
-    /// kernel's per-connection counters; returns the verdict changes.
-    fn update_table(&mut self, rows: TableRows, now: u64) -> Vec<VerdictChange> {
+    /// Hands a refresh's verdict changes to the consumer, each with its
+    /// connection as the table holds it.
+    fn report(
+        &mut self,
+        changes: Vec<Change>,
+        now: u64,
+        consumer: &mut dyn Consumer,
+    ) -> Result<Flow> {
+        let ctx = self.ctx();
+        for ch in changes {
+            let ch = match ch {
+                Change::Whole(ch) => *ch,
+                Change::Kept { cookie, old, new } => {
+                    let Some(conn) = ctx.table.and_then(|t| t.get(cookie)) else {
+                        continue;
+                    };
+                    VerdictChange { conn, old, new }
+                }
+            };
+            if consumer.verdict(&ch, now, &ctx)? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Replaces the table's view with a walk of the sockets; returns the
+    /// verdict changes, without copies of connections the table holds (a
+    /// refresh can change every verdict at once, when many connections
+    /// cross the idle threshold together).
+    fn update_table(&mut self, rows: TableRows, now: u64) -> Vec<Change> {
         let Some(table) = self.table.as_mut() else {
             return Vec::new();
         };
         let mut changes = Vec::new();
-        table.refresh_with(rows.into_conns(self.thresholds.owners_known), now, |ch| {
-            changes.push(ch)
+        let conns = rows.into_conns(self.thresholds.owners_known);
+        table.refresh_with(conns, now, |ch, kept| {
+            changes.push(if kept {
+                Change::Kept {
+                    cookie: ch.conn.cookie,
+                    old: ch.old,
+                    new: ch.new,
+                }
+            } else {
+                Change::Whole(Box::new(ch))
+            })
         });
-        for (cookie, s) in self.maps.conn_stats() {
-            table.set_stats(cookie, s);
-        }
         changes
     }
+
+    /// The kernel's per-connection counters, into the table.
+    fn update_stats(&mut self) {
+        if let Some(table) = self.table.as_mut() {
+            for (cookie, s) in self.maps.conn_stats() {
+                table.set_stats(cookie, s);
+            }
+        }
+    }
+}
+
+/// A verdict change found by a refresh, kept until it is reported.
+enum Change {
+    /// The table holds the connection as the change shows it.
+    Kept {
+        cookie: u64,
+        old: crate::table::verdict::Verdict,
+        new: crate::table::verdict::Verdict,
+    },
+    /// A connection beyond the table's cap (rare: boxed, so the others
+    /// stay small).
+    Whole(Box<VerdictChange>),
 }
 
 /// Loads, attaches, seeds the table and runs until SIGINT/SIGTERM or a
@@ -427,7 +484,7 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         t.refresh_with(
             rows.into_conns(opts.thresholds.owners_known),
             Clock::mono_now_ns(),
-            |_| {},
+            |_, _| {},
         );
         engine.table = Some(t);
     }
@@ -518,6 +575,7 @@ async fn event_loop(
     if let Some(Ok(records)) = final_walk {
         // Nobody reads verdict changes after the stream ended.
         let _ = engine.update_table(records, Clock::mono_now_ns());
+        engine.update_stats();
     }
     let _ = engine.ctx();
     let totals = engine.counters;

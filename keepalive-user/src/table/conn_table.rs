@@ -169,7 +169,7 @@ impl ConnTable {
     /// Connections the walk no longer finds have closed.
     pub fn refresh(&mut self, conns: Vec<Conn>, now_ns: u64) -> Vec<VerdictChange> {
         let mut changes = Vec::new();
-        self.refresh_with(conns.into_iter().map(|c| (c, None)), now_ns, |ch| {
+        self.refresh_with(conns.into_iter().map(|c| (c, None)), now_ns, |ch, _| {
             changes.push(ch)
         });
         changes
@@ -177,12 +177,15 @@ impl ConnTable {
 
     /// [`ConnTable::refresh`] from a walk that hands every connection with
     /// its owners also as a list shared by the process's sockets (stored
-    /// once, not per socket); each change goes to `changed` as it is found.
+    /// once, not per socket); each change goes to `changed` as it is found,
+    /// with whether the table holds its connection as the change shows it
+    /// (`get` gives it back until the next change to the table), so the
+    /// caller need not keep a copy of each.
     pub fn refresh_with(
         &mut self,
         conns: impl IntoIterator<Item = (Conn, Option<Owners>)>,
         now_ns: u64,
-        mut changed: impl FnMut(VerdictChange),
+        mut changed: impl FnMut(VerdictChange, bool),
     ) {
         self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
         let mut seen: HashMap<u64, ()> = HashMap::with_capacity(self.live.len());
@@ -202,7 +205,7 @@ impl ConnTable {
                 }
                 e.touched_ns = now_ns;
                 if let Some(ch) = Self::store(e, conn, shared.as_ref(), &self.thresholds) {
-                    changed(ch);
+                    changed(ch, true);
                 }
                 continue;
             }
@@ -212,14 +215,14 @@ impl ConnTable {
             let mut verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
             if self.live.len() >= self.cap {
                 if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
-                    changed(ch);
+                    changed(ch, false);
                 }
                 self.overflow.insert(cookie, verdict);
                 continue;
             }
             let packed = Packed::new(&conn, shared.as_ref());
             if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
-                changed(ch);
+                changed(ch, true);
             }
             self.live.insert(
                 cookie,
@@ -591,14 +594,15 @@ mod tests {
 
     #[test]
     fn bytes_per_tracked_connection() {
-        // What a tracked connection costs: its boxed entry plus the map's
-        // slot (key, pointer, control byte); owners are shared per process.
+        // What a tracked connection costs: its boxed entry (136 bytes: a
+        // 144-byte malloc chunk) plus the map's slot (key, pointer, control
+        // byte); owners are shared per process.
         // The budget of docs/benchmarks.md §3 (<= 64 MiB at 200k sockets)
         // rests on it: a field added to Conn must be packed to keep it.
         let entry = size_of::<Entry>();
         let slot = size_of::<(u64, Box<Entry>)>() + 1;
         eprintln!("bytes per tracked connection: {entry} + {slot}");
-        assert!(entry <= 144, "a tracked connection grew to {entry} bytes");
+        assert!(entry <= 136, "a tracked connection grew to {entry} bytes");
         assert!(slot <= 17);
     }
 
@@ -628,7 +632,7 @@ mod tests {
             (c.saddr, c.daddr) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
             (c, Some(shared.clone()))
         });
-        t.refresh_with(walk, 0, |_| {});
+        t.refresh_with(walk, 0, |_, _| {});
         for c in 1..=3 {
             let e = &t.live[&c];
             assert!(std::sync::Arc::ptr_eq(e.conn.owners().unwrap(), &shared));

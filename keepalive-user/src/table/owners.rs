@@ -91,12 +91,8 @@ pub fn scan_shared() -> SharedOwners {
     let mut by_ino = Vec::new();
     for run in pairs.chunk_by(|a, b| a.0 == b.0) {
         let mut add = |holders: &[(u64, u32)]| {
-            lists.push(
-                holders
-                    .iter()
-                    .map(|&(_, i)| procs[i as usize].clone())
-                    .collect(),
-            );
+            let list = holders.iter().map(|&(_, i)| procs[i as usize].clone());
+            lists.push(Owners::new(list.collect()));
             (lists.len() - 1) as u32
         };
         let list = if let [(_, i)] = run {

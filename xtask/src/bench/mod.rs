@@ -8,7 +8,8 @@
 //! (the baseline / keepalive / bpftrace rounds), [`peer`] (the bpftrace
 //! script), [`bpf_cost`] (per-program cost from the kernel's run-time
 //! statistics), [`report`] (table and summary.json of the overhead run),
-//! [`soak`] (memory under churn and at many tracked connections),
+//! [`soak`] (memory under churn and at many tracked connections, split by
+//! [`memory`]),
 //! [`snapshot`] (snapshot vs ss, with [`hold`] holding the connections).
 //!
 //! Results go to stdout as tables and to `<target dir>/bench/*.json`.
@@ -17,6 +18,7 @@
 
 mod bpf_cost;
 mod hold;
+mod memory;
 mod overhead;
 mod peer;
 mod report;

@@ -9,6 +9,10 @@
 //!   starts; its RSS once a table refresh has taken them in, and the
 //!   `tracked=` count of its summary. The goal is <= 64 MiB at 100k.
 //!
+//! Each RSS is split by what backs it ([`Memory`]: heap and other
+//! anonymous memory, code and libraries, the BPF maps it has mapped such as
+//! the ring buffer) with the peak so far, so that growth can be placed.
+//!
 //! Results on stdout and in `<target dir>/bench/soak.json`.
 
 use std::fmt::Write as _;
@@ -21,6 +25,7 @@ use clap::Parser;
 use serde::Serialize;
 use testkit::{MonitorChild, NamedNetns};
 
+use super::memory::Memory;
 use super::overhead::{MONITOR_ARGS, start_monitor};
 use super::workloads::{self, Sample};
 use super::{
@@ -31,6 +36,8 @@ use super::{
 const MIB: f64 = 1024.0 * 1024.0;
 /// RSS at `--conns` tracked connections, at most (issue #7 item 9).
 const TRACKED_RSS_GOAL_MIB: f64 = 64.0;
+/// 100 ms samples over one default refresh period (5 s) in the tracked phase.
+const REFRESH_SAMPLES: usize = 50;
 /// How long a stop may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -61,6 +68,18 @@ struct SoakOpts {
 struct RssSample {
     secs: f64,
     rss_bytes: u64,
+    memory: Memory,
+}
+
+impl RssSample {
+    fn take(secs: f64, mon: &MonitorChild) -> Result<RssSample> {
+        let memory = Memory::of(mon.pid())?;
+        Ok(RssSample {
+            secs,
+            rss_bytes: memory.rss,
+            memory,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -81,6 +100,11 @@ struct TrackedPhase {
     /// `tracked=` of the monitor's summary.
     tracked: Option<u64>,
     rss_bytes: u64,
+    memory: Memory,
+    /// Lowest and highest RSS over the next refresh period (sampled every
+    /// 100 ms): between refreshes, and during one.
+    rss_min_bytes: u64,
+    rss_max_bytes: u64,
     goal_rss_mib: f64,
     /// (rss - churn phase start rss) / tracked.
     bytes_per_tracked_conn: Option<f64>,
@@ -114,7 +138,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
         None
     };
     let summary = SoakSummary {
-        schema: 1,
+        schema: 2,
         machine,
         monitor_args: MONITOR_ARGS,
         churn,
@@ -130,28 +154,23 @@ fn churn_phase(bin: &Path, o: &SoakOpts) -> Result<ChurnPhase> {
         o.rate, o.seconds, o.every
     );
     let mut mon = start_monitor(bin)?;
-    let start_rss_bytes = mon.rss_bytes()?;
+    let first = RssSample::take(0.0, &mon)?;
+    let start_rss_bytes = first.rss_bytes;
     let t0 = Instant::now();
     let (dur, rate) = (Duration::from_secs(o.seconds), o.rate as f64);
     let worker = thread::spawn(move || workloads::churn(8, dur, Some(rate)));
-    let mut samples = vec![RssSample {
-        secs: 0.0,
-        rss_bytes: start_rss_bytes,
-    }];
+    let mut samples = vec![first];
     let mut next = Duration::from_secs(o.every);
     while !worker.is_finished() {
         thread::sleep(Duration::from_millis(100));
         if t0.elapsed() >= next {
-            let rss_bytes = mon.rss_bytes()?;
-            samples.push(RssSample {
-                secs: t0.elapsed().as_secs_f64(),
-                rss_bytes,
-            });
+            let s = RssSample::take(t0.elapsed().as_secs_f64(), &mon)?;
             eprintln!(
                 "bench --soak: {:>5.0} s  RSS {:.1} MiB",
-                t0.elapsed().as_secs_f64(),
-                rss_bytes as f64 / MIB
+                s.secs,
+                s.rss_bytes as f64 / MIB
             );
+            samples.push(s);
             next += Duration::from_secs(o.every);
         }
     }
@@ -159,11 +178,9 @@ fn churn_phase(bin: &Path, o: &SoakOpts) -> Result<ChurnPhase> {
         .join()
         .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
     check_interrupted()?;
-    let end_rss_bytes = mon.rss_bytes()?;
-    samples.push(RssSample {
-        secs: t0.elapsed().as_secs_f64(),
-        rss_bytes: end_rss_bytes,
-    });
+    let last = RssSample::take(t0.elapsed().as_secs_f64(), &mon)?;
+    let end_rss_bytes = last.rss_bytes;
+    samples.push(last);
     let (events, lost) = stop(&mut mon)?;
     Ok(ChurnPhase {
         rate_asked: o.rate,
@@ -187,7 +204,15 @@ fn tracked_phase(bin: &Path, conns: u64, idle_rss: u64) -> Result<TrackedPhase> 
         check_interrupted()?;
         thread::sleep(Duration::from_millis(100));
     }
-    let rss_bytes = mon.rss_bytes()?;
+    let memory = Memory::of(mon.pid())?;
+    let (mut rss_min_bytes, mut rss_max_bytes) = (memory.rss, memory.rss);
+    for _ in 0..REFRESH_SAMPLES {
+        check_interrupted()?;
+        thread::sleep(Duration::from_millis(100));
+        let rss = Memory::of(mon.pid())?.rss;
+        rss_min_bytes = rss_min_bytes.min(rss);
+        rss_max_bytes = rss_max_bytes.max(rss);
+    }
     let _ = stop(&mut mon)?;
     let tracked = mon.summary_field("tracked");
     drop(held);
@@ -195,11 +220,14 @@ fn tracked_phase(bin: &Path, conns: u64, idle_rss: u64) -> Result<TrackedPhase> 
     Ok(TrackedPhase {
         conns,
         tracked,
-        rss_bytes,
+        rss_bytes: memory.rss,
+        memory,
+        rss_min_bytes,
+        rss_max_bytes,
         goal_rss_mib: TRACKED_RSS_GOAL_MIB,
         bytes_per_tracked_conn: tracked
             .filter(|&t| t > 0)
-            .map(|t| rss_bytes.saturating_sub(idle_rss) as f64 / t as f64),
+            .map(|t| memory.rss.saturating_sub(idle_rss) as f64 / t as f64),
     })
 }
 
@@ -231,9 +259,9 @@ fn table(s: &SoakSummary) -> String {
         c.events.map_or("-".into(), |v| v.to_string()),
         c.lost.map_or("-".into(), |v| v.to_string()),
     );
-    let _ = writeln!(o, "{:>8} {:>10}", "seconds", "RSS MiB");
+    let _ = writeln!(o, "{}", memory_header("seconds"));
     for p in &c.samples {
-        let _ = writeln!(o, "{:>8.0} {:>10}", p.secs, mib(p.rss_bytes));
+        let _ = writeln!(o, "{}", memory_row(&format!("{:.0}", p.secs), &p.memory));
     }
     let _ = writeln!(
         o,
@@ -244,6 +272,14 @@ fn table(s: &SoakSummary) -> String {
         mib(c.end_rss_bytes.saturating_sub(c.start_rss_bytes))
     );
     if let Some(t) = &s.tracked {
+        let _ = writeln!(o, "{}", memory_header("tracked"));
+        let _ = writeln!(o, "{}", memory_row(&t.conns.to_string(), &t.memory));
+        let _ = writeln!(
+            o,
+            "over the next 5 s (a refresh every 5 s), sampled every 100 ms: RSS {} to {} MiB",
+            mib(t.rss_min_bytes),
+            mib(t.rss_max_bytes)
+        );
         let _ = writeln!(
             o,
             "tracked: {} connections held ({} sockets), monitor tracked {}: RSS {} MiB (goal <= {} MiB: {}), {} bytes per tracked connection",
@@ -262,4 +298,27 @@ fn table(s: &SoakSummary) -> String {
         );
     }
     o
+}
+
+/// The columns of [`memory_row`], after a first one named `first`.
+fn memory_header(first: &str) -> String {
+    format!(
+        "{first:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}   (MiB)",
+        "RSS", "peak", "anon", "file", "bpf-map", "shmem"
+    )
+}
+
+/// One process's memory in MiB: RSS, peak, anonymous (heap), file-backed
+/// (code, libraries and BPF maps), of which BPF maps (the ring buffer), shmem.
+fn memory_row(first: &str, m: &Memory) -> String {
+    let mib = |b: u64| format!("{:.1}", b as f64 / MIB);
+    format!(
+        "{first:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        mib(m.rss),
+        mib(m.peak),
+        mib(m.anon),
+        mib(m.file),
+        mib(m.bpf_maps),
+        mib(m.shmem)
+    )
 }
