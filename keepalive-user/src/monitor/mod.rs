@@ -11,6 +11,7 @@
 
 mod kernel_maps;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -354,8 +355,13 @@ impl Engine {
             return Ok(Flow::Continue);
         };
         let records = loader::walk_sockets(ebpf, self.btf)?;
+        let owners = if self.thresholds.owners_known {
+            walk::owners_of(ebpf, self.btf)
+        } else {
+            HashMap::new()
+        };
         let now = Clock::mono_now_ns();
-        let changes = self.update_table(&records, now);
+        let changes = self.update_table(&records, owners, now);
         let ctx = self.ctx();
         for ch in &changes {
             if consumer.verdict(ch, now, &ctx)? == Flow::Stop {
@@ -371,12 +377,13 @@ impl Engine {
     fn update_table(
         &mut self,
         records: &[keepalive_common::SockRecord],
+        owners: HashMap<u64, Vec<crate::events::Owner>>,
         now: u64,
     ) -> Vec<VerdictChange> {
         let Some(table) = self.table.as_mut() else {
             return Vec::new();
         };
-        let conns = walk::conns_from_records(records, self.thresholds.owners_known);
+        let conns = walk::conns_from_records(records, owners);
         let changes = table.refresh(conns, now);
         for (cookie, s) in self.maps.conn_stats() {
             table.set_stats(cookie, s);
@@ -423,7 +430,11 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     };
     if opts.refresh.is_some() {
         let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
-        let conns = walk::conns_from_records(&records, opts.thresholds.owners_known);
+        let owners = match engine.ebpf.as_mut() {
+            Some(ebpf) if opts.thresholds.owners_known => walk::owners_of(ebpf, engine.btf),
+            _ => HashMap::new(),
+        };
+        let conns = walk::conns_from_records(&records, owners);
         t.refresh(conns, Clock::mono_now_ns());
         engine.table = Some(t);
     }
@@ -500,7 +511,15 @@ async fn event_loop(
     };
     let final_walk = match engine.ebpf.as_mut() {
         Some(ebpf) if engine.table.is_some() && opts.final_walk => {
-            Some(loader::walk_sockets(ebpf, engine.btf))
+            let owners_known = engine.thresholds.owners_known;
+            Some(loader::walk_sockets(ebpf, engine.btf).map(|records| {
+                let owners = if owners_known {
+                    walk::owners_of(ebpf, engine.btf)
+                } else {
+                    HashMap::new()
+                };
+                (records, owners)
+            }))
         }
         _ => None,
     };
@@ -510,9 +529,9 @@ async fn event_loop(
     let _ = engine.drain(ring.get_mut(), consumer)?;
     let _ = engine.check_loss(consumer)?;
     engine.counters.emitted = engine.maps.emitted();
-    if let Some(Ok(records)) = final_walk {
+    if let Some(Ok((records, owners))) = final_walk {
         // Nobody reads verdict changes after the stream ended.
-        let _ = engine.update_table(&records, Clock::mono_now_ns());
+        let _ = engine.update_table(&records, owners, Clock::mono_now_ns());
     }
     let _ = engine.ctx();
     let totals = engine.counters;

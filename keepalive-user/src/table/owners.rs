@@ -1,9 +1,51 @@
-//! Which processes hold which sockets: the socket inodes behind
-//! /proc/PID/fd/*, like `ss -p`.
+//! Which processes hold which sockets: from the kernel's owner walk
+//! (`iter/task_file` rows, [`from_rows`]), or else the socket inodes
+//! behind /proc/PID/fd/*, like `ss -p` ([`scan`]).
 
 use std::collections::HashMap;
 
+use keepalive_common::OwnerRow;
+
 use crate::events::{Comm, Owner};
+
+/// `PROC_PID_INIT_INO`: the inode of the initial pid namespace.
+const INIT_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// The owner walk reports pids as the initial pid namespace numbers them;
+/// they are the pids /proc shows only when we run in that namespace (not
+/// in a container with its own).
+pub fn kernel_pids_are_ours() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INIT_PID_NS_INODE)
+}
+
+/// Socket inode -> processes, from the owner walk's rows (in pid order,
+/// as [`scan`] finds them). Names come from /proc/PID/comm, read once per
+/// process; a process that exited since the walk is left out, as
+/// [`scan`] would not have seen it either.
+pub fn from_rows(rows: &[OwnerRow]) -> HashMap<u64, Vec<Owner>> {
+    let mut map: HashMap<u64, Vec<Owner>> = HashMap::with_capacity(rows.len());
+    let mut names: HashMap<u32, Option<Comm>> = HashMap::new();
+    for r in rows {
+        let comm = names.entry(r.pid).or_insert_with(|| {
+            let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
+            Some(Comm::from_bytes(
+                bytes.strip_suffix(b"\n").unwrap_or(&bytes),
+            ))
+        });
+        let Some(comm) = comm else {
+            continue;
+        };
+        let owners = map.entry(r.ino).or_default();
+        if !owners.iter().any(|o| o.pid == r.pid) {
+            owners.push(Owner {
+                pid: r.pid,
+                comm: comm.clone(),
+            });
+        }
+    }
+    map
+}
 
 /// /proc/PID/comm as bytes (a name need not be UTF-8, and may end in
 /// spaces or contain a newline): the kernel adds one newline.

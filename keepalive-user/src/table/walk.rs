@@ -51,22 +51,45 @@ pub fn hz_of(records: &[SockRecord]) -> u64 {
         .unwrap_or_else(measure_hz)
 }
 
-/// Turns iterator rows into connections with their owners.
-pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
-    let hz = hz_of(records);
-    let owners: HashMap<u64, Vec<Owner>> = if with_owners {
-        owners::scan()
-    } else {
-        HashMap::new()
+/// Socket inode -> the processes holding it: from the kernel's owner
+/// walk (`iter/task_file`, one pass over every descriptor in the kernel)
+/// when it loads and its pids are ours, else from /proc (one readlink per
+/// descriptor of every process: seconds on a host with 100k connections).
+pub fn owners_of(ebpf: &mut aya::Ebpf, btf: &aya::Btf) -> HashMap<u64, Vec<Owner>> {
+    let t0 = std::time::Instant::now();
+    let (how, owners) = match owners::kernel_pids_are_ours().then(|| loader::walk_owners(ebpf, btf))
+    {
+        Some(Ok(rows)) => ("kernel walk", owners::from_rows(&rows)),
+        Some(Err(e)) => {
+            tracing::debug!("owner walk unavailable ({e:#}); reading /proc");
+            ("/proc", owners::scan())
+        }
+        None => ("/proc (own pid namespace)", owners::scan()),
     };
+    tracing::debug!(
+        "owners of {} sockets found by {how} in {:?}",
+        owners.len(),
+        t0.elapsed()
+    );
+    owners
+}
+
+/// Turns iterator rows into connections with their owners (socket inode
+/// -> processes; empty when owners are not wanted).
+pub fn conns_from_records(
+    records: &[SockRecord],
+    mut owners: HashMap<u64, Vec<Owner>>,
+) -> Vec<Conn> {
+    let hz = hz_of(records);
     records
         .iter()
         .map(|r| {
             let mut conn = Conn::from_record(r, hz);
+            // Each socket is one row: its owners move, no copy.
             if conn.ino != 0
-                && let Some(o) = owners.get(&conn.ino)
+                && let Some(o) = owners.remove(&conn.ino)
             {
-                conn.owners = o.clone();
+                conn.owners = o;
             }
             conn
         })
@@ -86,13 +109,24 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
         },
     )?;
     let btf = loader::aya_btf()?;
+    let t0 = std::time::Instant::now();
     let records = loader::walk_sockets(&mut ebpf, btf)?;
+    tracing::debug!("walked {} sockets in {:?}", records.len(), t0.elapsed());
+    let owners = if thresholds.owners_known {
+        owners_of(&mut ebpf, btf)
+    } else {
+        HashMap::new()
+    };
     drop(ebpf);
-    Ok(conns_from_records(&records, thresholds.owners_known)
+    let t0 = std::time::Instant::now();
+    let conns = conns_from_records(&records, owners);
+    let rows = conns
         .into_iter()
         .map(|conn| {
             let verdict = judge(&conn, thresholds);
             Row { conn, verdict }
         })
-        .collect())
+        .collect();
+    tracing::debug!("rows built and judged in {:?}", t0.elapsed());
+    Ok(rows)
 }
