@@ -7,7 +7,7 @@ use aya_ebpf::helpers::generated::bpf_seq_write;
 use keepalive_common::{Offsets, OwnerRow};
 
 use crate::maps::config;
-use crate::mem::read;
+use crate::mem::load;
 
 /// Context of an `iter/task_file` program:
 /// `struct bpf_iter__task_file { struct bpf_iter_meta *meta;
@@ -45,15 +45,20 @@ extern "C" fn ka_iter_owners(ctx: *mut IterTaskFileCtx) -> i32 {
     {
         return 0;
     }
-    let inode: u64 = read(file, o.file_inode);
-    let inode = inode as *const u8;
-    let mode: u16 = read(inode, o.inode_mode);
+    // Plain loads: `file` and `task` are trusted pointers from the
+    // iterator and the offsets read-only constants, so the verifier checks
+    // each against the kernel's BTF (no probe-read helper call per field).
+    let inode: *const u8 = load(file, o.file_inode);
+    if inode.is_null() {
+        return 0;
+    }
+    let mode: u16 = load(inode, o.inode_mode);
     if mode & S_IFMT != S_IFSOCK {
         return 0;
     }
     let row = OwnerRow {
-        ino: read(inode, o.inode_ino),
-        pid: read(task, o.task_tgid),
+        ino: load(inode, o.inode_ino),
+        pid: load(task, o.task_tgid),
         _pad: 0,
     };
     // SAFETY: meta is the trusted iterator metadata; seq is its first field.

@@ -26,13 +26,21 @@ pub fn kernel_pids_are_ours() -> bool {
 pub fn from_rows(rows: &[OwnerRow]) -> HashMap<u64, Vec<Owner>> {
     let mut map: HashMap<u64, Vec<Owner>> = HashMap::with_capacity(rows.len());
     let mut names: HashMap<u32, Option<Comm>> = HashMap::new();
+    // A process's rows come together: look its name up once per run.
+    let mut last: Option<(u32, Option<Comm>)> = None;
     for r in rows {
-        let comm = names.entry(r.pid).or_insert_with(|| {
-            let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
-            Some(Comm::from_bytes(
-                bytes.strip_suffix(b"\n").unwrap_or(&bytes),
-            ))
-        });
+        let comm = match &last {
+            Some((pid, comm)) if *pid == r.pid => comm,
+            _ => {
+                let comm = names.entry(r.pid).or_insert_with(|| {
+                    let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
+                    Some(Comm::from_bytes(
+                        bytes.strip_suffix(b"\n").unwrap_or(&bytes),
+                    ))
+                });
+                &last.insert((r.pid, comm.clone())).1
+            }
+        };
         let Some(comm) = comm else {
             continue;
         };

@@ -59,7 +59,10 @@ pub fn owners_of(ebpf: &mut aya::Ebpf, btf: &aya::Btf) -> HashMap<u64, Vec<Owner
     let t0 = std::time::Instant::now();
     let (how, owners) = match owners::kernel_pids_are_ours().then(|| loader::walk_owners(ebpf, btf))
     {
-        Some(Ok(rows)) => ("kernel walk", owners::from_rows(&rows)),
+        Some(Ok(rows)) => {
+            tracing::debug!("owner walk: {} rows in {:?}", rows.len(), t0.elapsed());
+            ("kernel walk", owners::from_rows(&rows))
+        }
         Some(Err(e)) => {
             tracing::debug!("owner walk unavailable ({e:#}); reading /proc");
             ("/proc", owners::scan())
