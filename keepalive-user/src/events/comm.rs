@@ -13,11 +13,10 @@ use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 /// A process name, as the kernel has it (up to 15 bytes, anything but NUL).
-/// Cloning shares the text: every socket of a process carries its name.
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Comm {
     /// The name as UTF-8, with U+FFFD for bytes that are not.
-    text: std::sync::Arc<str>,
+    text: String,
     /// The bytes, kept only when they are not valid UTF-8.
     raw: Option<Box<[u8]>>,
 }
@@ -29,11 +28,11 @@ impl Comm {
         let bytes = &bytes[..end];
         match std::str::from_utf8(bytes) {
             Ok(s) => Comm {
-                text: s.into(),
+                text: s.to_string(),
                 raw: None,
             },
             Err(_) => Comm {
-                text: String::from_utf8_lossy(bytes).into(),
+                text: String::from_utf8_lossy(bytes).into_owned(),
                 raw: Some(bytes.into()),
             },
         }
