@@ -213,6 +213,12 @@ pub struct SnapOffsets {
     pub sock_keepopen_bit: u16,
     /// `inet_timewait_sock.tw_substate`: FIN_WAIT2 or TIME_WAIT.
     pub tw_substate: u16,
+    /// For the owner walk (`iter/task_file`): `file.f_inode`,
+    /// `inode.i_mode`, `inode.i_ino`, `task_struct.tgid`.
+    pub file_inode: u16,
+    pub inode_mode: u16,
+    pub inode_ino: u16,
+    pub task_tgid: u16,
     pub _pad: [u16; 3],
 }
 
@@ -273,6 +279,19 @@ pub struct SockRecord {
     pub backoff: u8,
     pub pending: u8,
     pub _pad: [u8; 6],
+}
+
+/// One open socket of a process, as the `iter/task_file` owner walk
+/// sees it: what `/proc/PID/fd/N -> socket:[ino]` says, without the
+/// readlink per descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRow {
+    /// The socket's inode number.
+    pub ino: u64,
+    /// The process (thread group id).
+    pub pid: u32,
+    pub _pad: u32,
 }
 
 /// Per-connection counters kept in the kernel (map `STATS`, keyed by
@@ -403,7 +422,8 @@ const _: () = {
     assert!(offset_of!(RawEvent, comm) == 64);
     assert!(offset_of!(RawEvent, reason) == 80);
     assert!(size_of::<Offsets>() == 64 && align_of::<Offsets>() == 2);
-    assert!(size_of::<SnapOffsets>() == 64 && align_of::<SnapOffsets>() == 2);
+    assert!(size_of::<SnapOffsets>() == 72 && align_of::<SnapOffsets>() == 2);
+    assert!(size_of::<OwnerRow>() == 16 && align_of::<OwnerRow>() == 8);
     assert!(size_of::<SockRecord>() == 152 && align_of::<SockRecord>() == 8);
     assert!(size_of::<ConnStats>() == 24 && align_of::<ConnStats>() == 4);
     assert!(size_of::<Cidr>() == 24 && align_of::<Cidr>() == 1);
@@ -411,7 +431,7 @@ const _: () = {
     assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
     assert!(offset_of!(Config, event_mask) == 64);
     assert!(offset_of!(Config, cidrs) == 120);
-    assert!(size_of::<Config>() == 296 && align_of::<Config>() == 8);
+    assert!(size_of::<Config>() == 304 && align_of::<Config>() == 8);
     assert!(size_of::<TuneOffsets>() == 16);
 };
 
@@ -426,6 +446,7 @@ mod pod {
     unsafe impl aya::Pod for TimerFrame {}
     unsafe impl aya::Pod for SnapOffsets {}
     unsafe impl aya::Pod for SockRecord {}
+    unsafe impl aya::Pod for OwnerRow {}
     unsafe impl aya::Pod for ConnStats {}
     unsafe impl aya::Pod for tune::TuneRule {}
     unsafe impl aya::Pod for tune::RuleSet {}

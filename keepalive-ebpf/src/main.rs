@@ -11,6 +11,7 @@
 //! - [`emit`]: filtering and writing events to the ring;
 //! - [`hooks::tcp`], [`hooks::timer`]: the tracepoint programs by family;
 //! - [`iter`]: the `iter/tcp` program behind snapshots;
+//! - [`iter_owners`]: the `iter/task_file` program that finds their owners;
 //! - [`tune`], [`hooks::sockops`], [`hooks::setsockopt`], [`iter_tune`]:
 //!   `keepalive tune` (policy maps, new connections, application
 //!   overrides, the walk over existing connections).
@@ -26,6 +27,7 @@ mod mem;
 mod emit;
 mod hooks;
 mod iter;
+mod iter_owners;
 mod iter_tune;
 mod tune;
 

@@ -38,7 +38,10 @@ fn wanted(row: &Row, opts: &SnapshotOptions) -> bool {
 }
 
 pub fn run(opts: SnapshotOptions) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let rows = collect(&opts.thresholds)?;
+    tracing::debug!("collected {} rows in {:?}", rows.len(), t0.elapsed());
+    let t0 = std::time::Instant::now();
     let mut shown: Vec<&Row> = rows.iter().filter(|r| wanted(r, &opts)).collect();
     shown.sort_by(|a, b| {
         b.verdict
@@ -56,5 +59,11 @@ pub fn run(opts: SnapshotOptions) -> Result<()> {
             .try_for_each(|l| writeln!(out, "{l}")),
     }
     .and_then(|()| out.flush())
-    .context("writing the snapshot")
+    .context("writing the snapshot")?;
+    tracing::debug!(
+        "{} rows sorted and written in {:?}",
+        shown.len(),
+        t0.elapsed()
+    );
+    Ok(())
 }

@@ -305,6 +305,10 @@ impl KernelBtf {
             net_retries2: off("net", "ipv4.sysctl_tcp_retries2")?,
             sock_keepopen_bit: keepopen as u16,
             tw_substate: off("inet_timewait_sock", "tw_substate")?,
+            file_inode: opt("file", "f_inode"),
+            inode_mode: opt("inode", "i_mode"),
+            inode_ino: opt("inode", "i_ino"),
+            task_tgid: opt("task_struct", "tgid"),
             _pad: [0; 3],
         })
     }

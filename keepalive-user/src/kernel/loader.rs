@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{BtfTracePoint, Iter},
 };
-use keepalive_common::{Config, SockRecord};
+use keepalive_common::{Config, OwnerRow, SockRecord};
 
 use super::btf::KernelBtf;
 use super::symbols;
@@ -316,6 +316,36 @@ pub fn for_each_row<T: aya::Pod>(
         }
     }
     Ok(())
+}
+
+/// Fixed-size rows an iterator wrote, in order.
+fn pod_rows<T: aya::Pod>(bytes: &[u8]) -> impl Iterator<Item = T> + '_ {
+    bytes.chunks_exact(size_of::<T>()).map(|c| {
+        // SAFETY: T is plain old data of exactly this size.
+        unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) }
+    })
+}
+
+/// Runs the `iter/task_file` owner walk once: every socket descriptor of
+/// every process on the host (tasks are not per network namespace), with
+/// the process's pid as the initial pid namespace numbers it.
+pub fn walk_owners(ebpf: &mut Ebpf) -> Result<Vec<OwnerRow>> {
+    const PROGRAM: &str = "ka_iter_owners";
+    let prog: &mut Iter = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load("task_file", &*aya_btf()?)
+            .map_err(|e| anyhow!("{}", verifier_summary(&e)))
+            .with_context(|| format!("loading {PROGRAM} for iter/task_file"))?;
+    }
+    let link_id = prog.attach()?;
+    let link = prog.take_link(link_id)?;
+    let mut file = link.into_file()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(pod_rows::<OwnerRow>(&bytes).collect())
 }
 
 /// The last informative lines of a verifier log, on one line.

@@ -351,7 +351,7 @@ impl Engine {
         let Some(ebpf) = self.ebpf.as_mut() else {
             return Ok(Flow::Continue);
         };
-        let rows = TableRows::walk(ebpf)?;
+        let rows = TableRows::walk(ebpf, self.thresholds.owners_known)?;
         let now = Clock::mono_now_ns();
         let changes = self.update_table(rows, now);
         let flow = self.report(changes, now, consumer);
@@ -401,7 +401,7 @@ impl Engine {
             return Vec::new();
         };
         let mut changes = Vec::new();
-        let conns = rows.into_conns(self.thresholds.owners_known);
+        let conns = rows.into_conns();
         table.refresh_with(conns, now, |ch, kept| {
             changes.push(if kept {
                 Change::Kept {
@@ -481,11 +481,12 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     if opts.refresh.is_some() {
         let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
         // What the table holds at the start is no change.
-        t.refresh_with(
-            rows.into_conns(opts.thresholds.owners_known),
-            Clock::mono_now_ns(),
-            |_, _| {},
-        );
+        if opts.thresholds.owners_known
+            && let Some(ebpf) = engine.ebpf.as_mut()
+        {
+            rows.find_owners(ebpf);
+        }
+        t.refresh_with(rows.into_conns(), Clock::mono_now_ns(), |_, _| {});
         engine.table = Some(t);
     }
     heap::release();
@@ -563,7 +564,9 @@ async fn event_loop(
         consumer.stopping(&mut ctx)
     };
     let final_walk = match engine.ebpf.as_mut() {
-        Some(ebpf) if engine.table.is_some() && opts.final_walk => Some(TableRows::walk(ebpf)),
+        Some(ebpf) if engine.table.is_some() && opts.final_walk => {
+            Some(TableRows::walk(ebpf, engine.thresholds.owners_known))
+        }
         _ => None,
     };
     // Detach: the programs and links go with the object; the maps we took

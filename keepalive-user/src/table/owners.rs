@@ -1,10 +1,60 @@
-//! Which processes hold which sockets: the socket inodes behind
-//! /proc/PID/fd/*, like `ss -p`.
+//! Which processes hold which sockets: from the kernel's owner walk
+//! (`iter/task_file` rows, [`from_rows`]), or else the socket inodes
+//! behind /proc/PID/fd/*, like `ss -p` ([`scan`]).
 
 use std::collections::HashMap;
 
+use keepalive_common::OwnerRow;
+
 use super::packed::Owners;
 use crate::events::{Comm, Owner};
+
+/// `PROC_PID_INIT_INO`: the inode of the initial pid namespace.
+const INIT_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// The owner walk reports pids as the initial pid namespace numbers them;
+/// they are the pids /proc shows only when we run in that namespace (not
+/// in a container with its own).
+pub fn kernel_pids_are_ours() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INIT_PID_NS_INODE)
+}
+
+/// Socket inode -> processes, from the owner walk's rows (in pid order,
+/// as [`scan`] finds them). Names come from /proc/PID/comm, read once per
+/// process; a process that exited since the walk is left out, as
+/// [`scan`] would not have seen it either.
+pub fn from_rows(rows: &[OwnerRow]) -> HashMap<u64, Vec<Owner>> {
+    let mut map: HashMap<u64, Vec<Owner>> = HashMap::with_capacity(rows.len());
+    let mut names: HashMap<u32, Option<Comm>> = HashMap::new();
+    // A process's rows come together: look its name up once per run.
+    let mut last: Option<(u32, Option<Comm>)> = None;
+    for r in rows {
+        let comm = match &last {
+            Some((pid, comm)) if *pid == r.pid => comm,
+            _ => {
+                let comm = names.entry(r.pid).or_insert_with(|| {
+                    let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
+                    Some(Comm::from_bytes(
+                        bytes.strip_suffix(b"\n").unwrap_or(&bytes),
+                    ))
+                });
+                &last.insert((r.pid, comm.clone())).1
+            }
+        };
+        let Some(comm) = comm else {
+            continue;
+        };
+        let owners = map.entry(r.ino).or_default();
+        if !owners.iter().any(|o| o.pid == r.pid) {
+            owners.push(Owner {
+                pid: r.pid,
+                comm: comm.clone(),
+            });
+        }
+    }
+    map
+}
 
 /// /proc/PID/comm as bytes (a name need not be UTF-8, and may end in
 /// spaces or contain a newline): the kernel adds one newline.
@@ -83,27 +133,68 @@ pub fn scan_shared() -> SharedOwners {
             }
         }
     }
-    pairs.sort_unstable();
-    pairs.dedup();
-    let mut lists: Vec<Owners> = Vec::new();
-    let mut alone: HashMap<u32, u32> = HashMap::new();
-    let mut shared: HashMap<Vec<u32>, u32> = HashMap::new();
-    let mut by_ino = Vec::new();
-    for run in pairs.chunk_by(|a, b| a.0 == b.0) {
-        let mut add = |holders: &[(u64, u32)]| {
-            let list = holders.iter().map(|&(_, i)| procs[i as usize].clone());
-            lists.push(Owners::new(list.collect()));
-            (lists.len() - 1) as u32
+    SharedOwners::from_pairs(&procs, pairs)
+}
+
+/// [`from_rows`], with the owner lists shared (same order, same owners).
+pub fn shared_from_rows(rows: &[OwnerRow]) -> SharedOwners {
+    let mut procs: Vec<Owner> = Vec::new();
+    let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(rows.len());
+    // A process's rows come together: its name is read once per run.
+    let mut last: Option<(u32, Option<u32>)> = None;
+    for r in rows {
+        let index = match last {
+            Some((pid, index)) if pid == r.pid => index,
+            _ => {
+                let index = std::fs::read(format!("/proc/{}/comm", r.pid))
+                    .ok()
+                    .map(|bytes| {
+                        procs.push(Owner {
+                            pid: r.pid,
+                            comm: Comm::from_bytes(bytes.strip_suffix(b"\n").unwrap_or(&bytes)),
+                        });
+                        (procs.len() - 1) as u32
+                    });
+                last.insert((r.pid, index)).1
+            }
         };
-        let list = if let [(_, i)] = run {
-            *alone.entry(*i).or_insert_with(|| add(run))
-        } else {
-            let key: Vec<u32> = run.iter().map(|&(_, i)| i).collect();
-            *shared.entry(key).or_insert_with(|| add(run))
-        };
-        by_ino.push((run[0].0, list));
+        // A process that exited since the walk is left out, as `scan`
+        // would not have seen it either.
+        if let Some(i) = index {
+            pairs.push((r.ino, i));
+        }
     }
-    SharedOwners { by_ino, lists }
+    SharedOwners::from_pairs(&procs, pairs)
+}
+
+impl SharedOwners {
+    /// From (socket inode, index in `procs`) pairs in the order the
+    /// processes were found.
+    fn from_pairs(procs: &[Owner], mut pairs: Vec<(u64, u32)>) -> SharedOwners {
+        // Indices grow in the order the processes were found, so a
+        // socket's holders keep that order.
+        pairs.sort_unstable();
+        pairs.dedup();
+        let mut lists: Vec<Owners> = Vec::new();
+        let mut alone: HashMap<u32, u32> = HashMap::new();
+        let mut shared: HashMap<Vec<u32>, u32> = HashMap::new();
+        let mut by_ino = Vec::new();
+        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let mut add = |holders: &[(u64, u32)]| {
+                let list = holders.iter().map(|&(_, i)| procs[i as usize].clone());
+                lists.push(Owners::new(list.collect()));
+                (lists.len() - 1) as u32
+            };
+            let list = if let [(_, i)] = run {
+                *alone.entry(*i).or_insert_with(|| add(run))
+            } else {
+                let key: Vec<u32> = run.iter().map(|&(_, i)| i).collect();
+                *shared.entry(key).or_insert_with(|| add(run))
+            };
+            by_ino.push((run[0].0, list));
+        }
+        SharedOwners { by_ino, lists }
+    }
 }
 
 /// An open /proc/PID/fd directory. Links are read relative to it

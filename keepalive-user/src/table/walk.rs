@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use keepalive_common::{SockRecord, sock_flags};
+use keepalive_common::{OwnerRow, SockRecord, sock_flags};
 
 use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
@@ -52,22 +52,78 @@ pub fn hz_of(records: &[SockRecord]) -> u64 {
         .unwrap_or_else(measure_hz)
 }
 
-/// Turns iterator rows into connections with their owners.
-pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn> {
-    let hz = hz_of(records);
-    let owners: HashMap<u64, Vec<Owner>> = if with_owners {
-        owners::scan()
-    } else {
-        HashMap::new()
+/// Where a look at the owners found them.
+enum Found {
+    /// The kernel's owner walk: (socket inode, pid) per descriptor.
+    Kernel(Vec<OwnerRow>),
+    /// Read /proc instead, and why.
+    Proc(&'static str),
+}
+
+/// Socket inode -> the processes holding it: from the kernel's owner
+/// walk (`iter/task_file`, one pass over every descriptor in the kernel)
+/// when it loads and its pids are ours, else from /proc (one readlink per
+/// descriptor of every process: seconds on a host with 100k connections).
+fn find_owners(ebpf: &mut aya::Ebpf) -> Found {
+    if !owners::kernel_pids_are_ours() {
+        return Found::Proc("own pid namespace");
+    }
+    let t0 = std::time::Instant::now();
+    match loader::walk_owners(ebpf) {
+        Ok(rows) => {
+            tracing::debug!("owner walk: {} rows in {:?}", rows.len(), t0.elapsed());
+            Found::Kernel(rows)
+        }
+        Err(e) => {
+            tracing::debug!("owner walk unavailable ({e:#}); reading /proc");
+            Found::Proc("owner walk unavailable")
+        }
+    }
+}
+
+/// Socket inode -> the processes holding it, a list per socket (what
+/// `snapshot` moves into its rows).
+pub fn owners_of(ebpf: &mut aya::Ebpf) -> HashMap<u64, Vec<Owner>> {
+    let t0 = std::time::Instant::now();
+    let owners = match find_owners(ebpf) {
+        Found::Kernel(rows) => owners::from_rows(&rows),
+        Found::Proc(why) => {
+            tracing::debug!("owners from /proc: {why}");
+            owners::scan()
+        }
     };
+    tracing::debug!("owners of {} sockets in {:?}", owners.len(), t0.elapsed());
+    owners
+}
+
+/// [`owners_of`], with the lists shared between a process's sockets (what
+/// the connection table keeps).
+pub fn shared_owners_of(ebpf: &mut aya::Ebpf) -> owners::SharedOwners {
+    match find_owners(ebpf) {
+        Found::Kernel(rows) => owners::shared_from_rows(&rows),
+        Found::Proc(why) => {
+            tracing::debug!("owners from /proc: {why}");
+            owners::scan_shared()
+        }
+    }
+}
+
+/// Turns iterator rows into connections with their owners (socket inode
+/// -> processes; empty when owners are not wanted).
+pub fn conns_from_records(
+    records: &[SockRecord],
+    mut owners: HashMap<u64, Vec<Owner>>,
+) -> Vec<Conn> {
+    let hz = hz_of(records);
     records
         .iter()
         .map(|r| {
             let mut conn = Conn::from_record(r, hz);
+            // Each socket is one row: its owners move, no copy.
             if conn.ino != 0
-                && let Some(o) = owners.get(&conn.ino)
+                && let Some(o) = owners.remove(&conn.ino)
             {
-                conn.owners = o.clone();
+                conn.owners = o;
             }
             conn
         })
@@ -84,6 +140,8 @@ pub struct TableRows {
     rows: Vec<(u64, Packed)>,
     /// The kernel's tick rate, from the first row.
     hz: Option<u64>,
+    /// Their holders, once looked up.
+    owners: owners::SharedOwners,
 }
 
 impl TableRows {
@@ -98,21 +156,26 @@ impl TableRows {
         }
     }
 
-    /// Walks every socket.
-    pub fn walk(ebpf: &mut aya::Ebpf) -> Result<TableRows> {
+    /// Looks up who holds the sockets taken so far (after the walk, so
+    /// that every socket walked has its holder by then).
+    pub fn find_owners(&mut self, ebpf: &mut aya::Ebpf) {
+        self.owners = shared_owners_of(ebpf);
+    }
+
+    /// Walks every socket, and finds their owners if asked.
+    pub fn walk(ebpf: &mut aya::Ebpf, with_owners: bool) -> Result<TableRows> {
         let mut rows = TableRows::default();
         loader::for_each_socket(ebpf, |r| rows.add(r))?;
+        if with_owners {
+            rows.find_owners(ebpf);
+        }
         Ok(rows)
     }
 
     /// The connections, with their owners (shared between a process's
-    /// sockets) when asked; consumes the rows as it goes.
-    pub fn into_conns(self, with_owners: bool) -> impl Iterator<Item = (Conn, Option<Owners>)> {
-        let owners = if with_owners {
-            owners::scan_shared()
-        } else {
-            owners::SharedOwners::default()
-        };
+    /// sockets; none unless looked up); consumes the rows as it goes.
+    pub fn into_conns(self) -> impl Iterator<Item = (Conn, Option<Owners>)> {
+        let owners = self.owners;
         self.rows.into_iter().map(move |(cookie, packed)| {
             let mut conn = packed.conn(cookie);
             let shared = (conn.ino != 0).then(|| owners.get(conn.ino)).flatten();
@@ -138,15 +201,26 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
             stats: Some(1),
         },
     )?;
+    let t0 = std::time::Instant::now();
     let records = loader::walk_sockets(&mut ebpf)?;
+    tracing::debug!("walked {} sockets in {:?}", records.len(), t0.elapsed());
+    let owners = if thresholds.owners_known {
+        owners_of(&mut ebpf)
+    } else {
+        HashMap::new()
+    };
     drop(ebpf);
-    Ok(conns_from_records(&records, thresholds.owners_known)
+    let t0 = std::time::Instant::now();
+    let conns = conns_from_records(&records, owners);
+    let rows = conns
         .into_iter()
         .map(|conn| {
             let verdict = judge(&conn, thresholds);
             Row { conn, verdict }
         })
-        .collect())
+        .collect();
+    tracing::debug!("rows built and judged in {:?}", t0.elapsed());
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -182,7 +256,7 @@ mod tests {
         let mut t = TableRows::default();
         rows.iter().for_each(|r| t.add(r));
         assert_eq!(t.hz, Some(250));
-        let got: Vec<_> = t.into_conns(false).collect();
+        let got: Vec<_> = t.into_conns().collect();
         let want = [&rows[0], &rows[3]].map(|r| (Conn::from_record(r, 250), None));
         assert_eq!(got, want);
     }
