@@ -52,7 +52,7 @@ impl Daemon {
             logs: Vec::new(),
             metrics: "0.0.0.0:0".parse().unwrap(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::READY_WITHIN;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(line) = d.stderr_rx.recv_timeout(left) else {

@@ -75,6 +75,13 @@ pub fn run(cmd: &str) -> String {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// How long a starting monitor may take to say it is ready. Generous on
+/// purpose: on a loaded 2-core machine the verifier and the first socket
+/// walk (every TCP socket of the host, 400k of them while a memory bench
+/// holds connections) took 20-30 s, and a readiness wait only costs time
+/// when it fails.
+pub const READY_WITHIN: Duration = Duration::from_secs(90);
+
 /// A network namespace with `lo` up, deleted on drop; `name` and `path()`
 /// come from the kit's [`NamedNetns`].
 pub struct Netns(NamedNetns);
@@ -313,7 +320,7 @@ impl Monitor {
             .into_iter()
             .chain([out.as_os_str()])
             .chain(extra.iter().map(OsStr::new));
-        let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(30), || false)
+        let child = MonitorChild::start(&keepalive_bin(), args, READY_WITHIN, || false)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Monitor { child, out }
     }

@@ -70,6 +70,16 @@ fn a_silenced_peer_turns_dead_in_the_stream() {
     );
 }
 
+/// Bytes written but not yet acknowledged by the peer (SIOCOUTQ).
+fn unacked_bytes(s: &std::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: valid fd and a pointer to an int, as SIOCOUTQ expects.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
 fn disable_keepalive(s: &std::net::TcpStream) {
     testkit::sock::set_keepalive_enabled(s, false).unwrap();
 }
@@ -123,7 +133,13 @@ fn table_counters_stay_exact_when_the_ring_overflows() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     (&sender.server).read_exact(&mut got).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the sender has its data acknowledged, its retransmit timer
+    // may still fire and count one more after `a1`.
+    assert!(
+        wait_for(Duration::from_secs(10), || unacked_bytes(&sender.client)
+            == 0),
+        "the sender's data was never acknowledged"
+    );
     let a1 = pair.a.counters();
     let events = mon.stop();
 

@@ -56,8 +56,20 @@ fn over_the_cap_each_connection_turns_unprotected_once() {
         }
     }
     let cookies: std::collections::HashSet<u64> = socks.iter().map(cookie).collect();
-    // Idle past the threshold, then several refreshes more.
-    std::thread::sleep(Duration::from_secs(6));
+    // Idle past the threshold until every socket's verdict is out (a
+    // refresh walks every TCP socket of the host: seconds on a loaded
+    // machine), then three refreshes more, in which none may come again.
+    let reported = |mon: &Monitor| {
+        mon.events()
+            .iter()
+            .filter(|e| e["event"] == "verdict")
+            .filter_map(|e| e["cookie"].as_u64())
+            .filter(|c| cookies.contains(c))
+            .collect::<std::collections::HashSet<u64>>()
+            .len()
+    };
+    wait_for(Duration::from_secs(90), || reported(&mon) == cookies.len());
+    std::thread::sleep(Duration::from_secs(3));
     let events = mon.stop_lossless();
     let mut per_cookie: std::collections::HashMap<u64, Vec<String>> = Default::default();
     for e in events.iter().filter(|e| e["event"] == "verdict") {

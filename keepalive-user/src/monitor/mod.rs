@@ -546,7 +546,15 @@ async fn event_loop(
                 }
                 flow
             }
-            _ = refresh.tick() => engine.refresh(consumer)?,
+            _ = refresh.tick() => {
+                // Events queued so far happened before this walk: the
+                // table takes them first, so a verdict tells the numbers
+                // of the moment it changed, not those of a later walk.
+                match engine.drain(ring.get_mut(), consumer)? {
+                    Flow::Continue => engine.refresh(consumer)?,
+                    stop => stop,
+                }
+            }
             _ = sighup.recv() => {
                 let mut ctx = engine.ctx();
                 consumer.hangup(&mut ctx)?

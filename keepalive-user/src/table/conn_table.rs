@@ -282,13 +282,19 @@ impl ConnTable {
         let t = self.thresholds;
         if !self.live.contains_key(&ev.cookie) {
             if let Some((e, _)) = self.tombstones.get_mut(&ev.cookie) {
-                // The kernel reports ETIMEDOUT after it closed the socket.
-                if let Detail::Timeout { cause, .. } = ev.detail {
-                    let mut conn = e.conn.conn(ev.cookie);
-                    conn.timed_out = Some(cause);
-                    return Self::store(e, conn, None, &t);
+                // Closed, or a walk no longer finds it. The kernel reports
+                // ETIMEDOUT after it closed the socket; and the engine
+                // drains the ring after a walk, which takes seconds on a
+                // loaded host: probes still queued for a connection the
+                // kernel has since aborted happened before the walk, and
+                // the verdict they tell (dead before it timed out) is news,
+                // in order. Only its state stays what was last seen.
+                if matches!(ev.detail, Detail::StateChange { .. }) {
+                    return None;
                 }
-                return None;
+                let mut conn = e.conn.conn(ev.cookie);
+                Self::apply_detail(&mut conn, ev);
+                return Self::store(e, conn, None, &t);
             }
             // Beyond the cap: walks judge it (an event alone knows too
             // little of it, and would flap its verdict), except for the
@@ -321,6 +327,20 @@ impl ConnTable {
         let e = self.live.get_mut(&ev.cookie)?;
         e.touched_ns = now_ns;
         let mut c = e.conn.conn(ev.cookie);
+        Self::apply_detail(&mut c, ev);
+        let change = Self::store(e, c, None, &t);
+        if let Detail::StateChange { new, .. } = ev.detail
+            && new == TCP_CLOSE
+            && let Some(e) = self.live.remove(&ev.cookie)
+        {
+            self.tombstones
+                .insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
+        }
+        change
+    }
+
+    /// What one event tells of its connection.
+    fn apply_detail(c: &mut Conn, ev: &Event) {
         if c.owners.is_empty()
             && let Some(o) = &ev.owner
         {
@@ -360,15 +380,6 @@ impl ConnTable {
             Detail::Timeout { cause, .. } => c.timed_out = Some(*cause),
             Detail::ResetSent { .. } | Detail::ResetReceived => {}
         }
-        let change = Self::store(e, c, None, &t);
-        if let Detail::StateChange { new, .. } = ev.detail
-            && new == TCP_CLOSE
-            && let Some(e) = self.live.remove(&ev.cookie)
-        {
-            self.tombstones
-                .insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
-        }
-        change
     }
 }
 
@@ -454,6 +465,27 @@ mod tests {
         let ch = t.refresh(vec![conn(1)], 3);
         assert_eq!(ch.len(), 1);
         assert_eq!(ch[0].new, Verdict::Healthy);
+    }
+
+    #[test]
+    fn probes_drained_after_a_walk_lost_the_connection_still_report_dead() {
+        // Under load the ring is drained after a walk that took seconds:
+        // the walk no longer finds the connection the kernel aborted, and
+        // only then do its probes and its timeout arrive.
+        let mut t = ConnTable::new(10, Thresholds::default());
+        assert!(t.refresh(vec![conn(1)], 0).is_empty());
+        assert!(t.refresh(Vec::new(), 1).is_empty());
+        assert!(
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 2)
+                .is_none()
+        );
+        let ch = t
+            .apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
+            .expect("dead before it timed out");
+        assert_eq!(ch.new.reason_code(), "probes_unanswered");
+        assert!(ch.new.reason().contains("1 of 3"), "{}", ch.new.reason());
+        let ch = t.apply(&keepalive_timeout(1), 3).expect("then timed out");
+        assert_eq!(ch.new.reason_code(), "timed_out");
     }
 
     #[test]
