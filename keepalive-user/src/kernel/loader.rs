@@ -192,9 +192,11 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
         .try_into()
         .with_context(|| format!("program {} has the wrong type", hook.program))?;
+    let t0 = std::time::Instant::now();
     prog.load(hook.tracepoint, btf)
         .map_err(|e| anyhow!("{}", verifier_summary(&e)))
         .with_context(|| format!("loading {} for tp_btf/{}", hook.program, hook.tracepoint))?;
+    log_loaded(hook.program, t0, prog.info().ok());
     prog.attach()
         .with_context(|| format!("attaching tp_btf/{}", hook.tracepoint))?;
     Ok(())
@@ -236,12 +238,17 @@ pub fn iter_rows<T: aya::Pod>(ebpf: &mut Ebpf, btf: &aya::Btf, program: &str) ->
         .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
         .try_into()?;
     if prog.fd().is_err() {
+        let t0 = std::time::Instant::now();
         prog.load("tcp", btf)
             .map_err(|e| anyhow!("{}", verifier_summary(&e)))
             .with_context(|| format!("loading {program} for iter/tcp"))?;
+        log_loaded(program, t0, prog.info().ok());
     }
+    let t0 = std::time::Instant::now();
     let mut rows = Vec::new();
-    for ns in super::netns::reachable() {
+    let namespaces = super::netns::reachable();
+    let n_ns = namespaces.len();
+    for ns in namespaces {
         let result = std::thread::scope(|scope| {
             scope
                 .spawn(|| -> Result<Vec<u8>> {
@@ -265,7 +272,32 @@ pub fn iter_rows<T: aya::Pod>(ebpf: &mut Ebpf, btf: &aya::Btf, program: &str) ->
             Err(e) => tracing::debug!("skipping netns {}: {e:#}", ns.path.display()),
         }
     }
+    tracing::debug!(
+        program,
+        namespaces = n_ns,
+        rows = rows.len(),
+        ms = t0.elapsed().as_millis() as u64,
+        "sockets walked"
+    );
     Ok(rows)
+}
+
+/// Says (at debug level) how long loading a program took — the verifier's
+/// work, mostly — and how much it verified: where startup time goes.
+pub(crate) fn log_loaded(
+    program: &str,
+    started: std::time::Instant,
+    info: Option<aya::programs::ProgramInfo>,
+) {
+    let insns = info.as_ref().and_then(|i| i.verified_instruction_count());
+    let xlated = info.as_ref().and_then(|i| i.size_translated());
+    tracing::debug!(
+        program,
+        ms = started.elapsed().as_millis() as u64,
+        verified_insns = insns,
+        xlated_bytes = xlated,
+        "program loaded"
+    );
 }
 
 /// The last informative lines of a verifier log, on one line.

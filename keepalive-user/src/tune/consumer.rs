@@ -10,8 +10,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
             .as_deref_mut()
             .ok_or_else(|| anyhow!("tune: the eBPF object is not loaded"))?;
         let mut config = self.config();
-        let rows = loader::walk_sockets(ebpf, ctx.btf)?;
-        config.hz = crate::table::walk::hz_of(&rows) as u32;
+        config.hz = ctx.hz as u32;
         let mut k = TuneKernel::attach(ebpf, &self.loaded.rules, config)
             .context("attaching the tuning programs")?;
         k.set_active(true)?;
