@@ -112,7 +112,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
         match load_policy(&self.opts.policy_path) {
             Err(e) => {
                 let msg = format!("{e:#}");
-                eprintln!("keepalive: policy reload refused, keeping the running policy: {msg}");
+                crate::diag!("policy reload refused, keeping the running policy: {msg}");
                 if self.notice("reload_refused", Some(msg), ctx.clock)? == Flow::Stop {
                     flow = Flow::Stop;
                 }

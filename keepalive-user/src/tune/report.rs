@@ -9,7 +9,7 @@ use keepalive_common::tune::{KaValues, TuneReport, opt, report, tflags};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::events::{AF_INET6, Owner, state_name};
+use crate::events::{AF_INET, AF_INET6, Owner, state_name};
 use crate::output::json::SCHEMA_VERSION;
 use crate::output::{Clock, endpoint};
 
@@ -152,12 +152,10 @@ fn errno_name(err: i32) -> String {
     }
 }
 
+/// The address of a report, as events decode theirs; `None` for a socket
+/// of neither family.
 fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
-    match family {
-        AF_INET6 => Some(IpAddr::from(*raw)),
-        2 => Some(IpAddr::from([raw[0], raw[1], raw[2], raw[3]])),
-        _ => None,
-    }
+    (family == AF_INET || family == AF_INET6).then(|| crate::events::addr(family, raw))
 }
 
 fn bits(mask: u8) -> impl Iterator<Item = u8> {
@@ -186,9 +184,11 @@ pub fn decode(r: &TuneReport, rule_name: impl Fn(usize) -> Option<String>) -> Op
         report::RATE_LIMITED => Action::RateLimited,
         _ => return None,
     };
-    let comm_end = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
-    let comm = crate::events::comm::Comm::from_bytes(&r.comm[..comm_end]);
-    let owner = (r.pid != 0 || comm_end != 0).then_some(Owner { pid: r.pid, comm });
+    // The owner's name may come without a pid (found in /proc by userspace).
+    let owner = (r.pid != 0 || r.comm[0] != 0).then(|| Owner {
+        pid: r.pid,
+        comm: crate::events::comm::Comm::from_bytes(&r.comm),
+    });
     let changed = r.set & !r.failed;
     let changes = bits(changed)
         .map(|bit| {
