@@ -314,26 +314,38 @@ fn show(v: &Value, option: &str) -> String {
     }
 }
 
-/// One `tuned` record as a line of text.
-pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
-    let action = serde_json::to_value(t.action)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let source = serde_json::to_value(t.source)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let mut s = format!(
-        "{} {:<15} {} > {} {} cookie={} {action} rule={} ({source})",
-        clock.rfc3339(t.ts_mono_ns),
-        "tuned",
-        endpoint(t.saddr, t.sport),
-        endpoint(t.daddr, t.dport),
-        state_name(t.state),
-        t.cookie,
-        t.rule,
-    );
+impl Action {
+    /// The name records use (`tuned`, `dry_run`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Tuned => "tuned",
+            Action::DryRun => "dry_run",
+            Action::AppKept => "app_kept",
+            Action::AppOverride => "app_override",
+            Action::Enforced => "enforced",
+            Action::Restored => "restored",
+            Action::RateLimited => "rate_limited",
+            Action::Failed => "failed",
+            Action::Adapted => "adapted",
+        }
+    }
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::New => "new",
+            Source::Existing => "existing",
+            Source::Application => "application",
+            Source::Learned => "learned",
+        }
+    }
+}
+
+/// What was done, without when and to which connection: `tuned
+/// rule=db (existing) idle 7200s(sysctl)->30s ...` (text lines, `top`'s log).
+pub fn tuned_summary(t: &Tuned) -> String {
+    let mut s = format!("{} rule={} ({})", t.action.name(), t.rule, t.source.name());
     for c in &t.changes {
         let tag = |from: bool| if from { "(sysctl)" } else { "" };
         s += &format!(
@@ -354,6 +366,21 @@ pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
     if let Some(e) = &t.evidence {
         s += &format!(" evidence={e}");
     }
+    s
+}
+
+/// One `tuned` record as a line of text.
+pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
+    let mut s = format!(
+        "{} {:<15} {} > {} {} cookie={} {}",
+        clock.rfc3339(t.ts_mono_ns),
+        "tuned",
+        endpoint(t.saddr, t.sport),
+        endpoint(t.daddr, t.dport),
+        state_name(t.state),
+        t.cookie,
+        tuned_summary(t),
+    );
     if let Some(o) = &t.owner {
         if o.pid != 0 {
             s += &format!(" pid={}", o.pid);
@@ -394,6 +421,32 @@ mod tests {
 
     fn names(i: usize) -> Option<String> {
         ["postgres"].get(i).map(|s| s.to_string())
+    }
+
+    #[test]
+    fn action_and_source_names_are_the_records_names() {
+        use Action::*;
+        for a in [
+            Tuned,
+            DryRun,
+            AppKept,
+            AppOverride,
+            Enforced,
+            Restored,
+            RateLimited,
+            Failed,
+            Adapted,
+        ] {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.name());
+        }
+        for s in [
+            Source::New,
+            Source::Existing,
+            Source::Application,
+            Source::Learned,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
     }
 
     #[test]
