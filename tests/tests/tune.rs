@@ -62,18 +62,25 @@ struct Tune {
 
 impl Tune {
     fn start(dir: &Dir, policy: &Path, extra: &[&str]) -> Tune {
+        Tune::start_command("tune", dir, policy, extra)
+    }
+
+    /// `keepalive COMMAND --format json --policy POLICY --output FILE EXTRA`
+    /// (`tune`, or `record` tuning while it records).
+    fn start_command(command: &str, dir: &Dir, policy: &Path, extra: &[&str]) -> Tune {
         require_root();
         let out = dir.0.join(format!(
             "out-{}.jsonl",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let args = ["tune", "--format", "json", "--policy"]
+        let args = [command, "--format", "json", "--policy"]
             .map(OsStr::new)
             .into_iter()
             .chain([policy.as_os_str(), OsStr::new("--output"), out.as_os_str()])
             .chain(extra.iter().map(OsStr::new));
-        // The tuning programs take the verifier a few seconds each on a
-        // loaded machine: a generous wait for readiness, not a timing test.
+        // Loading and walking every socket of every namespace (twice for
+        // the monitor, once to tune) takes seconds on a loaded machine with
+        // many sockets: a generous wait for readiness, not a timing test.
         let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(90), || false)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Tune { child, out }
@@ -104,7 +111,7 @@ impl Tune {
     /// `option` (any record when `None`).
     fn wait_change(&self, cookie: u64, action: &str, option: Option<&str>) -> Value {
         let mut found = None;
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             found = self.tuned(cookie).into_iter().find(|r| {
                 r["action"] == action
                     && option.is_none_or(|o| {
@@ -549,7 +556,9 @@ fn sighup_reloads_and_a_bad_file_keeps_the_running_policy() {
             .into_iter()
             .find(|r| r["event"] == "policy" && r["action"] == "reload_refused")
     };
-    assert!(wait_for(Duration::from_secs(10), || refused(&tune).is_some()));
+    // A reload walks every socket twice (restore, apply): seconds on a
+    // loaded host.
+    assert!(wait_for(Duration::from_secs(30), || refused(&tune).is_some()));
     let r = refused(&tune).unwrap();
     assert!(
         r["error"]
@@ -561,7 +570,7 @@ fn sighup_reloads_and_a_bad_file_keeps_the_running_policy() {
     assert_eq!(settings(&conn), fast(), "the running policy stays");
     std::fs::write(&policy, rule(to, "keepalive = true\nidle = \"7s\"")).unwrap();
     tune.child.signal(libc::SIGHUP).unwrap();
-    assert!(wait_for(Duration::from_secs(10), || settings(&conn).idle_s == 7));
+    assert!(wait_for(Duration::from_secs(30), || settings(&conn).idle_s == 7));
     let s = settings(&conn);
     assert_eq!(
         (s.enabled, s.intvl_s, s.probes),
@@ -578,16 +587,17 @@ fn record_with_a_policy_writes_tuned_records_in_its_stream() {
     let to = listener.local_addr().unwrap();
     let dir = Dir::new();
     let policy = dir.policy("p.toml", &rule(to, FAST));
-    let mut mon = Monitor::start(&[
-        "--policy",
-        policy.to_str().unwrap(),
-        "--addr",
-        &format!("{}/32", pair.b4),
-    ]);
+    let mut mon = Tune::start_command(
+        "record",
+        &dir,
+        &policy,
+        &["--addr", &format!("{}/32", pair.b4)],
+    );
     let conn = connect_in(&pair.a, to).unwrap();
     let (_c, _) = listener.accept().unwrap();
     assert!(wait_for(Duration::from_secs(5), || settings(&conn) == fast()));
-    let events = mon.stop();
+    mon.stop_with(libc::SIGTERM);
+    let events = mon.records();
     let c = cookie(&conn);
     let tuned: Vec<_> = events
         .iter()
