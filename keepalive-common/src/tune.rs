@@ -183,6 +183,10 @@ pub enum Match {
 /// The first rule (of the first `n`) whose every criterion holds.
 /// `cgroup_at(level)` is the kernfs id of the socket's cgroup ancestor at
 /// that depth (0 when it is not that deep).
+///
+/// The eBPF programs run [`rule_match`] from a `bpf_loop` callback instead
+/// of this loop, so the verifier checks one rule once rather than sixteen
+/// unrolled copies; the two agree by construction.
 #[inline(always)]
 pub fn first_match(
     rules: &[TuneRule; MAX_RULES],
@@ -195,25 +199,36 @@ pub fn first_match(
         if i as u32 >= n {
             break;
         }
-        let r = &rules[i];
-        let c = r.criteria;
-        let ok = (c & crit::REMOTE_PORT == 0 || (s.rport >= r.rport_lo && s.rport <= r.rport_hi))
-            && (c & crit::LOCAL_PORT == 0 || (s.lport >= r.lport_lo && s.lport <= r.lport_hi))
-            && (c & crit::REMOTE == 0 || in_cidr(&s.raddr, s.family, &r.remote))
-            && (c & crit::CGROUP == 0 || cgroup_at(r.cgroup_level) == r.cgroup_id);
-        if ok {
-            if c & crit::COMM == 0 {
-                return Match::Rule(i as u32);
-            }
-            match &s.comm {
-                None => return Match::NeedOwner(i as u32),
-                Some(comm) if same_comm(comm, &r.comm) => return Match::Rule(i as u32),
-                Some(_) => {}
-            }
+        let m = rule_match(i as u32, &rules[i], s, &cgroup_at);
+        if m != Match::None {
+            return m;
         }
         i += 1;
     }
     Match::None
+}
+
+/// Rule number `i` (`r`) against socket `s`: [`Match::Rule`] when every
+/// criterion holds, [`Match::NeedOwner`] when all but an unknown owner do,
+/// else [`Match::None`] (try the next rule).
+#[inline(always)]
+pub fn rule_match(i: u32, r: &TuneRule, s: &SockKey, cgroup_at: impl Fn(u32) -> u64) -> Match {
+    let c = r.criteria;
+    let ok = (c & crit::REMOTE_PORT == 0 || (s.rport >= r.rport_lo && s.rport <= r.rport_hi))
+        && (c & crit::LOCAL_PORT == 0 || (s.lport >= r.lport_lo && s.lport <= r.lport_hi))
+        && (c & crit::REMOTE == 0 || in_cidr(&s.raddr, s.family, &r.remote))
+        && (c & crit::CGROUP == 0 || cgroup_at(r.cgroup_level) == r.cgroup_id);
+    if !ok {
+        return Match::None;
+    }
+    if c & crit::COMM == 0 {
+        return Match::Rule(i);
+    }
+    match &s.comm {
+        None => Match::NeedOwner(i),
+        Some(comm) if same_comm(comm, &r.comm) => Match::Rule(i),
+        Some(_) => Match::None,
+    }
 }
 
 #[inline(always)]

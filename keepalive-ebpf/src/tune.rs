@@ -12,7 +12,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_setsockopt, bpf_sk_storage_get},
+        generated::{bpf_loop, bpf_setsockopt, bpf_sk_storage_get},
     },
     macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -20,8 +20,8 @@ use aya_ebpf::{
 use keepalive_common::{
     TASK_COMM_LEN, TuneOffsets,
     tune::{
-        DestKey, KaValues, Match, RateWindow, RuleSet, SockKey, TuneConfig, TuneReport, TuneState,
-        cfg_flags, crit, first_match, opt, plan, report, tflags,
+        DestKey, KaValues, MAX_RULES, Match, RateWindow, RuleSet, SockKey, TuneConfig, TuneReport,
+        TuneState, cfg_flags, crit, opt, plan, report, rule_match, tflags,
     },
 };
 
@@ -167,6 +167,64 @@ fn cgroup_at(sk: *const u8, level: u32) -> u64 {
     read(kn as *const u8, o.kernfs_id)
 }
 
+/// What the rule loop's callback works on, on the caller's stack.
+struct RuleLoop {
+    key: SockKey,
+    /// The socket (for its cgroup), as an address.
+    sk: u64,
+    n_rules: u32,
+    found: Match,
+}
+
+/// One turn of the rule loop: rule `i` against the socket; stops the loop
+/// (returns 1) at the first rule that decides.
+extern "C" fn rule_turn(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `RuleLoop` that `first_match_looped` handed to
+    // bpf_loop, which passes it back unchanged.
+    let l = unsafe { &mut *ctx.cast::<RuleLoop>() };
+    let i = i as u32;
+    if i >= l.n_rules || i as usize >= MAX_RULES {
+        return 1;
+    }
+    let Some(rules) = TUNE_RULES.get(0) else {
+        return 1;
+    };
+    let sk = l.sk as *const u8;
+    match rule_match(i, &rules.rules[i as usize], &l.key, |level| {
+        cgroup_at(sk, level)
+    }) {
+        Match::None => 0,
+        found => {
+            l.found = found;
+            1
+        }
+    }
+}
+
+/// keepalive-common's `first_match`, as a `bpf_loop`: the verifier checks
+/// the body once instead of sixteen unrolled copies of it (that was most
+/// of a second of load time per tuning program).
+#[inline(always)]
+fn first_match_looped(key: SockKey, sk: *const u8, n_rules: u32) -> Match {
+    let mut l = RuleLoop {
+        key,
+        sk: sk as u64,
+        n_rules,
+        found: Match::None,
+    };
+    // SAFETY: a static function of the callback's type and a pointer to
+    // our own stack, valid for the call.
+    unsafe {
+        bpf_loop(
+            MAX_RULES as u32,
+            rule_turn as *const () as *mut c_void,
+            (&raw mut l).cast(),
+            0,
+        )
+    };
+    l.found
+}
+
 /// The socket's own keepalive values (0: not set on the socket).
 #[inline(always)]
 fn current(sk: *const u8, hz: u32) -> KaValues {
@@ -308,8 +366,7 @@ pub fn tune_socket(
         raddr,
         comm: if r.comm[0] != 0 { Some(r.comm) } else { None },
     };
-    let n = cfg.n_rules;
-    let idx = match first_match(&rules.rules, n, &key, |level| cgroup_at(sk, level)) {
+    let idx = match first_match_looped(key, sk, cfg.n_rules) {
         Match::None => return false,
         Match::NeedOwner(i) => {
             r.what = report::NEED_OWNER;

@@ -164,6 +164,12 @@ enum Command {
         max_conns: usize,
         #[command(flatten)]
         thresholds: ThresholdArgs,
+        /// Also tune connections with this policy while showing them (as
+        /// `keepalive tune`); the RULE column says which rule tuned a row.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        #[command(flatten)]
+        tune: TuneArgs,
     },
     /// Diagnose whether this host can run the monitor, hook by hook.
     Check,
@@ -551,6 +557,8 @@ fn main() -> ExitCode {
             interval,
             max_conns,
             thresholds,
+            policy,
+            tune,
         } => thresholds.thresholds().and_then(|thresholds| {
             top::run(TopOptions {
                 filter: conn_filter.filter(Vec::new()),
@@ -558,6 +566,7 @@ fn main() -> ExitCode {
                 interval: std::time::Duration::from_millis(interval),
                 max_conns,
                 thresholds,
+                tune: policy.map(|p| tune.options(p)),
             })
             .map(|()| true)
         }),

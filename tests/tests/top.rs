@@ -358,3 +358,61 @@ fn not_a_terminal_is_one_line_pointing_to_record_and_snapshot() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn with_a_policy_rows_show_the_rule_that_tuned_them_and_sigterm_restores() {
+    require_root();
+    let pair = Pair::new("tpp");
+    let c = connect_pair(&pair, &pair.b4);
+    let to = c.listener.local_addr().unwrap();
+    let before = keepalive_tests::testkit::sock::keepalive_settings(&c.client).unwrap();
+    // /tmp is sticky: a root-owned 0644 file there is a policy tune accepts.
+    let policy = std::env::temp_dir().join(format!(
+        "ka-top-policy-{}-{}.toml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nname = \"tmuxrule\"\nremote = \"{}/32\"\nremote_port = {}\nkeepalive = true\nidle = \"7s\"\n",
+            to.ip(),
+            to.port()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let t = Tmux::start(
+        &top_cmd(&format!(
+            "--port {} --policy {}",
+            to.port(),
+            policy.display()
+        )),
+        200,
+        30,
+    );
+    let pid: u32 = t.show("#{pane_pid}").parse().unwrap();
+    let local = format!("{}:{}", pair.a4, c.client.local_addr().unwrap().port());
+    let peer = to.to_string();
+    let screen = t.wait_screen("the row tuned by its rule", Duration::from_secs(90), |s| {
+        s.contains("RULE") && row(s, &local, &peer).is_some_and(|r| r.contains("tmuxrule"))
+    });
+    assert_eq!(
+        screen.matches("tmuxrule").count(),
+        1,
+        "only the client side matches (the server side's remote port is not the rule's):\n{screen}"
+    );
+    let tuned = keepalive_tests::testkit::sock::keepalive_settings(&c.client).unwrap();
+    assert_eq!((tuned.enabled, tuned.idle_s), (true, 7), "{screen}");
+    // SAFETY: signalling the process in our own tmux pane.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(matches!(t.wait_exit(pid), Some(0) | None));
+    assert_eq!(t.show("#{alternate_on}"), "0");
+    assert_eq!(
+        keepalive_tests::testkit::sock::keepalive_settings(&c.client).unwrap(),
+        before,
+        "restored at exit"
+    );
+    let _ = std::fs::remove_file(&policy);
+}

@@ -10,7 +10,8 @@
 //! the host.
 
 use std::ffi::OsStr;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,18 +62,25 @@ struct Tune {
 
 impl Tune {
     fn start(dir: &Dir, policy: &Path, extra: &[&str]) -> Tune {
+        Tune::start_command("tune", dir, policy, extra)
+    }
+
+    /// `keepalive COMMAND --format json --policy POLICY --output FILE EXTRA`
+    /// (`tune`, or `record` tuning while it records).
+    fn start_command(command: &str, dir: &Dir, policy: &Path, extra: &[&str]) -> Tune {
         require_root();
         let out = dir.0.join(format!(
             "out-{}.jsonl",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let args = ["tune", "--format", "json", "--policy"]
+        let args = [command, "--format", "json", "--policy"]
             .map(OsStr::new)
             .into_iter()
             .chain([policy.as_os_str(), OsStr::new("--output"), out.as_os_str()])
             .chain(extra.iter().map(OsStr::new));
-        // The tuning programs take the verifier a few seconds each on a
-        // loaded machine: a generous wait for readiness, not a timing test.
+        // Loading and walking every socket of every namespace (twice for
+        // the monitor, once to tune) takes seconds on a loaded machine with
+        // many sockets: a generous wait for readiness, not a timing test.
         let child = MonitorChild::start(&keepalive_bin(), args, Duration::from_secs(90), || false)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Tune { child, out }
@@ -103,7 +111,7 @@ impl Tune {
     /// `option` (any record when `None`).
     fn wait_change(&self, cookie: u64, action: &str, option: Option<&str>) -> Value {
         let mut found = None;
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             found = self.tuned(cookie).into_iter().find(|r| {
                 r["action"] == action
                     && option.is_none_or(|o| {
@@ -548,7 +556,9 @@ fn sighup_reloads_and_a_bad_file_keeps_the_running_policy() {
             .into_iter()
             .find(|r| r["event"] == "policy" && r["action"] == "reload_refused")
     };
-    assert!(wait_for(Duration::from_secs(10), || refused(&tune).is_some()));
+    // A reload walks every socket twice (restore, apply): seconds on a
+    // loaded host.
+    assert!(wait_for(Duration::from_secs(30), || refused(&tune).is_some()));
     let r = refused(&tune).unwrap();
     assert!(
         r["error"]
@@ -560,7 +570,7 @@ fn sighup_reloads_and_a_bad_file_keeps_the_running_policy() {
     assert_eq!(settings(&conn), fast(), "the running policy stays");
     std::fs::write(&policy, rule(to, "keepalive = true\nidle = \"7s\"")).unwrap();
     tune.child.signal(libc::SIGHUP).unwrap();
-    assert!(wait_for(Duration::from_secs(10), || settings(&conn).idle_s == 7));
+    assert!(wait_for(Duration::from_secs(30), || settings(&conn).idle_s == 7));
     let s = settings(&conn);
     assert_eq!(
         (s.enabled, s.intvl_s, s.probes),
@@ -577,16 +587,17 @@ fn record_with_a_policy_writes_tuned_records_in_its_stream() {
     let to = listener.local_addr().unwrap();
     let dir = Dir::new();
     let policy = dir.policy("p.toml", &rule(to, FAST));
-    let mut mon = Monitor::start(&[
-        "--policy",
-        policy.to_str().unwrap(),
-        "--addr",
-        &format!("{}/32", pair.b4),
-    ]);
+    let mut mon = Tune::start_command(
+        "record",
+        &dir,
+        &policy,
+        &["--addr", &format!("{}/32", pair.b4)],
+    );
     let conn = connect_in(&pair.a, to).unwrap();
     let (_c, _) = listener.accept().unwrap();
     assert!(wait_for(Duration::from_secs(5), || settings(&conn) == fast()));
-    let events = mon.stop();
+    mon.stop_with(libc::SIGTERM);
+    let events = mon.records();
     let c = cookie(&conn);
     let tuned: Vec<_> = events
         .iter()
@@ -601,4 +612,180 @@ fn record_with_a_policy_writes_tuned_records_in_its_stream() {
         "the record stream goes on as usual"
     );
     assert_eq!(settings(&conn), defaults(&pair.a));
+}
+
+/// A client and a server namespace with a middlebox namespace between
+/// them that forwards their traffic and silently drops every flow idle
+/// for longer than `idle_limit_s`: conntrack with that established
+/// timeout, no pick-up of mid-stream flows (`nf_conntrack_tcp_loose=0`),
+/// and `ct state invalid drop`, as cloud NATs and load balancers behave.
+struct Middlebox {
+    client: Netns,
+    _mb: Netns,
+    server: Netns,
+    server_ip: String,
+}
+
+impl Middlebox {
+    fn new(tag: &str, idle_limit_s: u32) -> Middlebox {
+        let client = Netns::new(&format!("{tag}c"));
+        let mb = Netns::new(&format!("{tag}m"));
+        let server = Netns::new(&format!("{tag}s"));
+        let n = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed)) % 250;
+        let ip = |last: u32| format!("198.19.{n}.{last}");
+        let veth = |a: &Netns, b: &Netns, side: &str, a_ip: String, b_ip: String| {
+            keepalive_tests::testkit::netns::veth(
+                a,
+                b,
+                &format!("{n}{side}"),
+                &[&format!("{a_ip}/30")],
+                &[&format!("{b_ip}/30")],
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        };
+        veth(&client, &mb, "c", ip(1), ip(2));
+        veth(&mb, &server, "s", ip(5), ip(6));
+        client.exec(&format!("ip route add default via {}", ip(2)));
+        server.exec(&format!("ip route add default via {}", ip(5)));
+        mb.sysctl("net.ipv4.ip_forward", "1");
+        // The ruleset first: `ct state` brings conntrack (and its sysctls)
+        // into the namespace.
+        mb.exec(
+            "nft add table inet mb && nft \"add chain inet mb relay { type filter hook forward priority 0; policy accept; }\" && nft add rule inet mb relay ct state invalid drop",
+        );
+        mb.sysctl(
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            &idle_limit_s.to_string(),
+        );
+        mb.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0");
+        Middlebox {
+            client,
+            _mb: mb,
+            server,
+            server_ip: ip(6),
+        }
+    }
+}
+
+/// A server that echoes every byte back, on its own thread.
+fn echo_server(l: TcpListener) {
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Sends a byte and waits up to `wait` for it to come back.
+fn echoes(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut b = [0u8; 1];
+    s.write_all(b"x").is_ok() && matches!(s.read(&mut b), Ok(1))
+}
+
+#[test]
+fn adaptive_learns_a_middleboxs_idle_timeout_and_later_connections_outlive_it() {
+    // The middlebox forgets flows idle for more than LIMIT seconds.
+    const LIMIT: u32 = 3;
+    let net = Middlebox::new("tm", LIMIT);
+    let listener = listen(&net.server, &format!("{}:0", net.server_ip));
+    let to = listener.local_addr().unwrap();
+    echo_server(listener);
+
+    // Without tune: a connection idle past the limit is gone — its next
+    // byte is never answered, only retransmitted.
+    let mut plain = connect_in(&net.client, to).unwrap();
+    assert!(echoes(&mut plain, Duration::from_secs(2)), "path works");
+    std::thread::sleep(Duration::from_secs(u64::from(LIMIT) + 2));
+    let c0 = net.client.counters();
+    assert!(
+        !echoes(&mut plain, Duration::from_secs(3)),
+        "a connection idle for {}s through the middlebox still answered",
+        LIMIT + 2
+    );
+    assert!(
+        c0.delta(&net.client.counters(), "Tcp.RetransSegs") >= 1,
+        "the unanswered byte is retransmitted"
+    );
+    drop(plain);
+
+    // With an adaptive rule: connections opened one a second and left idle
+    // (the learner steps the idle up on new connections while probes are
+    // answered, and learns the limit from those that die).
+    let dir = Dir::new();
+    let policy = dir.policy(
+        "p.toml",
+        &rule(
+            to,
+            "keepalive = true\ninterval = \"1s\"\ncount = 2\nadaptive = { min_idle = \"1s\", max_idle = \"60s\" }",
+        ),
+    );
+    let mut tune = Tune::start(&dir, &policy, &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opener = {
+        let stop = stop.clone();
+        let client = net.client.path();
+        std::thread::spawn(move || {
+            keepalive_tests::testkit::netns::join_netns(&client).unwrap();
+            let mut conns = Vec::new();
+            while !stop.load(Ordering::Relaxed) && conns.len() < 60 {
+                if let Ok(c) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    conns.push(c);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let learned = |t: &Tune| {
+        t.records().into_iter().find(|r| {
+            r["event"] == "tuned" && r["action"] == "adapted" && r["evidence"]["kind"] == "died"
+        })
+    };
+    let found = wait_for(Duration::from_secs(60), || learned(&tune).is_some());
+    stop.store(true, Ordering::Relaxed);
+    opener.join().unwrap();
+    assert!(
+        found,
+        "no adjustment from a death within 60 s: {:#?}; stderr {:?}",
+        tune.records()
+            .iter()
+            .filter(|r| r["event"] == "tuned" && r["action"] == "adapted")
+            .collect::<Vec<_>>(),
+        tune.child.stderr
+    );
+    let r = learned(&tune).unwrap();
+    let ev = &r["evidence"];
+    let to_s = ev["to_s"].as_u64().unwrap();
+    let died_at = ev["idle_s"].as_u64().unwrap();
+    assert!(
+        died_at > u64::from(LIMIT),
+        "a death at idle {died_at}s, within the {LIMIT}s limit: {r}"
+    );
+    assert!(
+        (1..u64::from(LIMIT)).contains(&to_s),
+        "learned idle {to_s}s is not below the {LIMIT}s limit: {r}"
+    );
+    assert_eq!(change(&r, "idle_s").1, to_s);
+    assert_eq!(ev["fatal_s"].as_u64(), Some(died_at));
+
+    // A connection opened now gets the learned idle, and outlives the
+    // limit by far: its keepalive probes keep the middlebox's entry fresh.
+    let mut later = connect_in(&net.client, to).unwrap();
+    assert_eq!(settings(&later).idle_s, to_s, "the learned idle");
+    assert!(echoes(&mut later, Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_secs(2 * u64::from(LIMIT) + 1));
+    assert!(
+        echoes(&mut later, Duration::from_secs(3)),
+        "idle {}s with the learned idle {to_s}s, and dead",
+        2 * LIMIT + 1
+    );
+    tune.stop_with(libc::SIGTERM);
 }

@@ -18,6 +18,7 @@ use crate::table::verdict::Thresholds;
 use crate::top::feed::{self, Feed};
 use crate::top::model::{Host, Model, Update};
 use crate::top::term;
+use crate::tune::{TuneOptions, Tuner, load_policy};
 
 pub struct TopOptions {
     pub filter: Filter,
@@ -27,6 +28,8 @@ pub struct TopOptions {
     pub interval: Duration,
     pub max_conns: usize,
     pub thresholds: Thresholds,
+    /// Tune connections with this policy while showing them (`--policy`).
+    pub tune: Option<TuneOptions>,
 }
 
 fn join(engine: JoinHandle<Result<()>>) -> Result<()> {
@@ -47,6 +50,11 @@ pub fn run(opts: TopOptions) -> Result<()> {
     if opts.refresh < Duration::from_millis(100) {
         bail!("--refresh must be at least 100ms");
     }
+    // Everything wrong with the policy is refused before anything runs.
+    let policy = match &opts.tune {
+        Some(t) => Some(load_policy(&t.policy_path)?),
+        None => None,
+    };
     let (tx, rx) = sync_channel(feed::CHANNEL_CAP);
     let quit = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
@@ -59,15 +67,27 @@ pub fn run(opts: TopOptions) -> Result<()> {
         thresholds: opts.thresholds,
         final_walk: false,
     };
+    let tune = opts.tune.zip(policy);
     let engine = std::thread::Builder::new()
         .name("monitor".into())
-        .spawn(move || monitor::run(monitor_opts, &mut feed).map(|_| ()))
+        .spawn(move || match tune {
+            // The tuner wraps the feed: its records reach the screen
+            // through it, and the feed sees every event as before.
+            Some((t, loaded)) => {
+                monitor::run(monitor_opts, &mut Tuner::new(feed, t, loaded)).map(|_| ())
+            }
+            None => monitor::run(monitor_opts, &mut feed).map(|_| ()),
+        })
         .context("starting the monitor thread")?;
     // The screen is taken only once the monitor runs, so a startup error
     // (not root, no BTF) is a plain line on a normal terminal.
+    // The tuner reports the policy and the connections it tuned at start
+    // before the monitor says it started: kept for the model.
+    let mut early = Vec::new();
     let first = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(u @ Update::Started { .. }) => break u,
+            Ok(u @ (Update::Tuned(_) | Update::Policy(_))) => early.push(u),
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) if !engine.is_finished() => {}
             Err(_) => {
@@ -78,6 +98,9 @@ pub fn run(opts: TopOptions) -> Result<()> {
     };
     let mut model = Model::new(Host::read(), Clock::now(), opts.refresh.as_millis() as u64);
     model.apply(first);
+    for u in early {
+        model.apply(u);
+    }
     let shown = term::run_ui(&rx, &mut model, opts.interval, &dropped, &engine);
     // The screen is back; now detach (the engine notices within a poll).
     quit.store(true, Ordering::Relaxed);

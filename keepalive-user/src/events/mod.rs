@@ -201,7 +201,8 @@ impl ResetReasons {
     }
 }
 
-fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
+/// The address in a kernel record's 16 address bytes (IPv4 in the first 4).
+pub fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
         let v6 = Ipv6Addr::from(*raw);
         IpAddr::V6(v6)

@@ -199,9 +199,11 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, hook: &Hook) -> Result<()> {
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
         .try_into()
         .with_context(|| format!("program {} has the wrong type", hook.program))?;
+    let t0 = std::time::Instant::now();
     prog.load(hook.tracepoint, btf)
         .map_err(|e| anyhow!("{}", verifier_summary(&e)))
         .with_context(|| format!("loading {} for tp_btf/{}", hook.program, hook.tracepoint))?;
+    log_loaded(hook.program, t0, prog.info().ok());
     prog.attach()
         .with_context(|| format!("attaching tp_btf/{}", hook.tracepoint))?;
     Ok(())
@@ -266,14 +268,19 @@ pub fn for_each_row<T: aya::Pod>(
         .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        let btf = aya_btf()?;
-        prog.load("tcp", &btf)
+        let t0 = std::time::Instant::now();
+        prog.load("tcp", &*aya_btf()?)
             .map_err(|e| anyhow!("{}", verifier_summary(&e)))
             .with_context(|| format!("loading {program} for iter/tcp"))?;
+        log_loaded(program, t0, prog.info().ok());
     }
+    let t0 = std::time::Instant::now();
     let size = size_of::<T>();
     let mut buf = vec![0u8; size * ROWS_PER_READ];
-    for ns in super::netns::reachable() {
+    let mut rows = 0usize;
+    let namespaces = super::netns::reachable();
+    let n_ns = namespaces.len();
+    for ns in namespaces {
         let opened = std::thread::scope(|scope| {
             scope
                 .spawn(|| -> Result<std::fs::File> {
@@ -310,11 +317,19 @@ pub fn for_each_row<T: aya::Pod>(
             for c in buf[..whole].chunks_exact(size) {
                 // SAFETY: T is plain old data of exactly this size.
                 f(&unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) });
+                rows += 1;
             }
             buf.copy_within(whole..filled, 0);
             filled -= whole;
         }
     }
+    tracing::debug!(
+        program,
+        namespaces = n_ns,
+        rows,
+        ms = t0.elapsed().as_millis() as u64,
+        "sockets walked"
+    );
     Ok(())
 }
 
@@ -336,9 +351,11 @@ pub fn walk_owners(ebpf: &mut Ebpf) -> Result<Vec<OwnerRow>> {
         .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
         .try_into()?;
     if prog.fd().is_err() {
+        let t0 = std::time::Instant::now();
         prog.load("task_file", &*aya_btf()?)
             .map_err(|e| anyhow!("{}", verifier_summary(&e)))
             .with_context(|| format!("loading {PROGRAM} for iter/task_file"))?;
+        log_loaded(PROGRAM, t0, prog.info().ok());
     }
     let link_id = prog.attach()?;
     let link = prog.take_link(link_id)?;
@@ -346,6 +363,24 @@ pub fn walk_owners(ebpf: &mut Ebpf) -> Result<Vec<OwnerRow>> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     Ok(pod_rows::<OwnerRow>(&bytes).collect())
+}
+
+/// Says (at debug level) how long loading a program took — the verifier's
+/// work, mostly — and how much it verified: where startup time goes.
+pub(crate) fn log_loaded(
+    program: &str,
+    started: std::time::Instant,
+    info: Option<aya::programs::ProgramInfo>,
+) {
+    let insns = info.as_ref().and_then(|i| i.verified_instruction_count());
+    let xlated = info.as_ref().and_then(|i| i.size_translated());
+    tracing::debug!(
+        program,
+        ms = started.elapsed().as_millis() as u64,
+        verified_insns = insns,
+        xlated_bytes = xlated,
+        "program loaded"
+    );
 }
 
 /// The last informative lines of a verifier log, on one line.

@@ -128,6 +128,8 @@ pub struct Ctx<'a> {
     pub started: Instant,
     /// Hooks attached.
     pub hooks: usize,
+    /// The kernel's tick rate (jiffies per second), from the first walk.
+    pub hz: u64,
 }
 
 /// Receives what the monitor learns. Every method but [`Consumer::event`]
@@ -258,6 +260,7 @@ struct Engine {
     counters: Counters,
     started: Instant,
     hooks: usize,
+    hz: u64,
     thresholds: Thresholds,
 }
 
@@ -274,6 +277,7 @@ impl Engine {
             counters: self.counters,
             started: self.started,
             hooks: self.hooks,
+            hz: self.hz,
         }
     }
 
@@ -476,6 +480,7 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         counters: Counters::default(),
         started: Instant::now(),
         hooks,
+        hz: rows.hz(),
         thresholds: opts.thresholds,
     };
     if opts.refresh.is_some() {

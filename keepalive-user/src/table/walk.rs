@@ -156,6 +156,11 @@ impl TableRows {
         }
     }
 
+    /// The kernel's tick rate, from the first row taken (or measured).
+    pub fn hz(&self) -> u64 {
+        self.hz.unwrap_or_else(measure_hz)
+    }
+
     /// Looks up who holds the sockets taken so far (after the walk, so
     /// that every socket walked has its holder by then).
     pub fn find_owners(&mut self, ebpf: &mut aya::Ebpf) {

@@ -21,6 +21,8 @@ use crate::table::Conn;
 use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Verdict;
+use crate::tune::report::Tuned;
+use crate::tune::{PolicyNotice, TunedSink};
 
 /// Updates the channel holds before the engine starts dropping them.
 pub const CHANNEL_CAP: usize = 1 << 16;
@@ -81,6 +83,19 @@ impl Feed {
         if let Err(TrySendError::Full(_)) = self.tx.try_send(u) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// `--policy`: the tuner's records go to the screen like events do.
+impl TunedSink for Feed {
+    fn tuned(&mut self, t: &Tuned, _clock: &Clock) -> Result<Flow> {
+        self.offer(Update::Tuned(Box::new(t.clone())));
+        Ok(Flow::Continue)
+    }
+
+    fn policy(&mut self, n: &PolicyNotice, _mono_ns: u64, _clock: &Clock) -> Result<Flow> {
+        self.offer(Update::Policy(n.clone()));
+        Ok(Flow::Continue)
     }
 }
 

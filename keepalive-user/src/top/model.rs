@@ -13,6 +13,8 @@ use crate::output::Clock;
 use crate::table::Conn;
 use crate::table::conn_table::VerdictChange;
 use crate::table::verdict::Verdict;
+use crate::tune::PolicyNotice;
+use crate::tune::report::{Action, Tuned, tuned_summary};
 
 mod history;
 
@@ -69,8 +71,29 @@ pub enum Update {
         mono_ns: u64,
     },
     Totals(Totals),
+    /// `--policy`: what the tuner did to a connection.
+    Tuned(Box<Tuned>),
+    /// `--policy`: the policy was loaded, reloaded or a reload refused.
+    Policy(PolicyNotice),
     /// The monitor stopped (signal or error); the UI ends too.
     Stopped,
+}
+
+/// What `top --policy` did to a connection: the rule and the action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunedBy {
+    pub rule: String,
+    pub action: Action,
+}
+
+impl TunedBy {
+    /// As the RULE column and the detail view show it.
+    pub fn describe(&self) -> String {
+        match self.action {
+            Action::Tuned | Action::Enforced => self.rule.clone(),
+            a => format!("{} ({})", self.rule, a.name().replace('_', " ")),
+        }
+    }
 }
 
 /// How a closed connection ended.
@@ -206,6 +229,10 @@ pub struct Model {
     /// Updates the engine could not hand over because the UI lagged.
     pub ui_dropped: u64,
     pub stopped: bool,
+    /// The policy file `--policy` applies (`None`: not tuning).
+    pub policy: Option<String>,
+    /// Which rule tuned each connection (`--policy`).
+    pub tuned: HashMap<u64, TunedBy>,
 }
 
 impl Model {
@@ -227,6 +254,8 @@ impl Model {
             lost: 0,
             ui_dropped: 0,
             stopped: false,
+            policy: None,
+            tuned: HashMap::new(),
         }
     }
 
@@ -290,8 +319,64 @@ impl Model {
                 self.totals = t;
                 self.lost = self.lost.max(t.lost);
             }
+            Update::Tuned(t) => self.tuned_record(*t),
+            Update::Policy(n) => {
+                self.policy = Some(n.file.clone());
+                let mut text = format!("{} {} rules=[{}]", n.action, n.file, n.rules.join(","));
+                if let Some(e) = &n.error {
+                    text += &format!(" error: {e}");
+                }
+                self.push_log(LogEntry {
+                    ts_ns: self.now_ns,
+                    cookie: 0,
+                    conn: None,
+                    what: "policy",
+                    text,
+                    severity: if n.error.is_some() { 3 } else { 0 },
+                    verdict: None,
+                });
+            }
             Update::Stopped => self.stopped = true,
         }
+    }
+
+    /// A `tuned` record: which rule now holds the connection, and a log line.
+    fn tuned_record(&mut self, t: Tuned) {
+        match t.action {
+            Action::Tuned | Action::DryRun | Action::Enforced | Action::AppKept => {
+                self.tuned.insert(
+                    t.cookie,
+                    TunedBy {
+                        rule: t.rule.clone(),
+                        action: t.action,
+                    },
+                );
+            }
+            Action::Restored => {
+                self.tuned.remove(&t.cookie);
+            }
+            _ => {}
+        }
+        let conn = match (t.saddr, t.daddr) {
+            (Some(saddr), Some(daddr)) => Some(LogConn {
+                saddr,
+                sport: t.sport,
+                daddr,
+                dport: t.dport,
+                state: t.state,
+                owners: t.owner.iter().cloned().collect(),
+            }),
+            _ => None,
+        };
+        self.push_log(LogEntry {
+            ts_ns: t.ts_mono_ns,
+            cookie: t.cookie,
+            conn,
+            what: "tuned",
+            text: tuned_summary(&t),
+            severity: if t.failed.is_empty() { 0 } else { 3 },
+            verdict: None,
+        });
     }
 
     /// A full walk replaces the rows; the ones it no longer has closed.

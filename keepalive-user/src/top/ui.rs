@@ -14,7 +14,7 @@ use ratatui::widgets::{
 };
 
 use super::app::{App, Item, Mode, View, find_item};
-use super::model::{Closed, LogEntry, Model, Row, Series};
+use super::model::{Closed, LogEntry, Model, Row, Series, TunedBy};
 use crate::events::{Kind, Owner, state_name};
 use crate::table::{Conn, TCP_LISTEN, TimerKind};
 

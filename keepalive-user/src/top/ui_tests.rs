@@ -398,3 +398,103 @@ fn text_helpers() {
     assert_eq!(sparkline(&[5, 5, 5], 2), "██");
     assert_eq!(sparkline(&[], 3), "   ");
 }
+
+/// `top --policy`: the model after the tuner loaded `policy.toml`, tuned
+/// the pgbouncer connections with rule `postgres` (one of them a dry run of
+/// rule `db-dry`), and took its values back from the redis one.
+fn tuned_model() -> Model {
+    use crate::tune::PolicyNotice;
+    use crate::tune::report::{Action, Change, Source, Tuned};
+    let mut m = model(0);
+    m.apply(Update::Policy(PolicyNotice {
+        action: "loaded",
+        file: "/etc/keepalive/policy.toml".into(),
+        rules: vec!["postgres".into(), "db-dry".into()],
+        error: None,
+        dry_run: false,
+        enforce: false,
+    }));
+    let tuned = |cookie: u64, rule: &str, action: Action| {
+        let c = m.rows[&cookie].conn.clone();
+        Update::Tuned(Box::new(Tuned {
+            ts_mono_ns: T0 + 60 * NS,
+            cookie,
+            netns: c.netns,
+            saddr: c.saddr,
+            sport: c.sport,
+            daddr: c.daddr,
+            dport: c.dport,
+            state: c.state,
+            owner: c.owners.first().cloned(),
+            action,
+            source: Source::Existing,
+            rule: rule.into(),
+            changes: vec![Change {
+                option: "idle_s",
+                old: 7200.into(),
+                new: 30.into(),
+                old_from_sysctl: true,
+                new_from_sysctl: false,
+            }],
+            kept: vec![],
+            failed: vec![],
+            evidence: None,
+        }))
+    };
+    let updates = [
+        tuned(1, "postgres", Action::Tuned),
+        tuned(5, "postgres", Action::Tuned),
+        tuned(7, "db-dry", Action::DryRun),
+        tuned(4, "postgres", Action::Tuned),
+        tuned(4, "postgres", Action::Restored),
+    ];
+    for u in updates {
+        m.apply(u);
+    }
+    m
+}
+
+#[test]
+fn with_a_policy_the_rule_column_says_which_rule_tuned_each_row() {
+    let m = tuned_model();
+    let mut app = App::default();
+    let t = render(&mut app, &m, COLOR, 200, 14);
+    insta::assert_snapshot!(t.backend());
+    let text = t.backend().to_string();
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no row with {needle}: {text}"))
+            .to_string()
+    };
+    assert!(line("VERDICT").contains("RULE"));
+    assert!(line("10.0.3.17:5432").contains("postgres"));
+    assert!(line("10.0.3.19:5432").contains("db-dry (dry run)"));
+    // Restored: no longer the rule's.
+    assert!(!line("10.0.4.9:6379").contains("postgres"));
+    // Without --policy there is no such column.
+    let mut app = App::default();
+    let plain = render(&mut app, &model(0), COLOR, 200, 14);
+    assert!(!plain.backend().to_string().contains("RULE"));
+}
+
+#[test]
+fn with_a_policy_the_detail_view_and_log_show_the_rule() {
+    let m = tuned_model();
+    let mut app = App::default();
+    app.sync(&m);
+    app.key(Key::Enter, &m);
+    let t = render(&mut app, &m, COLOR, 120, 30);
+    let text = t.backend().to_string();
+    assert!(text.contains("tuned by rule postgres"), "{text}");
+    let mut app = App::default();
+    app.sync(&m);
+    app.key(Key::Tab, &m);
+    let t = render(&mut app, &m, COLOR, 160, 18);
+    let text = t.backend().to_string();
+    assert!(
+        text.contains("tuned rule=postgres (existing) idle 7200s(sysctl)->30s"),
+        "{text}"
+    );
+    assert!(text.contains("loaded /etc/keepalive/policy.toml rules=[postgres,db-dry]"));
+}

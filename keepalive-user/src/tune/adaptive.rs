@@ -14,6 +14,10 @@ pub const STEP_AFTER: u32 = 2;
 /// The settled idle stays at most this fraction (percent) of the shortest
 /// idle seen to kill a connection.
 pub const MARGIN_PCT: u32 = 80;
+/// After a death, the idle stays where it settled for this many of its
+/// periods before trying higher again (the path may have changed), so one
+/// learned limit does not cost a death every few probes.
+pub const HOLD_PERIODS: u64 = 30;
 
 /// What was seen on a connection to the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -33,6 +37,7 @@ pub struct Adjustment {
     pub to_s: u32,
     /// `step_up`, `back_off` or `settle`.
     pub reason: &'static str,
+    #[serde(flatten)]
     pub evidence: Evidence,
     /// Longest idle known to survive, shortest known to kill.
     pub safe_s: u32,
@@ -51,6 +56,8 @@ pub struct Learner {
     /// Shortest idle a connection died after.
     pub fatal_s: Option<u32>,
     answered: u32,
+    /// No stepping up before then (CLOCK_MONOTONIC ns), after a death.
+    hold_until_ns: u64,
 }
 
 impl Learner {
@@ -62,6 +69,7 @@ impl Learner {
             safe_s: 0,
             fatal_s: None,
             answered: 0,
+            hold_until_ns: 0,
         }
     }
 
@@ -73,8 +81,9 @@ impl Learner {
         }
     }
 
-    /// Takes in one piece of evidence; returns the change to make, if any.
-    pub fn observe(&mut self, ev: Evidence) -> Option<Adjustment> {
+    /// Takes in one piece of evidence, seen at `now_ns`; returns the change
+    /// to make, if any.
+    pub fn observe(&mut self, ev: Evidence, now_ns: u64) -> Option<Adjustment> {
         let from = self.idle_s;
         let reason;
         match ev {
@@ -86,7 +95,7 @@ impl Learner {
                     // The path changed (a longer timeout now): forget the death.
                     self.fatal_s = None;
                 }
-                if idle_s < self.idle_s {
+                if idle_s < self.idle_s || now_ns < self.hold_until_ns {
                     return None;
                 }
                 self.answered += 1;
@@ -116,6 +125,8 @@ impl Learner {
                     (idle_s / 2).min(ceiling)
                 };
                 self.idle_s = next.max(self.min_s);
+                self.hold_until_ns =
+                    now_ns.saturating_add(HOLD_PERIODS * u64::from(self.idle_s) * 1_000_000_000);
                 reason = if self.safe_s > 0 {
                     "settle"
                 } else {
@@ -139,23 +150,30 @@ mod tests {
     use super::*;
     use Evidence::*;
 
+    /// Feeds evidence with a clock far enough apart that no hold applies.
+    trait At {
+        fn see(&mut self, ev: Evidence) -> Option<Adjustment>;
+    }
+
+    impl At for Learner {
+        fn see(&mut self, ev: Evidence) -> Option<Adjustment> {
+            self.observe(ev, u64::MAX / 2)
+        }
+    }
+
     #[test]
     fn starts_safe_and_steps_up_after_answered_probes() {
         let mut l = Learner::new(20, 600);
         assert_eq!(l.idle_s, 20);
-        assert_eq!(
-            l.observe(Answered { idle_s: 20 }),
-            None,
-            "one is not enough"
-        );
-        let a = l.observe(Answered { idle_s: 20 }).unwrap();
+        assert_eq!(l.see(Answered { idle_s: 20 }), None, "one is not enough");
+        let a = l.see(Answered { idle_s: 20 }).unwrap();
         assert_eq!((a.from_s, a.to_s, a.reason), (20, 40, "step_up"));
-        l.observe(Answered { idle_s: 40 });
-        l.observe(Answered { idle_s: 40 });
+        l.see(Answered { idle_s: 40 });
+        l.see(Answered { idle_s: 40 });
         assert_eq!(l.idle_s, 80);
         // Probes answered at an older, shorter idle do not count.
-        assert_eq!(l.observe(Answered { idle_s: 40 }), None);
-        assert_eq!(l.observe(Answered { idle_s: 40 }), None);
+        assert_eq!(l.see(Answered { idle_s: 40 }), None);
+        assert_eq!(l.see(Answered { idle_s: 40 }), None);
         assert_eq!(l.idle_s, 80);
     }
 
@@ -164,7 +182,7 @@ mod tests {
         let mut l = Learner::new(20, 50);
         for _ in 0..10 {
             let i = l.idle_s;
-            l.observe(Answered { idle_s: i });
+            l.see(Answered { idle_s: i });
         }
         assert_eq!(l.idle_s, 50);
     }
@@ -179,9 +197,9 @@ mod tests {
             let i = l.idle_s;
             if i > nat {
                 deaths += 1;
-                l.observe(Died { idle_s: i });
+                l.see(Died { idle_s: i });
             } else {
-                l.observe(Answered { idle_s: i });
+                l.see(Answered { idle_s: i });
             }
         }
         assert!(
@@ -195,7 +213,7 @@ mod tests {
         // Stable: more answered probes keep it below the fatal margin.
         for _ in 0..10 {
             let i = l.idle_s;
-            l.observe(Answered { idle_s: i });
+            l.see(Answered { idle_s: i });
         }
         assert!(l.idle_s <= l.fatal_s.unwrap() * MARGIN_PCT / 100);
         assert!(l.idle_s <= nat);
@@ -204,16 +222,12 @@ mod tests {
     #[test]
     fn a_first_death_with_nothing_known_halves() {
         let mut l = Learner::new(10, 600);
-        let a = l.observe(Died { idle_s: 100 }).unwrap();
+        let a = l.see(Died { idle_s: 100 }).unwrap();
         assert_eq!((a.from_s, a.to_s, a.reason), (10, 50, "back_off"));
         assert_eq!(a.fatal_s, Some(100));
         // Never below min.
         let mut l = Learner::new(30, 600);
-        assert_eq!(
-            l.observe(Died { idle_s: 40 }),
-            None,
-            "30 is already the floor"
-        );
+        assert_eq!(l.see(Died { idle_s: 40 }), None, "30 is already the floor");
         assert_eq!(l.idle_s, 30);
     }
 
@@ -222,8 +236,31 @@ mod tests {
         let mut l = Learner::new(10, 600);
         l.safe_s = 200;
         l.idle_s = 200;
-        let a = l.observe(Died { idle_s: 200 }).unwrap();
+        let a = l.see(Died { idle_s: 200 }).unwrap();
         assert_eq!(a.to_s, 100, "what survived before dies now: back off");
         assert_eq!(l.safe_s, 0);
+    }
+
+    #[test]
+    fn after_a_death_it_holds_before_trying_higher() {
+        const S: u64 = 1_000_000_000;
+        let mut l = Learner::new(1, 60);
+        l.observe(Answered { idle_s: 1 }, S);
+        l.observe(Answered { idle_s: 1 }, 2 * S);
+        l.observe(Answered { idle_s: 2 }, 4 * S);
+        l.observe(Answered { idle_s: 2 }, 6 * S);
+        assert_eq!(l.idle_s, 4);
+        let a = l.observe(Died { idle_s: 4 }, 10 * S).unwrap();
+        assert_eq!((a.to_s, a.reason), (2, "settle"));
+        // Answered probes at the settled idle, but within the hold.
+        let hold_end = 10 * S + HOLD_PERIODS * 2 * S;
+        for t in [11, 13, 15, 30] {
+            assert_eq!(l.observe(Answered { idle_s: 2 }, t * S), None);
+        }
+        assert_eq!(l.idle_s, 2);
+        // After it, halfway to the death, within the margin (3 <= 0.8 * 4).
+        l.observe(Answered { idle_s: 2 }, hold_end + S);
+        let a = l.observe(Answered { idle_s: 2 }, hold_end + 2 * S).unwrap();
+        assert_eq!((a.from_s, a.to_s, a.reason), (2, 3, "step_up"));
     }
 }

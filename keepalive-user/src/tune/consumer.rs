@@ -10,8 +10,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
             .as_deref_mut()
             .ok_or_else(|| anyhow!("tune: the eBPF object is not loaded"))?;
         let mut config = self.config();
-        let rows = loader::walk_sockets(ebpf)?;
-        config.hz = crate::table::walk::hz_of(&rows) as u32;
+        config.hz = ctx.hz as u32;
         let mut k = TuneKernel::attach(ebpf, &self.loaded.rules, config)
             .context("attaching the tuning programs")?;
         k.set_active(true)?;
@@ -27,44 +26,36 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     }
 
     fn event(&mut self, ev: &Event, ctx: &Ctx) -> Result<Flow> {
-        use crate::events::{Detail, TimeoutCause};
-        let mut flow = Flow::Continue;
-        match ev.detail {
-            Detail::KeepaliveProbe { probe } => {
-                let mut answered = None;
-                if let Some(w) = self.watched.get_mut(&ev.cookie) {
-                    if probe <= 1 {
-                        // A new first probe: the previous one was answered.
-                        if w.probe1_ns.is_some() {
-                            answered = Some(w.idle_s);
-                        }
-                        w.probe1_ns = Some(ev.ts_mono_ns);
-                        w.unanswered = false;
-                    } else {
-                        w.probe1_ns = None;
-                        w.unanswered = true;
-                    }
+        use crate::events::Detail;
+        let mut evidence = None;
+        if let Some(w) = self.watched.get_mut(&ev.cookie) {
+            let w = &mut w.watch;
+            evidence = match ev.detail {
+                Detail::KeepaliveProbe { probe } => w.probe(probe, ev.ts_mono_ns),
+                Detail::Timeout { cause, .. } => w.timed_out(cause),
+                Detail::Retransmit { syn: false, .. }
+                    if ev.state == keepalive_common::tcp_state::ESTABLISHED =>
+                {
+                    w.retransmit(ev.ts_mono_ns);
+                    None
                 }
-                if let Some(idle_s) = answered {
-                    flow = self.learn(ev.cookie, Evidence::Answered { idle_s }, ctx)?;
+                Detail::StateChange { new, .. } if new == keepalive_common::tcp_state::CLOSE => {
+                    w.closed_ns = Some(ev.ts_mono_ns);
+                    None
                 }
-            }
-            Detail::Timeout { cause, .. } => {
-                let died = self.watched.get(&ev.cookie).and_then(|w| {
-                    (cause == TimeoutCause::Keepalive || w.unanswered).then_some(w.idle_s)
-                });
-                if let Some(idle_s) = died {
-                    flow = self.learn(ev.cookie, Evidence::Died { idle_s }, ctx)?;
-                }
-                self.watched.remove(&ev.cookie);
-            }
-            Detail::StateChange { new, .. } if new == keepalive_common::tcp_state::CLOSE => {
-                self.rule_of.remove(&ev.cookie);
-                self.idents.remove(&ev.cookie);
-                self.watched.remove(&ev.cookie);
-            }
-            _ => {}
+                _ => None,
+            };
         }
+        if let Detail::StateChange { new, .. } = ev.detail
+            && new == keepalive_common::tcp_state::CLOSE
+        {
+            self.rule_of.remove(&ev.cookie);
+            self.idents.remove(&ev.cookie);
+        }
+        let mut flow = match evidence {
+            Some(e) => self.learn(ev.cookie, e, ctx)?,
+            None => Flow::Continue,
+        };
         if self.inner.event(ev, ctx)? == Flow::Stop {
             flow = Flow::Stop;
         }
@@ -86,8 +77,13 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
     fn batch_done(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         let reports = k_drain(&mut self.kernel);
         let mut flow = self.handle(&reports, ctx.clock)?;
-        if !self.watched.is_empty() && self.answered_probes(ctx)? == Flow::Stop {
-            flow = Flow::Stop;
+        if !self.watched.is_empty() {
+            if self.answered_probes(ctx)? == Flow::Stop {
+                flow = Flow::Stop;
+            }
+            if self.look_at_retransmitting(ctx)? == Flow::Stop {
+                flow = Flow::Stop;
+            }
         }
         if self.rewalk_at.is_some_and(|t| Instant::now() >= t)
             && let Some(ebpf) = ctx.ebpf.as_deref_mut()
@@ -116,7 +112,7 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
         match load_policy(&self.opts.policy_path) {
             Err(e) => {
                 let msg = format!("{e:#}");
-                eprintln!("keepalive: policy reload refused, keeping the running policy: {msg}");
+                crate::diag!("policy reload refused, keeping the running policy: {msg}");
                 if self.notice("reload_refused", Some(msg), ctx.clock)? == Flow::Stop {
                     flow = Flow::Stop;
                 }

@@ -71,9 +71,11 @@ impl TuneKernel {
             .program_mut(names::SOCKOPS)
             .ok_or_else(|| anyhow!("program {} missing", names::SOCKOPS))?
             .try_into()?;
+        let t0 = std::time::Instant::now();
         prog.load()
             .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
             .context("loading the sock_ops program")?;
+        loader::log_loaded(names::SOCKOPS, t0, prog.info().ok());
         // A BPF link (kernels >= 5.7) always coexists with other programs
         // on the cgroup; its attach flags must be 0 (`Single`).
         prog.attach(&cg, CgroupAttachMode::Single)
@@ -83,9 +85,11 @@ impl TuneKernel {
             .program_mut(names::SETSOCKOPT)
             .ok_or_else(|| anyhow!("program {} missing", names::SETSOCKOPT))?
             .try_into()?;
+        let t0 = std::time::Instant::now();
         prog.load()
             .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
             .context("loading the cgroup/setsockopt program")?;
+        loader::log_loaded(names::SETSOCKOPT, t0, prog.info().ok());
         // A BPF link (kernels >= 5.7) always coexists with other programs
         // on the cgroup; its attach flags must be 0 (`Single`).
         prog.attach(&cg, CgroupAttachMode::Single)

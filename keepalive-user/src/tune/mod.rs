@@ -11,6 +11,7 @@
 
 pub mod adaptive;
 mod consumer;
+pub mod evidence;
 pub mod kernel;
 pub mod policy;
 pub mod report;
@@ -200,6 +201,8 @@ pub struct Tuner<C> {
     watched: HashMap<u64, Watched>,
     /// One learner per (rule, destination).
     learners: HashMap<(usize, DestKey), Learner>,
+    /// When retransmitting adaptive connections were last looked at.
+    rtx_looked: Option<Instant>,
     pub counts: TuneCounts,
     /// Write the closing `tune ended; ...` line on stderr (serve logs the
     /// counts through `tracing` instead).
@@ -211,14 +214,16 @@ pub struct Tuner<C> {
 struct Watched {
     rule: usize,
     dest: DestKey,
-    idle_s: u32,
-    interval_s: u32,
-    /// When its last first probe went out, while not known to be unanswered.
-    probe1_ns: Option<u64>,
-    /// A probe went unanswered since the last answered one.
-    unanswered: bool,
+    watch: evidence::Watch,
     tuned: Tuned,
 }
+
+/// How often sockets that retransmit under adaptive rules are looked at
+/// (a walk of every socket), while any does.
+const RTX_LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How long a closed connection stays watched for the kernel's timeout
+/// event, which follows its CLOSE.
+const CLOSED_GRACE_NS: u64 = 5_000_000_000;
 
 impl<C: Consumer + TunedSink> Tuner<C> {
     pub fn new(inner: C, opts: TuneOptions, loaded: LoadedPolicy) -> Self {
@@ -233,6 +238,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             idents: HashMap::new(),
             watched: HashMap::new(),
             learners: HashMap::new(),
+            rtx_looked: None,
             counts: TuneCounts::default(),
             summary_line: true,
         }
@@ -339,21 +345,24 @@ impl<C: Consumer + TunedSink> Tuner<C> {
         let Some(daddr) = t.daddr else {
             return;
         };
-        let idle_s = t
-            .changes
-            .iter()
-            .find(|c| c.option == "idle_s")
-            .and_then(|c| c.new.as_u64())
-            .unwrap_or(a.min_idle_s as u64) as u32;
+        let changed = |option: &str| {
+            t.changes
+                .iter()
+                .find(|c| c.option == option)
+                .and_then(|c| c.new.as_u64())
+                .map(|v| v as u32)
+        };
+        let idle_s = changed("idle_s").unwrap_or(a.min_idle_s);
+        let interval_s = rule
+            .interval_s
+            .or_else(|| changed("interval_s"))
+            .unwrap_or(75);
         self.watched.insert(
             t.cookie,
             Watched {
                 rule: idx,
                 dest: dest_key(daddr, t.dport),
-                idle_s,
-                interval_s: rule.interval_s.unwrap_or(75),
-                probe1_ns: None,
-                unanswered: false,
+                watch: evidence::Watch::new(idle_s, interval_s),
                 tuned: t.clone(),
             },
         );
@@ -378,7 +387,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             .learners
             .entry((w.rule, w.dest))
             .or_insert_with(|| Learner::new(a.min_idle_s, a.max_idle_s));
-        let Some(adj) = learner.observe(ev) else {
+        let Some(adj) = learner.observe(ev, Clock::mono_now_ns()) else {
             return Ok(Flow::Continue);
         };
         if let Some(k) = self.kernel.as_mut() {
@@ -406,24 +415,74 @@ impl<C: Consumer + TunedSink> Tuner<C> {
         self.inner.tuned(&t, ctx.clock)
     }
 
-    /// Probes answered: a first probe not followed by a second within an
-    /// interval (and a second).
+    /// Probes answered (a first probe not followed by a second within an
+    /// interval and a second); closed connections forgotten once their
+    /// timeout had time to arrive.
     fn answered_probes(&mut self, ctx: &Ctx) -> Result<Flow> {
         let now = Clock::mono_now_ns();
-        let due: Vec<(u64, u32)> = self
+        self.watched.retain(|_, w| {
+            w.watch
+                .closed_ns
+                .is_none_or(|at| now.saturating_sub(at) < CLOSED_GRACE_NS)
+        });
+        let due: Vec<(u64, Evidence)> = self
             .watched
             .iter_mut()
-            .filter_map(|(c, w)| {
-                let at = w.probe1_ns?;
-                (now.saturating_sub(at) > (w.interval_s as u64 + 1) * 1_000_000_000).then(|| {
-                    w.probe1_ns = None;
-                    (*c, w.idle_s)
-                })
-            })
+            .filter_map(|(c, w)| w.watch.quiet(now).map(|e| (*c, e)))
             .collect();
         let mut flow = Flow::Continue;
-        for (cookie, idle_s) in due {
-            if self.learn(cookie, Evidence::Answered { idle_s }, ctx)? == Flow::Stop {
+        for (cookie, ev) in due {
+            if self.learn(cookie, ev, ctx)? == Flow::Stop {
+                flow = Flow::Stop;
+            }
+        }
+        Ok(flow)
+    }
+
+    /// Looks at the sockets of adaptive connections that retransmit (at
+    /// most every [`RTX_LOOK_EVERY`]): still unanswered after enough
+    /// retransmissions, following a silence, is a death at that silence.
+    fn look_at_retransmitting(&mut self, ctx: &mut Ctx) -> Result<Flow> {
+        let pending = self
+            .watched
+            .values()
+            .any(|w| w.watch.rtx_since_ns.is_some() && w.watch.closed_ns.is_none());
+        if !pending
+            || self
+                .rtx_looked
+                .is_some_and(|t| t.elapsed() < RTX_LOOK_EVERY)
+        {
+            return Ok(Flow::Continue);
+        }
+        let Some(ebpf) = ctx.ebpf.as_deref_mut() else {
+            return Ok(Flow::Continue);
+        };
+        self.rtx_looked = Some(Instant::now());
+        let mut found = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let hz = ctx.hz;
+        // One row at a time: only the watched sockets are kept.
+        loader::for_each_socket(ebpf, |r| {
+            let Some(w) = self.watched.get_mut(&r.cookie) else {
+                return;
+            };
+            if w.watch.rtx_since_ns.is_none() {
+                return;
+            }
+            seen.insert(r.cookie);
+            let silence = evidence::silence_before_send(r.lsndtime, r.rcv_tstamp, hz);
+            if let Some(e) = w.watch.looked(u32::from(r.retransmits), silence) {
+                found.push((r.cookie, e));
+            }
+        })?;
+        for (c, w) in self.watched.iter_mut() {
+            if w.watch.rtx_since_ns.is_some() && !seen.contains(c) {
+                w.watch.gone();
+            }
+        }
+        let mut flow = Flow::Continue;
+        for (cookie, e) in found {
+            if self.learn(cookie, e, ctx)? == Flow::Stop {
                 flow = Flow::Stop;
             }
         }

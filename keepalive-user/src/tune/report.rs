@@ -9,7 +9,7 @@ use keepalive_common::tune::{KaValues, TuneReport, opt, report, tflags};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::events::{AF_INET6, Owner, state_name};
+use crate::events::{AF_INET, AF_INET6, Owner, state_name};
 use crate::output::json::{ConnIdentityOut, serialize_conn_record};
 use crate::output::{Clock, endpoint};
 
@@ -152,12 +152,10 @@ fn errno_name(err: i32) -> String {
     }
 }
 
+/// The address of a report, as events decode theirs; `None` for a socket
+/// of neither family.
 fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
-    match family {
-        AF_INET6 => Some(IpAddr::from(*raw)),
-        2 => Some(IpAddr::from([raw[0], raw[1], raw[2], raw[3]])),
-        _ => None,
-    }
+    (family == AF_INET || family == AF_INET6).then(|| crate::events::addr(family, raw))
 }
 
 fn bits(mask: u8) -> impl Iterator<Item = u8> {
@@ -186,9 +184,11 @@ pub fn decode(r: &TuneReport, rule_name: impl Fn(usize) -> Option<String>) -> Op
         report::RATE_LIMITED => Action::RateLimited,
         _ => return None,
     };
-    let comm_end = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
-    let comm = crate::events::comm::Comm::from_bytes(&r.comm[..comm_end]);
-    let owner = (r.pid != 0 || comm_end != 0).then_some(Owner { pid: r.pid, comm });
+    // The owner's name may come without a pid (found in /proc by userspace).
+    let owner = (r.pid != 0 || r.comm[0] != 0).then(|| Owner {
+        pid: r.pid,
+        comm: crate::events::comm::Comm::from_bytes(&r.comm),
+    });
     let changed = r.set & !r.failed;
     let changes = bits(changed)
         .map(|bit| {
@@ -308,26 +308,38 @@ fn show(v: &Value, option: &str) -> String {
     }
 }
 
-/// One `tuned` record as a line of text.
-pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
-    let action = serde_json::to_value(t.action)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let source = serde_json::to_value(t.source)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let mut s = format!(
-        "{} {:<15} {} > {} {} cookie={} {action} rule={} ({source})",
-        clock.rfc3339(t.ts_mono_ns),
-        "tuned",
-        endpoint(t.saddr, t.sport),
-        endpoint(t.daddr, t.dport),
-        state_name(t.state),
-        t.cookie,
-        t.rule,
-    );
+impl Action {
+    /// The name records use (`tuned`, `dry_run`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Tuned => "tuned",
+            Action::DryRun => "dry_run",
+            Action::AppKept => "app_kept",
+            Action::AppOverride => "app_override",
+            Action::Enforced => "enforced",
+            Action::Restored => "restored",
+            Action::RateLimited => "rate_limited",
+            Action::Failed => "failed",
+            Action::Adapted => "adapted",
+        }
+    }
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::New => "new",
+            Source::Existing => "existing",
+            Source::Application => "application",
+            Source::Learned => "learned",
+        }
+    }
+}
+
+/// What was done, without when and to which connection: `tuned
+/// rule=db (existing) idle 7200s(sysctl)->30s ...` (text lines, `top`'s log).
+pub fn tuned_summary(t: &Tuned) -> String {
+    let mut s = format!("{} rule={} ({})", t.action.name(), t.rule, t.source.name());
     for c in &t.changes {
         let tag = |from: bool| if from { "(sysctl)" } else { "" };
         s += &format!(
@@ -348,6 +360,21 @@ pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
     if let Some(e) = &t.evidence {
         s += &format!(" evidence={e}");
     }
+    s
+}
+
+/// One `tuned` record as a line of text.
+pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
+    let mut s = format!(
+        "{} {:<15} {} > {} {} cookie={} {}",
+        clock.rfc3339(t.ts_mono_ns),
+        "tuned",
+        endpoint(t.saddr, t.sport),
+        endpoint(t.daddr, t.dport),
+        state_name(t.state),
+        t.cookie,
+        tuned_summary(t),
+    );
     if let Some(o) = &t.owner {
         if o.pid != 0 {
             s += &format!(" pid={}", o.pid);
@@ -388,6 +415,32 @@ mod tests {
 
     fn names(i: usize) -> Option<String> {
         ["postgres"].get(i).map(|s| s.to_string())
+    }
+
+    #[test]
+    fn action_and_source_names_are_the_records_names() {
+        use Action::*;
+        for a in [
+            Tuned,
+            DryRun,
+            AppKept,
+            AppOverride,
+            Enforced,
+            Restored,
+            RateLimited,
+            Failed,
+            Adapted,
+        ] {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.name());
+        }
+        for s in [
+            Source::New,
+            Source::Existing,
+            Source::Application,
+            Source::Learned,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
     }
 
     #[test]

@@ -105,6 +105,17 @@ pub(super) fn draw_detail(
             ("retries2", c.retries2.to_string()),
         ],
     ));
+    if m.policy.is_some() {
+        info.push(kv(
+            theme,
+            &[(
+                "tuned by rule",
+                m.tuned
+                    .get(&c.cookie)
+                    .map_or_else(|| "-".into(), TunedBy::describe),
+            )],
+        ));
+    }
     info.push(kv(
         theme,
         &[

@@ -9,24 +9,25 @@ struct Col {
     /// Lower numbers stay longer on a narrow screen.
     keep: u8,
     right: bool,
-    text: fn(&Item) -> String,
+    text: fn(&Item, &Model) -> String,
 }
 
 const REASON_MIN: usize = 16;
 
-fn columns() -> Vec<Col> {
-    vec![
+/// The columns; RULE only while tuning (`--policy`).
+fn columns(m: &Model) -> Vec<Col> {
+    let mut cols = vec![
         Col {
             title: "VERDICT",
             keep: 0,
             right: false,
-            text: |i| i.row().verdict.name().into(),
+            text: |i, _| i.row().verdict.name().into(),
         },
         Col {
             title: "STATE",
             keep: 5,
             right: false,
-            text: |i| match i {
+            text: |i, _| match i {
                 Item::Closed(_) => "CLOSED".into(),
                 Item::Live(r) => state_name(r.conn.state).into(),
             },
@@ -35,51 +36,67 @@ fn columns() -> Vec<Col> {
             title: "LOCAL",
             keep: 6,
             right: false,
-            text: |i| endpoint(i.row().conn.saddr, i.row().conn.sport),
+            text: |i, _| endpoint(i.row().conn.saddr, i.row().conn.sport),
         },
         Col {
             title: "PEER",
             keep: 1,
             right: false,
-            text: |i| endpoint(i.row().conn.daddr, i.row().conn.dport),
+            text: |i, _| endpoint(i.row().conn.daddr, i.row().conn.dport),
         },
         Col {
             title: "OWNER",
             keep: 2,
             right: false,
-            text: |i| owner(&i.row().conn.owners, i.row().conn.kernel_orphan),
+            text: |i, _| owner(&i.row().conn.owners, i.row().conn.kernel_orphan),
         },
         Col {
             title: "KEEPALIVE",
             keep: 7,
             right: false,
-            text: |i| keepalive(&i.row().conn),
+            text: |i, _| keepalive(&i.row().conn),
         },
         Col {
             title: "PROBES",
             keep: 3,
             right: true,
-            text: |i| i.row().conn.probes_out.to_string(),
+            text: |i, _| i.row().conn.probes_out.to_string(),
         },
         Col {
             title: "RETR",
             keep: 4,
             right: true,
-            text: |i| i.row().conn.total_retrans.to_string(),
+            text: |i, _| i.row().conn.total_retrans.to_string(),
         },
         Col {
             title: "IDLE",
             keep: 3,
             right: true,
-            text: |i| idle(&i.row().conn),
+            text: |i, _| idle(&i.row().conn),
         },
         Col {
             title: "TIMER",
             keep: 8,
             right: false,
-            text: |i| timer(&i.row().conn),
+            text: |i, _| timer(&i.row().conn),
         },
-    ]
+    ];
+    if m.policy.is_some() {
+        cols.insert(
+            5,
+            Col {
+                title: "RULE",
+                keep: 4,
+                right: false,
+                text: |i, m| {
+                    m.tuned
+                        .get(&i.row().conn.cookie)
+                        .map_or_else(|| "-".into(), TunedBy::describe)
+                },
+            },
+        );
+    }
+    cols
 }
 
 fn reason(item: &Item, now_ns: u64) -> String {
@@ -110,10 +127,10 @@ pub(super) fn draw_table(f: &mut Frame, area: Rect, app: &mut App, m: &Model, th
             find_item(m, c)
         })
         .collect();
-    let cols = columns();
+    let cols = columns(m);
     let texts: Vec<Vec<String>> = items
         .iter()
-        .map(|i| cols.iter().map(|c| (c.text)(i)).collect())
+        .map(|i| cols.iter().map(|c| (c.text)(i, m)).collect())
         .collect();
     let mut widths: Vec<usize> = cols
         .iter()
