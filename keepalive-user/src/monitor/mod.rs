@@ -24,7 +24,7 @@ use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
-use crate::table::walk::TableRows;
+use crate::table::walk::TableWalk;
 use kernel_maps::KernelMaps;
 
 /// How often the kernel's drop counters are read.
@@ -351,9 +351,13 @@ impl Engine {
         let Some(ebpf) = self.ebpf.as_mut() else {
             return Ok(Flow::Continue);
         };
-        let rows = TableRows::walk(ebpf)?;
+        let (Some(table), walked_ns) = (self.table.as_mut(), Clock::mono_now_ns()) else {
+            return Ok(Flow::Continue);
+        };
+        let mut walk = TableWalk::new(table, walked_ns);
+        loader::for_each_socket(ebpf, |r| walk.add(r))?;
         let now = Clock::mono_now_ns();
-        let changes = self.update_table(rows, now);
+        let changes = Self::judge_walk(walk, self.thresholds.owners_known, now);
         let flow = self.report(changes, now, consumer);
         // The kernel's counters after the changes are reported, so that each
         // shows its connection as the walk found it.
@@ -396,13 +400,9 @@ impl Engine {
     /// verdict changes, without copies of connections the table holds (a
     /// refresh can change every verdict at once, when many connections
     /// cross the idle threshold together).
-    fn update_table(&mut self, rows: TableRows, now: u64) -> Vec<Change> {
-        let Some(table) = self.table.as_mut() else {
-            return Vec::new();
-        };
+    fn judge_walk(walk: TableWalk, with_owners: bool, now: u64) -> Vec<Change> {
         let mut changes = Vec::new();
-        let conns = rows.into_conns(self.thresholds.owners_known);
-        table.refresh_with(conns, now, |ch, kept| {
+        walk.finish(with_owners, now, |ch, kept| {
             changes.push(if kept {
                 Change::Kept {
                     cookie: ch.conn.cookie,
@@ -464,13 +464,28 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
             stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
         },
     )?;
-    let mut rows = TableRows::default();
-    let hooks = loader::attach_all(&mut ebpf, |r| rows.add(r))?;
+    let mut table = opts
+        .refresh
+        .map(|_| ConnTable::new(opts.max_conns, opts.thresholds));
+    let hooks = match table.as_mut() {
+        Some(t) => {
+            let mut walk = TableWalk::new(t, Clock::mono_now_ns());
+            let hooks = loader::attach_all(&mut ebpf, |r| walk.add(r))?;
+            // What the table holds at the start is no change.
+            walk.finish(
+                opts.thresholds.owners_known,
+                Clock::mono_now_ns(),
+                |_, _| {},
+            );
+            hooks
+        }
+        None => loader::attach_all(&mut ebpf, |_| {})?,
+    };
     let (maps, ring) = KernelMaps::take(&mut ebpf)?;
-    let mut engine = Engine {
+    let engine = Engine {
         ebpf: Some(ebpf),
         maps,
-        table: None,
+        table,
         reasons: info.reset_reasons,
         clock: Clock::now(),
         counters: Counters::default(),
@@ -478,16 +493,6 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         hooks,
         thresholds: opts.thresholds,
     };
-    if opts.refresh.is_some() {
-        let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
-        // What the table holds at the start is no change.
-        t.refresh_with(
-            rows.into_conns(opts.thresholds.owners_known),
-            Clock::mono_now_ns(),
-            |_, _| {},
-        );
-        engine.table = Some(t);
-    }
     heap::release();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -563,7 +568,7 @@ async fn event_loop(
         consumer.stopping(&mut ctx)
     };
     let final_walk = match engine.ebpf.as_mut() {
-        Some(ebpf) if engine.table.is_some() && opts.final_walk => Some(TableRows::walk(ebpf)),
+        Some(ebpf) if engine.table.is_some() && opts.final_walk => Some(loader::walk_sockets(ebpf)),
         _ => None,
     };
     // Detach: the programs and links go with the object; the maps we took
@@ -572,9 +577,13 @@ async fn event_loop(
     let _ = engine.drain(ring.get_mut(), consumer)?;
     let _ = engine.check_loss(consumer)?;
     engine.counters.emitted = engine.maps.emitted();
-    if let Some(Ok(records)) = final_walk {
-        // Nobody reads verdict changes after the stream ended.
-        let _ = engine.update_table(records, Clock::mono_now_ns());
+    if let (Some(Ok(records)), Some(table)) = (final_walk, engine.table.as_mut()) {
+        // After the last events, as they are older than the walk. Nobody
+        // reads verdict changes after the stream ended.
+        let now = Clock::mono_now_ns();
+        let mut walk = TableWalk::new(table, now);
+        records.iter().for_each(|r| walk.add(r));
+        walk.finish(engine.thresholds.owners_known, now, |_, _| {});
         engine.update_stats();
     }
     let _ = engine.ctx();

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use keepalive_common::{SockRecord, sock_flags};
 
-use super::packed::{Owners, Packed};
+use super::conn_table::{ConnTable, VerdictChange, Walked};
 use super::verdict::{Thresholds, Verdict, judge};
 use super::{Conn, detect_hz, nearest_hz, owners};
 use crate::clock::Clock;
@@ -74,53 +74,51 @@ pub fn conns_from_records(records: &[SockRecord], with_owners: bool) -> Vec<Conn
         .collect()
 }
 
-/// The rows of a walk that the connection table keeps (full sockets and
-/// orphans, with a cookie; not TIME_WAIT or request sockets, which churn
-/// makes by the hundred thousand), packed as they arrive: until the owners
-/// are read (after the walk, so that every socket walked has its owner in
-/// /proc by then) they take 96 bytes each, not a 152-byte row.
-#[derive(Default)]
-pub struct TableRows {
-    rows: Vec<(u64, Packed)>,
+/// A walk going straight into the connection table: each row as it is
+/// read ([`ConnTable::refresh_row`]), then the owners, read after the walk
+/// so that every socket walked has its owner in /proc by then, and the
+/// verdicts ([`ConnTable::refresh_end`]). Nothing but a cookie per row is
+/// kept in between, however many sockets there are.
+pub struct TableWalk<'a> {
+    table: &'a mut ConnTable,
+    pass: Walked,
     /// The kernel's tick rate, from the first row.
     hz: Option<u64>,
+    now_ns: u64,
 }
 
-impl TableRows {
-    /// Takes one row of a walk.
+impl<'a> TableWalk<'a> {
+    pub fn new(table: &'a mut ConnTable, now_ns: u64) -> Self {
+        TableWalk {
+            table,
+            pass: Walked::default(),
+            hz: None,
+            now_ns,
+        }
+    }
+
+    /// Takes one row of a walk (TIME_WAIT and request sockets, which churn
+    /// makes by the hundred thousand, are not tracked and not kept).
     pub fn add(&mut self, r: &SockRecord) {
         let hz = *self
             .hz
             .get_or_insert_with(|| hz_of(std::slice::from_ref(r)));
         if r.cookie != 0 && r.flags & (sock_flags::FULL | sock_flags::ORPHAN) != 0 {
             let conn = Conn::from_record(r, hz);
-            self.rows.push((r.cookie, Packed::new(&conn, None)));
+            self.table.refresh_row(&mut self.pass, conn, self.now_ns);
         }
     }
 
-    /// Walks every socket.
-    pub fn walk(ebpf: &mut aya::Ebpf) -> Result<TableRows> {
-        let mut rows = TableRows::default();
-        loader::for_each_socket(ebpf, |r| rows.add(r))?;
-        Ok(rows)
-    }
-
-    /// The connections, with their owners (shared between a process's
-    /// sockets) when asked; consumes the rows as it goes.
-    pub fn into_conns(self, with_owners: bool) -> impl Iterator<Item = (Conn, Option<Owners>)> {
+    /// Reads the owners (when asked) and judges; each verdict change goes
+    /// to `changed` as in [`ConnTable::refresh_with`].
+    pub fn finish(self, with_owners: bool, now_ns: u64, changed: impl FnMut(VerdictChange, bool)) {
         let owners = if with_owners {
             owners::scan_shared()
         } else {
             owners::SharedOwners::default()
         };
-        self.rows.into_iter().map(move |(cookie, packed)| {
-            let mut conn = packed.conn(cookie);
-            let shared = (conn.ino != 0).then(|| owners.get(conn.ino)).flatten();
-            if let Some(o) = shared {
-                conn.owners = o.to_vec();
-            }
-            (conn, shared.cloned())
-        })
+        self.table
+            .refresh_end(self.pass, |ino| owners.get(ino).cloned(), now_ns, changed);
     }
 }
 
@@ -179,11 +177,13 @@ mod tests {
             row(0, sock_flags::FULL),
             row(3, sock_flags::ORPHAN),
         ];
-        let mut t = TableRows::default();
-        rows.iter().for_each(|r| t.add(r));
-        assert_eq!(t.hz, Some(250));
-        let got: Vec<_> = t.into_conns(false).collect();
-        let want = [&rows[0], &rows[3]].map(|r| (Conn::from_record(r, 250), None));
-        assert_eq!(got, want);
+        let mut t = ConnTable::new(10, Thresholds::default());
+        let mut w = TableWalk::new(&mut t, 1);
+        rows.iter().for_each(|r| w.add(r));
+        assert_eq!(w.hz, Some(250));
+        w.finish(false, 1, |_, _| {});
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(1), Some(Conn::from_record(&rows[0], 250)));
+        assert_eq!(t.get(3), Some(Conn::from_record(&rows[3], 250)));
     }
 }
