@@ -23,8 +23,9 @@ use crate::events::{Event, Kind, ResetReasons, decode};
 use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
+use crate::table::owners::SharedOwners;
 use crate::table::verdict::Thresholds;
-use crate::table::walk::TableRows;
+use crate::table::walk::{self, TableWalk};
 use kernel_maps::KernelMaps;
 
 /// How often the kernel's drop counters are read.
@@ -125,11 +126,11 @@ pub struct Ctx<'a> {
     pub ebpf: Option<&'a mut aya::Ebpf>,
     pub clock: &'a Clock,
     pub counters: Counters,
+    /// The kernel's tick rate (jiffies per second), from the first walk.
+    pub hz: u64,
     pub started: Instant,
     /// Hooks attached.
     pub hooks: usize,
-    /// The kernel's tick rate (jiffies per second), from the first walk.
-    pub hz: u64,
 }
 
 /// Receives what the monitor learns. Every method but [`Consumer::event`]
@@ -275,9 +276,9 @@ impl Engine {
             ebpf: self.ebpf.as_mut(),
             clock: &self.clock,
             counters: self.counters,
+            hz: self.hz,
             started: self.started,
             hooks: self.hooks,
-            hz: self.hz,
         }
     }
 
@@ -355,9 +356,14 @@ impl Engine {
         let Some(ebpf) = self.ebpf.as_mut() else {
             return Ok(Flow::Continue);
         };
-        let rows = TableRows::walk(ebpf, self.thresholds.owners_known)?;
+        let (Some(table), walked_ns) = (self.table.as_mut(), Clock::mono_now_ns()) else {
+            return Ok(Flow::Continue);
+        };
+        let mut walk = TableWalk::new(table, walked_ns);
+        loader::for_each_socket(ebpf, |r| walk.add(r))?;
+        let owners = walk::owners_if(ebpf, self.thresholds.owners_known);
         let now = Clock::mono_now_ns();
-        let changes = self.update_table(rows, now);
+        let changes = Self::judge_walk(walk, owners, now);
         let flow = self.report(changes, now, consumer);
         // The kernel's counters after the changes are reported, so that each
         // shows its connection as the walk found it.
@@ -400,13 +406,9 @@ impl Engine {
     /// verdict changes, without copies of connections the table holds (a
     /// refresh can change every verdict at once, when many connections
     /// cross the idle threshold together).
-    fn update_table(&mut self, rows: TableRows, now: u64) -> Vec<Change> {
-        let Some(table) = self.table.as_mut() else {
-            return Vec::new();
-        };
+    fn judge_walk(walk: TableWalk, owners: SharedOwners, now: u64) -> Vec<Change> {
         let mut changes = Vec::new();
-        let conns = rows.into_conns();
-        table.refresh_with(conns, now, |ch, kept| {
+        walk.finish(owners, now, |ch, kept| {
             changes.push(if kept {
                 Change::Kept {
                     cookie: ch.conn.cookie,
@@ -468,32 +470,40 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
             stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
         },
     )?;
-    let mut rows = TableRows::default();
-    let hooks = loader::attach_all(&mut ebpf, |r| rows.add(r))?;
+    let mut table = opts
+        .refresh
+        .map(|_| ConnTable::new(opts.max_conns, opts.thresholds));
+    // The first row tells the kernel's tick rate.
+    let mut first = None;
+    let hooks = match table.as_mut() {
+        Some(t) => {
+            let mut walk = TableWalk::new(t, Clock::mono_now_ns());
+            let hooks = loader::attach_all(&mut ebpf, |r| {
+                first.get_or_insert(*r);
+                walk.add(r)
+            })?;
+            let owners = walk::owners_if(&mut ebpf, opts.thresholds.owners_known);
+            // What the table holds at the start is no change.
+            walk.finish(owners, Clock::mono_now_ns(), |_, _| {});
+            hooks
+        }
+        None => loader::attach_all(&mut ebpf, |r| {
+            first.get_or_insert(*r);
+        })?,
+    };
     let (maps, ring) = KernelMaps::take(&mut ebpf)?;
-    let mut engine = Engine {
+    let engine = Engine {
         ebpf: Some(ebpf),
         maps,
-        table: None,
+        table,
         reasons: info.reset_reasons,
         clock: Clock::now(),
         counters: Counters::default(),
         started: Instant::now(),
         hooks,
-        hz: rows.hz(),
+        hz: walk::hz_of(first.as_slice()),
         thresholds: opts.thresholds,
     };
-    if opts.refresh.is_some() {
-        let mut t = ConnTable::new(opts.max_conns, opts.thresholds);
-        // What the table holds at the start is no change.
-        if opts.thresholds.owners_known
-            && let Some(ebpf) = engine.ebpf.as_mut()
-        {
-            rows.find_owners(ebpf);
-        }
-        t.refresh_with(rows.into_conns(), Clock::mono_now_ns(), |_, _| {});
-        engine.table = Some(t);
-    }
     heap::release();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -578,7 +588,9 @@ async fn event_loop(
     };
     let final_walk = match engine.ebpf.as_mut() {
         Some(ebpf) if engine.table.is_some() && opts.final_walk => {
-            Some(TableRows::walk(ebpf, engine.thresholds.owners_known))
+            // Owners too, while the owner walk can still run.
+            let owners_known = engine.thresholds.owners_known;
+            Some(loader::walk_sockets(ebpf).map(|rows| (rows, walk::owners_if(ebpf, owners_known))))
         }
         _ => None,
     };
@@ -588,9 +600,13 @@ async fn event_loop(
     let _ = engine.drain(ring.get_mut(), consumer)?;
     let _ = engine.check_loss(consumer)?;
     engine.counters.emitted = engine.maps.emitted();
-    if let Some(Ok(records)) = final_walk {
-        // Nobody reads verdict changes after the stream ended.
-        let _ = engine.update_table(records, Clock::mono_now_ns());
+    if let (Some(Ok((records, owners))), Some(table)) = (final_walk, engine.table.as_mut()) {
+        // After the last events, as they are older than the walk. Nobody
+        // reads verdict changes after the stream ended.
+        let now = Clock::mono_now_ns();
+        let mut walk = TableWalk::new(table, now);
+        records.iter().for_each(|r| walk.add(r));
+        walk.finish(owners, now, |_, _| {});
         engine.update_stats();
     }
     let _ = engine.ctx();

@@ -34,6 +34,18 @@ pub(crate) struct Entry {
     touched_ns: u64,
 }
 
+/// The rows of a refresh between its two passes: cookies in walk order,
+/// and the rows that did not fit in the table (rare).
+#[derive(Default)]
+pub struct Walked {
+    order: Vec<Slot>,
+}
+
+enum Slot {
+    Live(u64),
+    Beyond(Box<(u64, Packed)>),
+}
+
 /// A verdict that changed, with the connection as it is now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerdictChange {
@@ -175,76 +187,140 @@ impl ConnTable {
         changes
     }
 
-    /// [`ConnTable::refresh`] from a walk that hands every connection with
-    /// its owners also as a list shared by the process's sockets (stored
-    /// once, not per socket); each change goes to `changed` as it is found,
-    /// with whether the table holds its connection as the change shows it
-    /// (`get` gives it back until the next change to the table), so the
-    /// caller need not keep a copy of each.
+    /// [`ConnTable::refresh`] from conns whose owners are shared: each
+    /// change goes to `changed` as it is found, with whether the table holds
+    /// its connection as the change shows it (`get` gives it back until the
+    /// next change to the table), so the caller need not keep a copy.
     pub fn refresh_with(
         &mut self,
         conns: impl IntoIterator<Item = (Conn, Option<Owners>)>,
         now_ns: u64,
+        changed: impl FnMut(VerdictChange, bool),
+    ) {
+        let mut pass = Walked::default();
+        let mut by_ino: HashMap<u64, Option<Owners>> = HashMap::new();
+        for (conn, shared) in conns {
+            if conn.ino != 0 {
+                let owners = shared.or_else(|| {
+                    (!conn.owners.is_empty()).then(|| Owners::new(conn.owners.clone()))
+                });
+                by_ino.insert(conn.ino, owners);
+            }
+            self.refresh_row(&mut pass, conn, now_ns);
+        }
+        self.refresh_end(
+            pass,
+            |ino| by_ino.get(&ino).cloned().flatten(),
+            now_ns,
+            changed,
+        );
+    }
+
+    /// A refresh, first pass: one row of the walk, as it is read. The
+    /// connection goes into the table now (with the owners it had), and is
+    /// judged in [`ConnTable::refresh_end`], after the owners are read:
+    /// the walk keeps no copy of its rows (8 bytes a row).
+    pub fn refresh_row(&mut self, pass: &mut Walked, mut conn: Conn, now_ns: u64) {
+        let cookie = conn.cookie;
+        if cookie == 0 || (!conn.full && !conn.kernel_orphan) {
+            return;
+        }
+        if let Some(e) = self.live.get_mut(&cookie) {
+            // Kernel state wins; keep what only events know. Owners: the
+            // row's if it has some, else the old ones until the second pass
+            // (which keeps them only where no scan can find any: inode 0).
+            let old = e.conn.conn(cookie);
+            conn.stats = old.stats.or(conn.stats);
+            conn.timed_out = old.timed_out;
+            if conn.owners.is_empty() {
+                conn.owners = old.owners;
+            }
+            let shared = e.conn.owners().cloned();
+            e.conn = Packed::new(&conn, shared.as_ref());
+            e.touched_ns = now_ns;
+            pass.order.push(Slot::Live(cookie));
+            return;
+        }
+        // Not in the table: judged against what was last reported for it
+        // (healthy if nothing was), so a connection that does not fit is
+        // not news every walk.
+        if self.live.len() >= self.cap {
+            self.overflow.entry(cookie).or_insert(Verdict::Healthy);
+            let row = Packed::new(&conn, None);
+            pass.order.push(Slot::Beyond(Box::new((cookie, row))));
+            return;
+        }
+        let verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
+        self.live.insert(
+            cookie,
+            Box::new(Entry {
+                conn: Packed::new(&conn, None),
+                verdict,
+                touched_ns: now_ns,
+            }),
+        );
+        pass.order.push(Slot::Live(cookie));
+    }
+
+    /// A refresh, second pass, after the walk: `owners` gives the holders
+    /// of a socket inode (read after the walk, so every socket walked has
+    /// its owner in /proc by then). Judges every row in walk order, each
+    /// change to `changed` as in [`ConnTable::refresh_with`]; connections
+    /// the walk did not find have closed.
+    pub fn refresh_end(
+        &mut self,
+        pass: Walked,
+        owners: impl Fn(u64) -> Option<Owners>,
+        now_ns: u64,
         mut changed: impl FnMut(VerdictChange, bool),
     ) {
-        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
-        let mut seen: HashMap<u64, ()> = HashMap::with_capacity(self.live.len());
-        for (mut conn, shared) in conns {
-            let cookie = conn.cookie;
-            if cookie == 0 || (!conn.full && !conn.kernel_orphan) {
-                continue;
+        let t = self.thresholds;
+        let with_owners = |mut conn: Conn| {
+            let shared = if conn.ino != 0 {
+                owners(conn.ino)
+            } else {
+                None
+            };
+            if conn.ino != 0 {
+                conn.owners = shared.as_deref().cloned().unwrap_or_default();
             }
-            seen.insert(cookie, ());
-            if let Some(e) = self.live.get_mut(&cookie) {
-                // Kernel state wins; keep what only events know.
-                let old = e.conn.conn(cookie);
-                conn.stats = old.stats.or(conn.stats);
-                conn.timed_out = old.timed_out;
-                if conn.owners.is_empty() && !old.owners.is_empty() && conn.ino == 0 {
-                    conn.owners = old.owners;
+            (conn, shared)
+        };
+        let mut seen = Vec::with_capacity(pass.order.len());
+        for slot in pass.order {
+            match slot {
+                Slot::Live(cookie) => {
+                    seen.push(cookie);
+                    let Some(e) = self.live.get_mut(&cookie) else {
+                        continue;
+                    };
+                    let (conn, shared) = with_owners(e.conn.conn(cookie));
+                    if let Some(ch) = Self::store(e, conn, shared.as_ref(), &t) {
+                        changed(ch, true);
+                    }
                 }
-                e.touched_ns = now_ns;
-                if let Some(ch) = Self::store(e, conn, shared.as_ref(), &self.thresholds) {
-                    changed(ch, true);
+                Slot::Beyond(row) => {
+                    let (cookie, row) = *row;
+                    seen.push(cookie);
+                    let (conn, _) = with_owners(row.conn(cookie));
+                    if let Some(verdict) = self.overflow.get_mut(&cookie)
+                        && let Some(ch) = Self::judge_against(conn, verdict, &t)
+                    {
+                        changed(ch, false);
+                    }
                 }
-                continue;
             }
-            // Not in the table: judged against what was last reported for
-            // it (healthy if nothing was), so a connection that does not
-            // fit is not news every walk.
-            let mut verdict = self.overflow.remove(&cookie).unwrap_or(Verdict::Healthy);
-            if self.live.len() >= self.cap {
-                if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
-                    changed(ch, false);
-                }
-                self.overflow.insert(cookie, verdict);
-                continue;
-            }
-            let packed = Packed::new(&conn, shared.as_ref());
-            if let Some(ch) = Self::judge_against(conn, &mut verdict, &self.thresholds) {
-                changed(ch, true);
-            }
-            self.live.insert(
-                cookie,
-                Box::new(Entry {
-                    conn: packed,
-                    verdict,
-                    touched_ns: now_ns,
-                }),
-            );
         }
-        let gone: Vec<u64> = self
-            .live
-            .keys()
-            .filter(|c| !seen.contains_key(c))
-            .copied()
-            .collect();
+        seen.sort_unstable();
+        let was_seen = |c: &u64| seen.binary_search(c).is_ok();
+        let gone: Vec<u64> = self.live.keys().filter(|c| !was_seen(c)).copied().collect();
+        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
         for cookie in gone {
             if let Some(e) = self.live.remove(&cookie) {
                 self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
             }
         }
-        self.overflow.retain(|c, _| seen.contains_key(c));
+        self.overflow.retain(|c, _| was_seen(c));
         // Capacity follows the maps down, so a burst's peak is not kept.
         shrink(&mut self.live);
         shrink(&mut self.tombstones);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use keepalive_common::{OwnerRow, SockRecord, sock_flags};
 
-use super::packed::{Owners, Packed};
+use super::conn_table::{ConnTable, VerdictChange, Walked};
 use super::verdict::{Thresholds, Verdict, judge};
 use super::{Conn, detect_hz, nearest_hz, owners};
 use crate::clock::Clock;
@@ -97,8 +97,11 @@ pub fn owners_of(ebpf: &mut aya::Ebpf) -> HashMap<u64, Vec<Owner>> {
 }
 
 /// [`owners_of`], with the lists shared between a process's sockets (what
-/// the connection table keeps).
-pub fn shared_owners_of(ebpf: &mut aya::Ebpf) -> owners::SharedOwners {
+/// the connection table keeps); none unless `wanted`.
+pub fn owners_if(ebpf: &mut aya::Ebpf, wanted: bool) -> owners::SharedOwners {
+    if !wanted {
+        return owners::SharedOwners::default();
+    }
     match find_owners(ebpf) {
         Found::Kernel(rows) => owners::shared_from_rows(&rows),
         Found::Proc(why) => {
@@ -130,65 +133,52 @@ pub fn conns_from_records(
         .collect()
 }
 
-/// The rows of a walk that the connection table keeps (full sockets and
-/// orphans, with a cookie; not TIME_WAIT or request sockets, which churn
-/// makes by the hundred thousand), packed as they arrive: until the owners
-/// are read (after the walk, so that every socket walked has its owner in
-/// /proc by then) they take 96 bytes each, not a 152-byte row.
-#[derive(Default)]
-pub struct TableRows {
-    rows: Vec<(u64, Packed)>,
+/// A walk going straight into the connection table: each row as it is
+/// read ([`ConnTable::refresh_row`]), then the owners, read after the walk
+/// so that every socket walked has its owner in /proc by then, and the
+/// verdicts ([`ConnTable::refresh_end`]). Nothing but a cookie per row is
+/// kept in between, however many sockets there are.
+pub struct TableWalk<'a> {
+    table: &'a mut ConnTable,
+    pass: Walked,
     /// The kernel's tick rate, from the first row.
     hz: Option<u64>,
-    /// Their holders, once looked up.
-    owners: owners::SharedOwners,
+    now_ns: u64,
 }
 
-impl TableRows {
-    /// Takes one row of a walk.
+impl<'a> TableWalk<'a> {
+    pub fn new(table: &'a mut ConnTable, now_ns: u64) -> Self {
+        TableWalk {
+            table,
+            pass: Walked::default(),
+            hz: None,
+            now_ns,
+        }
+    }
+
+    /// Takes one row of a walk (TIME_WAIT and request sockets, which churn
+    /// makes by the hundred thousand, are not tracked and not kept).
     pub fn add(&mut self, r: &SockRecord) {
         let hz = *self
             .hz
             .get_or_insert_with(|| hz_of(std::slice::from_ref(r)));
         if r.cookie != 0 && r.flags & (sock_flags::FULL | sock_flags::ORPHAN) != 0 {
             let conn = Conn::from_record(r, hz);
-            self.rows.push((r.cookie, Packed::new(&conn, None)));
+            self.table.refresh_row(&mut self.pass, conn, self.now_ns);
         }
     }
 
-    /// The kernel's tick rate, from the first row taken (or measured).
-    pub fn hz(&self) -> u64 {
-        self.hz.unwrap_or_else(measure_hz)
-    }
-
-    /// Looks up who holds the sockets taken so far (after the walk, so
-    /// that every socket walked has its holder by then).
-    pub fn find_owners(&mut self, ebpf: &mut aya::Ebpf) {
-        self.owners = shared_owners_of(ebpf);
-    }
-
-    /// Walks every socket, and finds their owners if asked.
-    pub fn walk(ebpf: &mut aya::Ebpf, with_owners: bool) -> Result<TableRows> {
-        let mut rows = TableRows::default();
-        loader::for_each_socket(ebpf, |r| rows.add(r))?;
-        if with_owners {
-            rows.find_owners(ebpf);
-        }
-        Ok(rows)
-    }
-
-    /// The connections, with their owners (shared between a process's
-    /// sockets; none unless looked up); consumes the rows as it goes.
-    pub fn into_conns(self) -> impl Iterator<Item = (Conn, Option<Owners>)> {
-        let owners = self.owners;
-        self.rows.into_iter().map(move |(cookie, packed)| {
-            let mut conn = packed.conn(cookie);
-            let shared = (conn.ino != 0).then(|| owners.get(conn.ino)).flatten();
-            if let Some(o) = shared {
-                conn.owners = o.to_vec();
-            }
-            (conn, shared.cloned())
-        })
+    /// Gives the connections their owners (looked up after the walk, see
+    /// [`owners_if`]) and judges; each verdict change goes to `changed` as
+    /// in [`ConnTable::refresh_with`].
+    pub fn finish(
+        self,
+        owners: owners::SharedOwners,
+        now_ns: u64,
+        changed: impl FnMut(VerdictChange, bool),
+    ) {
+        self.table
+            .refresh_end(self.pass, |ino| owners.get(ino).cloned(), now_ns, changed);
     }
 }
 
@@ -258,11 +248,13 @@ mod tests {
             row(0, sock_flags::FULL),
             row(3, sock_flags::ORPHAN),
         ];
-        let mut t = TableRows::default();
-        rows.iter().for_each(|r| t.add(r));
-        assert_eq!(t.hz, Some(250));
-        let got: Vec<_> = t.into_conns().collect();
-        let want = [&rows[0], &rows[3]].map(|r| (Conn::from_record(r, 250), None));
-        assert_eq!(got, want);
+        let mut t = ConnTable::new(10, Thresholds::default());
+        let mut w = TableWalk::new(&mut t, 1);
+        rows.iter().for_each(|r| w.add(r));
+        assert_eq!(w.hz, Some(250));
+        w.finish(owners::SharedOwners::default(), 1, |_, _| {});
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(1), Some(Conn::from_record(&rows[0], 250)));
+        assert_eq!(t.get(3), Some(Conn::from_record(&rows[3], 250)));
     }
 }
