@@ -64,8 +64,8 @@ fn no_programs_after(sig: i32) {
     let ours = prog_ids_held_by(mon.pid());
     assert_eq!(
         ours.len(),
-        8,
-        "programs held while running (7 hooks + the socket iterator): {ours:?}"
+        9,
+        "programs held while running (7 hooks + the socket and owner iterators): {ours:?}"
     );
     let loaded = loaded_prog_ids();
     assert!(ours.iter().all(|id| loaded.contains(id)));

@@ -198,11 +198,11 @@ fn programs_of(t: &Tmux) -> (u32, Vec<u32>) {
     let mut ids = Vec::new();
     let ok = wait_for(Duration::from_secs(20), || {
         ids = prog_ids_held_by(pid);
-        ids.len() == 8
+        ids.len() == 9
     });
     assert!(
         ok,
-        "top holds {ids:?}, expected 7 hooks + the socket iterator"
+        "top holds {ids:?}, expected 7 hooks + the socket and owner iterators"
     );
     (pid, ids)
 }
