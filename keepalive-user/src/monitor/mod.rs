@@ -10,6 +10,7 @@
 //! another thread: ingestion never waits for it.
 
 mod kernel_maps;
+mod owners;
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
 use crate::table::walk;
 use kernel_maps::KernelMaps;
+use owners::ConnectOwners;
 
 /// How often the kernel's drop counters are read.
 const LOSS_CHECK: Duration = Duration::from_millis(250);
@@ -254,6 +256,7 @@ struct Engine {
     btf: &'static aya::Btf,
     maps: KernelMaps,
     table: Option<ConnTable>,
+    connect_owners: ConnectOwners,
     reasons: ResetReasons,
     clock: Clock,
     counters: Counters,
@@ -288,6 +291,7 @@ impl Engine {
         }) else {
             return Ok(Flow::Continue);
         };
+        self.connect_owners.fill(&mut ev);
         // The timer hooks cannot reach the owner stored on the socket; the
         // table knows it.
         if ev.owner.is_none()
@@ -414,6 +418,7 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         btf,
         maps,
         table: None,
+        connect_owners: ConnectOwners::new(opts.max_conns),
         reasons: info.reset_reasons,
         clock: Clock::now(),
         counters: Counters::default(),
