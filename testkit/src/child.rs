@@ -42,13 +42,25 @@ impl MonitorChild {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Self::spawn(cmd, within, cancelled)
+    }
+
+    /// Runs a prepared command (a shell wrapper, a changed environment)
+    /// with stdin and stdout to /dev/null and waits up to `within` for its
+    /// ready line, like [`MonitorChild::start`].
+    pub fn spawn(
+        mut cmd: Command,
+        within: Duration,
+        cancelled: impl Fn() -> bool,
+    ) -> Result<MonitorChild> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
         let t0 = Instant::now();
         let lines = line_channel(child.stderr.take().expect("stderr is piped"));
         let mut mon = MonitorChild {
@@ -110,6 +122,13 @@ impl MonitorChild {
     /// reads the rest of its stderr. Returns how it exited.
     pub fn stop_with(&mut self, sig: i32, within: Duration) -> Result<ExitStatus> {
         self.signal(sig)?;
+        self.wait_exit(within)
+            .with_context(|| format!("after signal {sig}"))
+    }
+
+    /// Waits up to `within` for the child to exit by itself (then kills it
+    /// and fails), and reads the rest of its stderr. Returns how it exited.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child_mut().try_wait()? {
@@ -119,15 +138,23 @@ impl MonitorChild {
                 let _ = self.child_mut().kill();
                 let _ = self.child_mut().wait();
                 self.child = None;
+                self.drain_stderr();
                 bail!(
-                    "keepalive did not exit within {} s of signal {sig}",
-                    within.as_secs()
+                    "keepalive did not exit within {} s; its stderr:\n{}",
+                    within.as_secs(),
+                    self.stderr.join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
         self.child = None;
-        // The pipe closes when the child (and anything it forked) is gone.
+        self.drain_stderr();
+        Ok(status)
+    }
+
+    /// Reads what is left on stderr: the pipe closes when the child (and
+    /// anything it forked) is gone.
+    fn drain_stderr(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while let Ok(line) = self
             .lines
@@ -135,7 +162,6 @@ impl MonitorChild {
         {
             self.stderr.push(line);
         }
-        Ok(status)
     }
 
     /// `key=N` from its final summary line, once stopped.

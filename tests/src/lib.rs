@@ -116,6 +116,21 @@ impl Netns {
         self.0.enter(f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Makes `n` loopback connections to a listener of its own on `port`
+    /// inside the namespace, closing each right away (six or so state
+    /// changes per connection).
+    pub fn churn_loopback(&self, port: u16, n: usize) {
+        self.enter(move || {
+            let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+            for _ in 0..n {
+                let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let (s, _) = l.accept().unwrap();
+                drop(c);
+                drop(s);
+            }
+        });
+    }
+
     /// The kernel's TCP counters in this namespace: `Tcp.RetransSegs`,
     /// `TcpExt.TCPKeepAlive`, ... from /proc/net/snmp and /proc/net/netstat.
     pub fn counters(&self) -> Counters {

@@ -84,7 +84,7 @@ fn record_with_a_full_stderr_records() {
     // No ready line to wait for: wait for the output file, then for the
     // hooks (a connection's events appear).
     let seen = wait_for(Duration::from_secs(30), || {
-        churn(&ns, port, 1);
+        ns.churn_loopback(port, 1);
         std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() > 0)
     });
     assert!(
@@ -97,19 +97,6 @@ fn record_with_a_full_stderr_records() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(0), "{st}");
     let _ = std::fs::remove_file(&out);
-}
-
-/// Makes `n` connections to a listener in `ns` on `port`, closing each.
-fn churn(ns: &Netns, port: u16, n: usize) {
-    ns.enter(move || {
-        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        for _ in 0..n {
-            let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let (s, _) = l.accept().unwrap();
-            drop(c);
-            drop(s);
-        }
-    });
 }
 
 #[test]
@@ -165,7 +152,7 @@ fn a_stderr_reader_that_left_neither_stops_record_nor_hides_a_loss() {
     // Stop it, queue far more events than a 4 KiB ring holds, resume it.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
-    churn(&ns, port, 400);
+    ns.churn_loopback(port, 400);
     unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
     // The loss is noticed within a loss check (250 ms); give it time.
     let lost = wait_for(Duration::from_secs(10), || {
@@ -217,7 +204,7 @@ fn sighup_reopens_the_output_and_the_totals_stay_right() {
     ]);
     let out = m.output().to_path_buf();
     let rotated = out.with_extension("jsonl.1");
-    churn(&ns, port, 10);
+    ns.churn_loopback(port, 10);
     let lines = |p: &std::path::Path| {
         std::fs::read_to_string(p)
             .map(|t| t.lines().count())
@@ -235,7 +222,7 @@ fn sighup_reopens_the_output_and_the_totals_stay_right() {
         std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
         0o640
     );
-    churn(&ns, port, 10);
+    ns.churn_loopback(port, 10);
     let after = m.stop_lossless();
     let before = lines(&rotated);
     let _ = std::fs::remove_file(&rotated);

@@ -4,9 +4,9 @@
 //! `snapshot` must show it the same way.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
+use keepalive_tests::testkit::MonitorChild;
 use keepalive_tests::*;
 use serde_json::Value;
 
@@ -52,9 +52,8 @@ impl Drop for Renamed {
 
 /// `record` in text or json to a file, filtered to `port`.
 struct Record {
-    child: Child,
+    child: MonitorChild,
     out: std::path::PathBuf,
-    _stderr: mpsc::Receiver<String>,
 }
 
 impl Record {
@@ -64,45 +63,38 @@ impl Record {
             std::process::id()
         ));
         let _ = std::fs::remove_file(&out);
-        let mut child = Command::new(keepalive_bin())
-            .args(["record", "--format", format, "--refresh", "0", "--port"])
-            .arg(port.to_string())
-            .arg("-o")
-            .arg(&out)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let rx = line_channel(child.stderr.take().unwrap());
-        let ready = wait_for(Duration::from_secs(30), || {
-            rx.try_recv().is_ok_and(|l| l.contains("hooks attached"))
-        });
-        if !ready {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("record did not start");
-        }
-        Record {
-            child,
-            out,
-            _stderr: rx,
-        }
+        let port = port.to_string();
+        let args = [
+            "record",
+            "--format",
+            format,
+            "--refresh",
+            "0",
+            "--port",
+            &port,
+            "-o",
+        ];
+        let child = MonitorChild::start(
+            &keepalive_bin(),
+            args.map(std::ffi::OsStr::new)
+                .into_iter()
+                .chain([out.as_os_str()]),
+            Duration::from_secs(30),
+            || false,
+        )
+        .unwrap_or_else(|e| panic!("record did not start: {e:#}"));
+        Record { child, out }
     }
 
     fn stop(mut self) -> String {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert!(self.child.wait().unwrap().success());
-        std::fs::read_to_string(&self.out).unwrap()
-    }
-}
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let st = self
+            .child
+            .stop_with(libc::SIGTERM, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(st.success(), "{st}: {:?}", self.child.stderr);
+        let text = std::fs::read_to_string(&self.out).unwrap();
         let _ = std::fs::remove_file(&self.out);
+        text
     }
 }
 

@@ -4,10 +4,10 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use keepalive_tests::testkit::MonitorChild;
 use keepalive_tests::*;
 
 /// A directory removed (and unmounted, if something was mounted on it) on drop.
@@ -125,53 +125,17 @@ fn a_file_planted_by_another_user_in_a_sticky_dir_is_refused() {
 }
 
 /// Starts `record` with `args` and waits until its hooks are attached.
-fn start(args: &[&str]) -> (Child, mpsc::Receiver<String>, Vec<String>) {
-    let mut child = Command::new(keepalive_bin())
-        .arg("record")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = line_channel(child.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => {
-                let ready = l.contains("hooks attached");
-                seen.push(l);
-                if ready {
-                    return (child, rx, seen);
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("record did not start: {seen:?}");
-            }
-        }
-    }
+fn start(args: &[&str]) -> MonitorChild {
+    let mut cmd = Command::new(keepalive_bin());
+    cmd.arg("record").args(args);
+    MonitorChild::spawn(cmd, Duration::from_secs(30), || false).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Waits for the child to exit (killing it after `limit`); returns its
-/// exit code and the rest of its stderr.
-fn finish(
-    mut child: Child,
-    rx: mpsc::Receiver<String>,
-    mut seen: Vec<String>,
-    limit: Duration,
-) -> (Option<i32>, Vec<String>) {
-    let exited = wait_for(limit, || child.try_wait().unwrap().is_some());
-    if !exited {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push(l);
-    }
-    assert!(exited, "record did not exit by itself: {seen:?}");
-    (status.code(), seen)
+/// Waits for `record` to exit by itself within `limit`; returns its exit
+/// code and every stderr line.
+fn finish(mut child: MonitorChild, limit: Duration) -> (Option<i32>, Vec<String>) {
+    let status = child.wait_exit(limit).unwrap_or_else(|e| panic!("{e:#}"));
+    (status.code(), child.stderr.clone())
 }
 
 fn mode(p: &Path) -> u32 {
@@ -183,27 +147,19 @@ fn new_files_are_0640_even_with_umask_0() {
     require_root();
     let dir = TempDir::new("mode", 0o755);
     let (out, dump) = (dir.join("events.jsonl"), dir.join("table.jsonl"));
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "umask 0; exec {} record -o {} --table-dump {}",
-            keepalive_bin().display(),
-            out.display(),
-            dump.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = line_channel(child.stderr.take().unwrap());
-    let ready = wait_for(Duration::from_secs(30), || {
-        rx.try_recv().is_ok_and(|l| l.contains("hooks attached"))
-    });
-    assert!(ready, "record did not start");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(format!(
+        "umask 0; exec {} record -o {} --table-dump {}",
+        keepalive_bin().display(),
+        out.display(),
+        dump.display()
+    ));
+    let mut child = MonitorChild::spawn(sh, Duration::from_secs(30), || false)
+        .unwrap_or_else(|e| panic!("record did not start: {e:#}"));
+    let st = child
+        .stop_with(libc::SIGTERM, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(st.success(), "{st}: {:?}", child.stderr);
     assert_eq!(mode(&out), 0o640);
     assert_eq!(mode(&dump), 0o640);
     assert!(
@@ -211,19 +167,6 @@ fn new_files_are_0640_even_with_umask_0() {
         "the table dump is empty"
     );
     assert_eq!(std::fs::metadata(&out).unwrap().uid(), 0);
-}
-
-/// Makes `n` connections to a listener in `ns` on `port`, closing each.
-fn churn(ns: &Netns, port: u16, n: usize) {
-    ns.enter(move || {
-        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        for _ in 0..n {
-            let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let (s, _) = l.accept().unwrap();
-            drop(c);
-            drop(s);
-        }
-    });
 }
 
 #[test]
@@ -240,7 +183,7 @@ fn a_full_disk_leaves_whole_lines_totals_and_an_error_exit() {
     let ns = Netns::new("full");
     let port = 20000 + (std::process::id() % 20000) as u16;
     let port_s = port.to_string();
-    let (child, rx, seen) = start(&[
+    let child = start(&[
         "--format",
         "json",
         "--event",
@@ -253,8 +196,8 @@ fn a_full_disk_leaves_whole_lines_totals_and_an_error_exit() {
         out.to_str().unwrap(),
     ]);
     // ~6 state changes of ~300 bytes per connection: far more than 16 KiB.
-    churn(&ns, port, 200);
-    let (code, stderr) = finish(child, rx, seen, Duration::from_secs(20));
+    ns.churn_loopback(port, 200);
+    let (code, stderr) = finish(child, Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr:?}");
     let err = stderr.join("\n");
     assert!(err.contains("No space left on device"), "{err}");
@@ -284,7 +227,7 @@ fn dev_full_is_an_error_with_totals() {
     let ns = Netns::new("devfull");
     let port = 20000 + (std::process::id() % 20000) as u16 + 1;
     let port_s = port.to_string();
-    let (child, rx, seen) = start(&[
+    let child = start(&[
         "--event",
         "state_change",
         "--port",
@@ -294,8 +237,8 @@ fn dev_full_is_an_error_with_totals() {
         "-o",
         "/dev/full",
     ]);
-    churn(&ns, port, 5);
-    let (code, stderr) = finish(child, rx, seen, Duration::from_secs(20));
+    ns.churn_loopback(port, 5);
+    let (code, stderr) = finish(child, Duration::from_secs(20));
     let err = stderr.join("\n");
     assert_eq!(code, Some(1), "{err}");
     assert!(
