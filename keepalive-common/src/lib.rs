@@ -428,6 +428,8 @@ const _: () = {
     assert!(size_of::<ConnStats>() == 24 && align_of::<ConnStats>() == 4);
     assert!(size_of::<Cidr>() == 24 && align_of::<Cidr>() == 1);
     assert!(size_of::<Owner>() == 24 && align_of::<Owner>() == 4);
+    // The programs copy an owner into an event word by word.
+    assert!(offset_of!(Owner, comm) == 8 && offset_of!(RawEvent, comm) % 4 == 0);
     assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
     assert!(offset_of!(Config, event_mask) == 64);
     assert!(offset_of!(Config, cidrs) == 120);

@@ -1,18 +1,72 @@
 //! Event emission: the kernel-side filters, the owner, and the write to
 //! the ring buffer, with every event counted as emitted or dropped.
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use keepalive_common::{
-    Offsets, RawEvent,
+    Offsets, Owner, RawEvent, TASK_COMM_LEN,
     filter::{addrs_match, ports_match},
 };
 
-use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_of};
+use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_ptr};
 use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Words in a [`RawEvent`].
+const EVENT_WORDS: usize = core::mem::size_of::<RawEvent>() / 8;
+const _: () = assert!(EVENT_WORDS * 8 == core::mem::size_of::<RawEvent>());
+
+/// Zeroes `slot` with word stores and makes it an event of kind `kind`.
+///
+/// `RawEvent { .., ..Default::default() }` compiles to a call of the
+/// linker's byte-by-byte `memset` (hundreds of instructions per event),
+/// and moving an event copies it byte by byte as well: the event is built
+/// where it stays ([`new_event!`]).
+#[inline(always)]
+pub fn zeroed_event(
+    slot: &mut core::mem::MaybeUninit<RawEvent>,
+    kind: u8,
+    cookie: u64,
+) -> &mut RawEvent {
+    let p = slot.as_mut_ptr().cast::<u64>();
+    let mut i = 0;
+    while i < EVENT_WORDS {
+        // SAFETY: within the event, 8-aligned (RawEvent's alignment).
+        unsafe { write_volatile(p.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written; all-zero is a valid RawEvent.
+    let ev = unsafe { slot.assume_init_mut() };
+    ev.kind = kind;
+    ev.cookie = cookie;
+    ev
+}
+
+/// `new_event!(ev, kind, cookie)`: `ev` is a `&mut RawEvent` on this
+/// stack frame, all zero but its kind and cookie.
+macro_rules! new_event {
+    ($ev:ident, $kind:expr, $cookie:expr) => {
+        let mut slot = core::mem::MaybeUninit::<keepalive_common::RawEvent>::uninit();
+        let $ev = $crate::emit::zeroed_event(&mut slot, $kind, $cookie);
+    };
+}
+
+/// Copies `ev` into a ring slot with 8-byte loads and stores (a plain
+/// struct copy is the byte-by-byte `memmove` loop).
+#[inline(always)]
+fn copy_event(dst: *mut RawEvent, ev: &RawEvent) {
+    let (d, s) = (dst.cast::<u64>(), core::ptr::from_ref(ev).cast::<u64>());
+    let mut i = 0;
+    while i < EVENT_WORDS {
+        // SAFETY: both are whole, 8-aligned events.
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
 
 /// Kernel-side port and address filters; userspace applies the rest.
 #[inline(always)]
@@ -37,6 +91,24 @@ fn has_storage(sk: *const u8) -> bool {
     off == Offsets::MISSING || load::<u64>(sk, off) != 0
 }
 
+/// Copies the owner in socket storage `o` into the event, word by word
+/// (a `comm` array copy is a byte loop in BPF).
+#[inline(always)]
+pub fn copy_owner(ev: &mut RawEvent, o: *const Owner) {
+    let src = o.cast::<u32>();
+    // SAFETY: `o` is our storage value (pid, pad, 16-byte comm at 8); pid
+    // and comm are 4-aligned in both records (keepalive-common asserts).
+    unsafe {
+        ev.pid = read_volatile(src);
+        let comm = ev.comm.as_mut_ptr().cast::<u32>();
+        let mut i = 0;
+        while i < TASK_COMM_LEN / 4 {
+            write_volatile(comm.add(i), read_volatile(src.add(2 + i)));
+            i += 1;
+        }
+    }
+}
+
 /// Adds the owner learned at connect time (for trusted sockets; the
 /// timer hooks cannot reach socket storage and leave it to userspace),
 /// then filters and submits.
@@ -45,19 +117,33 @@ pub fn emit(ev: &mut RawEvent, trusted_sk: *const u8) {
     if !passes_filters(ev) {
         return;
     }
-    if !trusted_sk.is_null()
-        && has_storage(trusted_sk)
-        && let Some(o) = owner_of(trusted_sk)
-    {
-        ev.pid = o.pid;
-        ev.comm = o.comm;
+    if !trusted_sk.is_null() && has_storage(trusted_sk) {
+        let o = owner_ptr(trusted_sk);
+        if !o.is_null() {
+            copy_owner(ev, o);
+        }
     }
+    submit(ev);
+}
+
+/// Filters and submits an event whose owner is already in it, or left to
+/// userspace.
+#[inline(always)]
+pub fn emit_as_is(ev: &mut RawEvent) {
+    if passes_filters(ev) {
+        submit(ev);
+    }
+}
+
+/// Timestamps the event and writes it to the ring, or counts it as dropped.
+#[inline(always)]
+fn submit(ev: &mut RawEvent) {
     // SAFETY: helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     bump(&EMITTED);
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut slot) => {
-            slot.write(*ev);
+            copy_event(slot.as_mut_ptr(), ev);
             // A wakeup per event costs an IPI; wake the reader only when
             // enough has piled up (it polls on a timer for the rest).
             // Only the record that crosses the threshold wakes it, so a

@@ -24,6 +24,7 @@
 mod maps;
 #[macro_use]
 mod mem;
+#[macro_use]
 mod emit;
 mod hooks;
 mod iter;

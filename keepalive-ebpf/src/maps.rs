@@ -5,11 +5,11 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_sk_storage_get},
     macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TimerFrame};
+use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TASK_COMM_LEN, TimerFrame};
 
 /// Filled in by the daemon (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
@@ -123,18 +123,47 @@ pub fn owner_of(sk: *const u8) -> Option<Owner> {
     }
 }
 
-/// Stores `owner` on a trusted socket (creating the storage).
+/// The owner stored on a trusted socket, null when none.
 #[inline(always)]
-pub fn set_owner(sk: *const u8, owner: &Owner) {
-    // SAFETY: trusted socket pointer; `owner` is copied into the storage.
+pub fn owner_ptr(sk: *const u8) -> *const Owner {
+    // SAFETY: trusted socket pointer; the map pointer is the map's address.
     unsafe {
         bpf_sk_storage_get(
             core::ptr::from_ref(&OWNERS).cast_mut().cast(),
             sk as *mut _,
-            core::ptr::from_ref(owner).cast_mut().cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast()
+}
+
+/// Stores the current process as the owner of a trusted socket (creating
+/// the storage, zeroed, and writing the fields in place: no copy through
+/// the stack); returns the storage, null when it could not be created.
+#[inline(always)]
+pub fn set_owner_to_current(sk: *const u8) -> *const Owner {
+    // SAFETY: trusted socket pointer; the storage is created zeroed.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&OWNERS).cast_mut().cast(),
+            sk as *mut _,
+            core::ptr::null_mut(),
             BPF_SK_STORAGE_GET_F_CREATE,
         )
-    };
+    } as *mut Owner;
+    if p.is_null() {
+        return p;
+    }
+    // SAFETY: our storage value; the helpers write within it.
+    unsafe {
+        (*p).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        bpf_get_current_comm(
+            core::ptr::addr_of_mut!((*p).comm).cast(),
+            TASK_COMM_LEN as u32,
+        );
+    }
+    p
 }
 
 /// True when a consumer asked for events of kind `k`.

@@ -1,7 +1,7 @@
 //! Kernel memory access: struct fields at BTF-resolved offsets, and the
 //! connection identity (tuple, namespace, cookie) of a socket.
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_probe_read_kernel};
 use keepalive_common::RawEvent;
@@ -41,6 +41,35 @@ pub fn load<T: Copy>(base: *const u8, off: u16) -> T {
     unsafe { read_volatile(base.wrapping_add(off as usize) as *const T) }
 }
 
+/// Stores an address (IPv6: four words; IPv4: the first word, the rest
+/// zero) into a 16-byte field with 32-bit stores: an array copy becomes a
+/// byte-by-byte `memcpy` loop in BPF.
+#[inline(always)]
+pub fn put_addr(dst: &mut [u8; 16], w: [u32; 4]) {
+    let p = dst.as_mut_ptr().cast::<u32>();
+    // SAFETY: 16 writable bytes, 4-aligned in every record that has an
+    // address (RawEvent, SockRecord: see keepalive-common's asserts).
+    unsafe {
+        write_volatile(p, w[0]);
+        write_volatile(p.add(1), w[1]);
+        write_volatile(p.add(2), w[2]);
+        write_volatile(p.add(3), w[3]);
+    }
+}
+
+/// The 16 bytes at `base + off` as four words, read with `$read`.
+macro_rules! addr_words {
+    ($read:ident, $base:expr, $off:expr) => {{
+        let (b, o) = ($base, $off);
+        [
+            $read::<u32>(b, o),
+            $read::<u32>(b, o + 4),
+            $read::<u32>(b, o + 8),
+            $read::<u32>(b, o + 12),
+        ]
+    }};
+}
+
 /// Copies the connection identity out of a `struct sock_common` into any
 /// record with the tuple fields (events and snapshot rows), with `$read`
 /// being [`load`] for trusted pointers and [`read`] otherwise.
@@ -54,15 +83,15 @@ macro_rules! fill_tuple {
         $dst.sport = $read::<u16>(sk, conf!(offsets.skc_num));
         $dst.dport = u16::from_be($read::<u16>(sk, conf!(offsets.skc_dport)));
         if family == $crate::mem::AF_INET6 {
-            $dst.saddr = $read(sk, conf!(offsets.skc_v6_rcv_saddr));
-            $dst.daddr = $read(sk, conf!(offsets.skc_v6_daddr));
+            let s = addr_words!($read, sk, conf!(offsets.skc_v6_rcv_saddr));
+            let d = addr_words!($read, sk, conf!(offsets.skc_v6_daddr));
+            $crate::mem::put_addr(&mut $dst.saddr, s);
+            $crate::mem::put_addr(&mut $dst.daddr, d);
         } else {
             let s: u32 = $read(sk, conf!(offsets.skc_rcv_saddr));
             let d: u32 = $read(sk, conf!(offsets.skc_daddr));
-            $dst.saddr = [0; 16];
-            $dst.daddr = [0; 16];
-            $dst.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-            $dst.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+            $crate::mem::put_addr(&mut $dst.saddr, [s, 0, 0, 0]);
+            $crate::mem::put_addr(&mut $dst.daddr, [d, 0, 0, 0]);
         }
         // Through a trusted socket the loaded `struct net *` is itself a
         // BTF pointer the verifier lets us load from (fault-safe).

@@ -2,17 +2,13 @@
 //! and received, socket errors. Each runs with a trusted `struct sock *`
 //! argument, so fields are plain loads and socket storage is reachable.
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
-use keepalive_common::{Offsets, Owner, RawEvent, flags, kind, tcp_state};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use keepalive_common::{Offsets, RawEvent, flags, kind, tcp_state};
 
 use super::timer::timer_flags;
-use crate::emit::emit;
-use crate::maps::{count, set_owner, wanted};
-use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol, read};
+use crate::emit::{copy_owner, emit, emit_as_is};
+use crate::maps::{count, set_owner_to_current, wanted};
+use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol, put_addr, read};
 
 const IPPROTO_TCP: u16 = 6;
 const ETIMEDOUT: i32 = 110;
@@ -27,11 +23,7 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    let mut ev = RawEvent {
-        kind: kind::RETRANSMIT,
-        cookie: cookie_of(sk),
-        ..RawEvent::default()
-    };
+    new_event!(ev, kind::RETRANSMIT, cookie_of(sk));
     let cb = conf!(offsets.skb_cb);
     if cb != Offsets::MISSING && !skb.is_null() {
         let tcb = skb.wrapping_add(cb as usize);
@@ -51,9 +43,9 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::RETRANSMIT) {
         return 0;
     }
-    fill_sock_direct(&mut ev, sk);
+    fill_sock_direct(ev, sk);
     ev.flags |= timer_flags(sk);
-    emit(&mut ev, sk);
+    emit(ev, sk);
     0
 }
 
@@ -69,14 +61,12 @@ fn fill_from_skb(ev: &mut RawEvent, skb: *const u8) {
     // The reset travels back: our source is the packet's destination.
     if ver >> 4 == 6 {
         ev.family = AF_INET6 as u8;
-        ev.daddr = read(ip, 8);
-        ev.saddr = read(ip, 24);
+        put_addr(&mut ev.daddr, addr_words!(read, ip, 8));
+        put_addr(&mut ev.saddr, addr_words!(read, ip, 24));
     } else {
         ev.family = AF_INET as u8;
-        let s: [u8; 4] = read(ip, 12);
-        let d: [u8; 4] = read(ip, 16);
-        ev.daddr[..4].copy_from_slice(&s);
-        ev.saddr[..4].copy_from_slice(&d);
+        put_addr(&mut ev.daddr, [read(ip, 12), 0, 0, 0]);
+        put_addr(&mut ev.saddr, [read(ip, 16), 0, 0, 0]);
     }
     ev.dport = u16::from_be(read::<u16>(tcp, 0));
     ev.sport = u16::from_be(read::<u16>(tcp, 2));
@@ -97,17 +87,14 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: *const u8 = ctx.arg(1);
-    let mut ev = RawEvent {
-        kind: kind::RESET_SENT,
-        ..RawEvent::default()
-    };
+    new_event!(ev, kind::RESET_SENT, 0);
     if !sk.is_null() {
         ev.cookie = cookie;
-        fill_sock_direct(&mut ev, sk);
+        fill_sock_direct(ev, sk);
         ev.flags |= timer_flags(sk);
     } else if !skb.is_null() {
         ev.flags |= flags::NO_SOCKET;
-        fill_from_skb(&mut ev, skb);
+        fill_from_skb(ev, skb);
     } else {
         return 0;
     }
@@ -116,7 +103,7 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
         ev.reason = reason as u32;
         ev.flags |= flags::HAS_REASON;
     }
-    emit(&mut ev, sk);
+    emit(ev, sk);
     0
 }
 
@@ -132,13 +119,9 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::RESET_RECEIVED) {
         return 0;
     }
-    let mut ev = RawEvent {
-        kind: kind::RESET_RECEIVED,
-        cookie,
-        ..RawEvent::default()
-    };
-    fill_sock_direct(&mut ev, sk);
-    emit(&mut ev, sk);
+    new_event!(ev, kind::RESET_RECEIVED, cookie);
+    fill_sock_direct(ev, sk);
+    emit(ev, sk);
     0
 }
 
@@ -154,28 +137,27 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
     // Generating the cookie here also makes it readable later from
     // contexts that cannot call the helper (the timer tracepoints).
     let cookie = cookie_of(sk);
-    if new as u32 == tcp_state::SYN_SENT {
-        // connect(): the only transition that runs in the owner's context.
-        let owner = Owner {
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            _pad: 0,
-            comm: bpf_get_current_comm().unwrap_or_default(),
-        };
-        set_owner(sk, &owner);
-    }
+    // connect(): the only transition that runs in the owner's context.
+    // The owner lives as long as the socket, so a timeout or reset
+    // reported after CLOSE still carries it.
+    let owner = if new as u32 == tcp_state::SYN_SENT {
+        set_owner_to_current(sk)
+    } else {
+        core::ptr::null()
+    };
     if wanted(kind::STATE_CHANGE) {
-        let mut ev = RawEvent {
-            kind: kind::STATE_CHANGE,
-            cookie,
-            old_state: old as u8,
-            new_state: new as u8,
-            ..RawEvent::default()
-        };
-        fill_sock_direct(&mut ev, sk);
-        emit(&mut ev, sk);
+        new_event!(ev, kind::STATE_CHANGE, cookie);
+        ev.old_state = old as u8;
+        ev.new_state = new as u8;
+        fill_sock_direct(ev, sk);
+        // Only → SYN_SENT carries the owner: the engine remembers it by
+        // cookie for the connection's later state changes (up to CLOSE),
+        // which saves a socket-storage lookup on each of them.
+        if !owner.is_null() {
+            copy_owner(ev, owner);
+        }
+        emit_as_is(ev);
     }
-    // The owner lives as long as the socket, so a timeout reported after
-    // CLOSE still carries it.
     0
 }
 
@@ -195,15 +177,11 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::TIMEOUT) {
         return 0;
     }
-    let mut ev = RawEvent {
-        kind: kind::TIMEOUT,
-        cookie,
-        user_timeout_ms: read::<u32>(sk, conf!(offsets.icsk_user_timeout)),
-        probes_out: read::<u8>(sk, conf!(offsets.icsk_probes_out)),
-        ..RawEvent::default()
-    };
-    fill_sock_direct(&mut ev, sk);
+    new_event!(ev, kind::TIMEOUT, cookie);
+    ev.user_timeout_ms = read::<u32>(sk, conf!(offsets.icsk_user_timeout));
+    ev.probes_out = read::<u8>(sk, conf!(offsets.icsk_probes_out));
+    fill_sock_direct(ev, sk);
     ev.flags |= timer_flags(sk);
-    emit(&mut ev, sk);
+    emit(ev, sk);
     0
 }

@@ -7,7 +7,7 @@
 //! storage is out of reach.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use keepalive_common::{RawEvent, flags, kind};
+use keepalive_common::{flags, kind};
 
 use keepalive_common::Offsets;
 
@@ -138,14 +138,10 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::KEEPALIVE_PROBE) {
         return 0;
     }
-    let mut ev = RawEvent {
-        kind: kind::KEEPALIVE_PROBE,
-        cookie,
-        probes_out: probe,
-        flags: flags::IN_KEEPALIVE_TIMER,
-        ..RawEvent::default()
-    };
-    fill_sock(&mut ev, sk);
-    emit(&mut ev, core::ptr::null());
+    new_event!(ev, kind::KEEPALIVE_PROBE, cookie);
+    ev.probes_out = probe;
+    ev.flags = flags::IN_KEEPALIVE_TIMER;
+    fill_sock(ev, sk);
+    emit(ev, core::ptr::null());
     0
 }

@@ -11,6 +11,7 @@
 
 mod heap;
 mod kernel_maps;
+mod owners;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::table::owners::SharedOwners;
 use crate::table::verdict::Thresholds;
 use crate::table::walk::{self, TableWalk};
 use kernel_maps::KernelMaps;
+use owners::ConnectOwners;
 
 /// How often the kernel's drop counters are read.
 const LOSS_CHECK: Duration = Duration::from_millis(250);
@@ -256,6 +258,7 @@ struct Engine {
     ebpf: Option<aya::Ebpf>,
     maps: KernelMaps,
     table: Option<ConnTable>,
+    connect_owners: ConnectOwners,
     reasons: ResetReasons,
     clock: Clock,
     counters: Counters,
@@ -291,6 +294,7 @@ impl Engine {
         }) else {
             return Ok(Flow::Continue);
         };
+        self.connect_owners.fill(&mut ev);
         // The timer hooks cannot reach the owner stored on the socket; the
         // table knows it.
         if ev.owner.is_none()
@@ -496,6 +500,7 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         ebpf: Some(ebpf),
         maps,
         table,
+        connect_owners: ConnectOwners::new(opts.max_conns),
         reasons: info.reset_reasons,
         clock: Clock::now(),
         counters: Counters::default(),
