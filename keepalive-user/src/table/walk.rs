@@ -66,7 +66,7 @@ enum Found {
 /// descriptor of every process: seconds on a host with 100k connections).
 fn find_owners(ebpf: &mut aya::Ebpf) -> Found {
     if !owners::kernel_pids_are_ours() {
-        return Found::Proc("own pid namespace");
+        return Found::Proc("/proc (own pid namespace)");
     }
     let t0 = std::time::Instant::now();
     match loader::walk_owners(ebpf) {
@@ -76,7 +76,7 @@ fn find_owners(ebpf: &mut aya::Ebpf) -> Found {
         }
         Err(e) => {
             tracing::debug!("owner walk unavailable ({e:#}); reading /proc");
-            Found::Proc("owner walk unavailable")
+            Found::Proc("/proc (owner walk unavailable)")
         }
     }
 }
@@ -85,14 +85,15 @@ fn find_owners(ebpf: &mut aya::Ebpf) -> Found {
 /// `snapshot` moves into its rows).
 pub fn owners_of(ebpf: &mut aya::Ebpf) -> HashMap<u64, Vec<Owner>> {
     let t0 = std::time::Instant::now();
-    let owners = match find_owners(ebpf) {
-        Found::Kernel(rows) => owners::from_rows(&rows),
-        Found::Proc(why) => {
-            tracing::debug!("owners from /proc: {why}");
-            owners::scan()
-        }
+    let (how, owners) = match find_owners(ebpf) {
+        Found::Kernel(rows) => ("kernel walk", owners::from_rows(&rows)),
+        Found::Proc(why) => (why, owners::scan()),
     };
-    tracing::debug!("owners of {} sockets in {:?}", owners.len(), t0.elapsed());
+    tracing::debug!(
+        "owners of {} sockets found by {how} in {:?}",
+        owners.len(),
+        t0.elapsed()
+    );
     owners
 }
 
@@ -105,7 +106,7 @@ pub fn owners_if(ebpf: &mut aya::Ebpf, wanted: bool) -> owners::SharedOwners {
     match find_owners(ebpf) {
         Found::Kernel(rows) => owners::shared_from_rows(&rows),
         Found::Proc(why) => {
-            tracing::debug!("owners from /proc: {why}");
+            tracing::debug!("owners found by {why}");
             owners::scan_shared()
         }
     }
