@@ -473,6 +473,11 @@ pub mod names {
     pub const SOCKOPS: &str = "ka_tune_sockops";
     pub const SETSOCKOPT: &str = "ka_tune_setsockopt";
     pub const WALK: &str = "ka_tune_iter";
+    /// The failure loggers the tuning programs tail-call, and their arrays.
+    pub const LOG_SOCKOPS: &str = "ka_tune_log_sockops";
+    pub const LOG_ITER: &str = "ka_tune_log_iter";
+    pub const TUNE_LOG_SOCKOPS: &str = "TUNE_LOG_SOCKOPS";
+    pub const TUNE_LOG_ITER: &str = "TUNE_LOG_ITER";
 }
 
 // The layouts both sides rely on, without implicit padding.

@@ -14,6 +14,7 @@ use keepalive_common::{
 use crate::iter::IterTcpCtx;
 use crate::mem::{cookie_of, read};
 use crate::tune::{TUNE_RULES, now, restore_socket, scratch, tune_config, tune_socket};
+use crate::tune_log::log_failure_iter;
 
 // int prog(struct bpf_iter__tcp *ctx)
 #[unsafe(no_mangle)]
@@ -54,5 +55,8 @@ extern "C" fn ka_tune_iter(ctx: *mut IterTcpCtx) -> i32 {
             core::mem::size_of::<TuneReport>() as u32,
         )
     };
+    if r.failed != 0 {
+        log_failure_iter(ctx);
+    }
     0
 }

@@ -14,7 +14,8 @@
 //! - [`iter_owners`]: the `iter/task_file` program that finds their owners;
 //! - [`tune`], [`hooks::sockops`], [`hooks::setsockopt`], [`iter_tune`]:
 //!   `keepalive tune` (policy maps, new connections, application
-//!   overrides, the walk over existing connections).
+//!   overrides, the walk over existing connections); [`tune_log`]: the
+//!   aya-log diagnostics of a failed `bpf_setsockopt`, tail-called.
 // Built for bpfel-unknown-none by keepalive-user's build.rs; on the host
 // it compiles as an empty binary so `cargo clippy --workspace` checks it.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -31,6 +32,7 @@ mod iter;
 mod iter_owners;
 mod iter_tune;
 mod tune;
+mod tune_log;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -60,7 +60,7 @@ static TUNE_SK: SkStorage<TuneState> = SkStorage::new();
 
 /// Scratch report (too big for the BPF stack next to everything else).
 #[map]
-static TUNE_ROW: PerCpuArray<TuneReport> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static TUNE_ROW: PerCpuArray<TuneReport> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 pub const SOL_SOCKET: i32 = 1;

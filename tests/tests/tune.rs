@@ -789,3 +789,79 @@ fn adaptive_learns_a_middleboxs_idle_timeout_and_later_connections_outlive_it() 
     );
     tune.stop_with(libc::SIGTERM);
 }
+
+/// Writes `idle_s` as the learned TCP_KEEPIDLE for `to` (its /24 and
+/// port) into the TUNE_ADAPT map of the running `keepalive` with `pid`:
+/// the map is found through the process's own file descriptors, so a
+/// tune run by anyone else on the host is never touched.
+fn inject_learned_idle(pid: u32, to: std::net::SocketAddr, idle_s: u32) {
+    use aya::maps::{HashMap, Map, MapData, MapInfo};
+    let std::net::IpAddr::V4(ip) = to.ip() else {
+        panic!("an IPv4 listener")
+    };
+    let mut key = [0u8; 20];
+    key[..3].copy_from_slice(&ip.octets()[..3]);
+    key[16] = libc::AF_INET as u8;
+    key[18..20].copy_from_slice(&to.port().to_ne_bytes());
+    let fdinfo = format!("/proc/{pid}/fdinfo");
+    let ids = std::fs::read_dir(&fdinfo).unwrap().filter_map(|e| {
+        let text = std::fs::read_to_string(e.ok()?.path()).ok()?;
+        let line = text.lines().find(|l| l.starts_with("map_id:"))?;
+        line["map_id:".len()..].trim().parse::<u32>().ok()
+    });
+    for id in ids {
+        let Ok(info) = MapInfo::from_id(id) else {
+            continue;
+        };
+        if info.name_as_str() != Some("TUNE_ADAPT") {
+            continue;
+        }
+        let map = MapData::from_id(id).unwrap();
+        let mut adapt: HashMap<_, [u8; 20], u32> = Map::HashMap(map).try_into().unwrap();
+        adapt.insert(key, idle_s, 0).unwrap();
+        return;
+    }
+    panic!("no TUNE_ADAPT map among the fds of keepalive {pid}");
+}
+
+#[test]
+fn a_setsockopt_the_kernel_rejects_is_a_failed_record_and_a_kernel_log_line() {
+    let pair = Pair::new("tf");
+    let listener = listen(&pair.b, &format!("{}:0", pair.b4));
+    let to = listener.local_addr().unwrap();
+    let dir = Dir::new();
+    let policy = dir.policy(
+        "p.toml",
+        &rule(
+            to,
+            "keepalive = true\nadaptive = { min_idle = \"1s\", max_idle = \"60s\" }",
+        ),
+    );
+    let mut tune = Tune::start(&dir, &policy, &[]);
+    // TCP_KEEPIDLE above MAX_TCP_KEEPIDLE (32767 s): the kernel's
+    // bpf_setsockopt answers EINVAL. Only a learned value can get there.
+    inject_learned_idle(tune.child.pid(), to, 40_000);
+    let dflt = defaults(&pair.a);
+    let conn = connect_in(&pair.a, to).unwrap();
+    let (_srv, _) = listener.accept().unwrap();
+    let c = cookie(&conn);
+    let r = tune.wait_action(c, "tuned");
+    let failed = r["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{r}");
+    assert_eq!(failed[0]["option"], "idle_s", "{r}");
+    assert_eq!(failed[0]["error"], "EINVAL", "{r}");
+    // The rest of the rule still applied; the idle stayed as it was.
+    let s = settings(&conn);
+    assert!(s.enabled, "keepalive set despite the failed idle");
+    assert_eq!(s.idle_s, dflt.idle_s);
+    tune.stop_with(libc::SIGTERM);
+    let want = format!("bpf_setsockopt failed: cookie {c} ");
+    let line = tune
+        .child
+        .stderr
+        .iter()
+        .find(|l| l.contains(&want))
+        .unwrap_or_else(|| panic!("no kernel log line {want:?}: {:?}", tune.child.stderr));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("errno 22"), "{line}");
+}

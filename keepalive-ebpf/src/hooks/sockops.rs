@@ -10,6 +10,7 @@ use aya_ebpf::{
 use keepalive_common::tune::{TuneConfig, cfg_flags, tflags};
 
 use crate::tune::{TUNE_RULES, now, scratch, submit, tune_config, tune_socket};
+use crate::tune_log::log_failure_sockops;
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
@@ -55,5 +56,8 @@ fn on_established(ctx: &SockOpsContext, cfg: &TuneConfig) {
         r.flags |= tflags::NEW;
         r.ts_ns = now();
         submit(r);
+        if r.failed != 0 {
+            log_failure_sockops(ctx);
+        }
     }
 }

@@ -12,8 +12,9 @@ use std::fs::File;
 
 use anyhow::{Context, Result, anyhow};
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockopt, SockOps};
+use aya::maps::{Array, HashMap, MapData, ProgramArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSockopt, Iter, SockOps};
+use aya_log::EbpfLogger;
 use keepalive_common::TASK_COMM_LEN;
 use keepalive_common::tune::{
     DestKey, MAX_RULES, RuleSet, TuneConfig, TuneReport, TuneRule, cfg_flags, names, walk_mode,
@@ -28,6 +29,10 @@ pub struct TuneKernel {
     cfg_map: Array<MapData, TuneConfig>,
     owners: HashMap<MapData, u64, [u8; TASK_COMM_LEN]>,
     adapt: HashMap<MapData, DestKey, u32>,
+    /// The aya-log ring of the failure loggers and the program arrays they
+    /// sit in (None: the object has none). The arrays are kept open: the
+    /// kernel empties a program array when its last file descriptor closes.
+    logger: Option<(EbpfLogger<KernelLog>, [ProgramArray<MapData>; 2])>,
     pub config: TuneConfig,
     /// Where cgroup v2 is mounted (rules' cgroup paths are below it).
     pub cgroup_root: std::path::PathBuf,
@@ -57,6 +62,7 @@ impl TuneKernel {
             cfg_map: take(ebpf, names::TUNE_CFG)?,
             owners: take(ebpf, names::TUNE_OWNERS)?,
             adapt: take(ebpf, names::TUNE_ADAPT)?,
+            logger: None,
             config: TuneConfig {
                 flags: config.flags & !cfg_flags::ACTIVE,
                 ..config
@@ -65,6 +71,7 @@ impl TuneKernel {
         };
         k.set_rules(rules)?;
         k.write_config()?;
+        k.logger = failure_loggers(ebpf);
         let cg = File::open(&k.cgroup_root)
             .with_context(|| format!("opening the cgroup v2 root {}", k.cgroup_root.display()))?;
         let prog: &mut SockOps = ebpf
@@ -134,6 +141,7 @@ impl TuneKernel {
         self.config.walk_mode = mode;
         self.write_config()?;
         let rows = loader::iter_rows::<TuneReport>(ebpf, names::WALK);
+        self.flush_log();
         self.config.walk_mode = walk_mode::APPLY;
         self.write_config()?;
         rows.context("walking TCP sockets to tune them (iter/tcp)")
@@ -141,6 +149,7 @@ impl TuneKernel {
 
     /// Every report sock_ops and the setsockopt hook queued.
     pub fn drain(&mut self) -> Vec<TuneReport> {
+        self.flush_log();
         let mut out = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() >= size_of::<TuneReport>() {
@@ -149,6 +158,13 @@ impl TuneKernel {
             }
         }
         out
+    }
+
+    /// Passes on what the failure loggers said (rare: only failures log).
+    fn flush_log(&mut self) {
+        if let Some((l, _)) = self.logger.as_mut() {
+            l.flush();
+        }
     }
 
     /// Tells the programs who owns sockets the kernel knows no owner of.
@@ -179,5 +195,74 @@ impl TuneKernel {
         self.adapt
             .insert(dest, idle_s, 0)
             .map_err(|e| anyhow!("writing TUNE_ADAPT: {e}"))
+    }
+}
+
+/// Where kernel-side diagnostics go: aya-log records become `tracing`
+/// events under the target `keepalive::kernel`, at their own level.
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "keepalive::kernel", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "keepalive::kernel", "{msg}"),
+            log::Level::Info => tracing::info!(target: "keepalive::kernel", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "keepalive::kernel", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "keepalive::kernel", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Loads the programs that log a failed `bpf_setsockopt`, puts them where
+/// the tuning programs tail-call them, and returns the reader of their
+/// log ring. Diagnostics are optional: when anything here fails (an object
+/// built without them), tuning goes on without and says so at debug level.
+fn failure_loggers(ebpf: &mut Ebpf) -> Option<(EbpfLogger<KernelLog>, [ProgramArray<MapData>; 2])> {
+    let installed = (|| -> Result<[ProgramArray<MapData>; 2]> {
+        let prog: &mut SockOps = ebpf
+            .program_mut(names::LOG_SOCKOPS)
+            .ok_or_else(|| anyhow!("program {} missing", names::LOG_SOCKOPS))?
+            .try_into()?;
+        let t0 = std::time::Instant::now();
+        prog.load()
+            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))?;
+        loader::log_loaded(names::LOG_SOCKOPS, t0, prog.info().ok());
+        let fd = prog.fd()?.try_clone()?;
+        let mut for_sockops: ProgramArray<MapData> = take(ebpf, names::TUNE_LOG_SOCKOPS)?;
+        for_sockops.set(0, &fd, 0)?;
+        let prog: &mut Iter = ebpf
+            .program_mut(names::LOG_ITER)
+            .ok_or_else(|| anyhow!("program {} missing", names::LOG_ITER))?
+            .try_into()?;
+        let t0 = std::time::Instant::now();
+        prog.load("tcp", &*loader::aya_btf()?)
+            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))?;
+        loader::log_loaded(names::LOG_ITER, t0, prog.info().ok());
+        let fd = prog.fd()?.try_clone()?;
+        let mut for_iter: ProgramArray<MapData> = take(ebpf, names::TUNE_LOG_ITER)?;
+        for_iter.set(0, &fd, 0)?;
+        Ok([for_sockops, for_iter])
+    })();
+    let arrays = match installed {
+        Ok(arrays) => arrays,
+        Err(e) => {
+            tracing::debug!("kernel diagnostics of tuning failures are off: {e:#}");
+            return None;
+        }
+    };
+    match EbpfLogger::init_with_logger(ebpf, KernelLog) {
+        Ok(l) => Some((l, arrays)),
+        Err(e) => {
+            tracing::debug!("kernel diagnostics of tuning failures are off: {e}");
+            None
+        }
     }
 }
