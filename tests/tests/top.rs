@@ -176,9 +176,11 @@ fn top_cmd(extra: &str) -> String {
 
 /// The line of the table for the connection from `local` to `peer`.
 fn row<'a>(screen: &'a str, local: &str, peer: &str) -> Option<&'a str> {
+    // LOCAL then PEER, in that order: the other end's row holds the same
+    // two addresses the other way round.
     screen.lines().find(|l| {
         let words: Vec<&str> = l.split_whitespace().collect();
-        words.contains(&local) && words.contains(&peer)
+        words.windows(2).any(|w| w == [local, peer])
     })
 }
 
