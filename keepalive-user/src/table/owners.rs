@@ -25,35 +25,12 @@ pub fn kernel_pids_are_ours() -> bool {
 /// process; a process that exited since the walk is left out, as
 /// [`scan`] would not have seen it either.
 pub fn from_rows(rows: &[OwnerRow]) -> HashMap<u64, Vec<Owner>> {
-    let mut map: HashMap<u64, Vec<Owner>> = HashMap::with_capacity(rows.len());
-    let mut names: HashMap<u32, Option<Comm>> = HashMap::new();
-    // A process's rows come together: look its name up once per run.
-    let mut last: Option<(u32, Option<Comm>)> = None;
-    for r in rows {
-        let comm = match &last {
-            Some((pid, comm)) if *pid == r.pid => comm,
-            _ => {
-                let comm = names.entry(r.pid).or_insert_with(|| {
-                    let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
-                    Some(Comm::from_bytes(
-                        bytes.strip_suffix(b"\n").unwrap_or(&bytes),
-                    ))
-                });
-                &last.insert((r.pid, comm.clone())).1
-            }
-        };
-        let Some(comm) = comm else {
-            continue;
-        };
-        let owners = map.entry(r.ino).or_default();
-        if !owners.iter().any(|o| o.pid == r.pid) {
-            owners.push(Owner {
-                pid: r.pid,
-                comm: comm.clone(),
-            });
-        }
-    }
-    map
+    Holders::from_rows(rows).into_map()
+}
+
+/// [`from_rows`], with the owner lists shared (same order, same owners).
+pub fn shared_from_rows(rows: &[OwnerRow]) -> SharedOwners {
+    Holders::from_rows(rows).into_shared()
 }
 
 /// /proc/PID/comm as bytes (a name need not be UTF-8, and may end in
@@ -65,28 +42,7 @@ fn read_comm(pid: u32) -> Comm {
 
 /// Socket inode -> processes that have it open.
 pub fn scan() -> HashMap<u64, Vec<Owner>> {
-    let mut map: HashMap<u64, Vec<Owner>> = HashMap::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return map;
-    };
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Some(fds) = FdDir::open(pid) else {
-            continue;
-        };
-        let mut comm: Option<Comm> = None;
-        for ino in fds.socket_inodes() {
-            let comm = comm.get_or_insert_with(|| read_comm(pid)).clone();
-            let owners = map.entry(ino).or_default();
-            if !owners.iter().any(|o| o.pid == pid) {
-                owners.push(Owner { pid, comm });
-            }
-        }
-    }
-    map
+    Holders::scan().into_map()
 }
 
 /// Socket inode -> the processes that hold it, each list shared by every
@@ -108,10 +64,55 @@ impl SharedOwners {
 
 /// [`scan`], with the owner lists shared (same order, same owners).
 pub fn scan_shared() -> SharedOwners {
-    let mut procs: Vec<Owner> = Vec::new();
-    // (inode, index in procs): processes in /proc order, as `scan` has them.
-    let mut pairs: Vec<(u64, u32)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
+    Holders::scan().into_shared()
+}
+
+/// Who holds which socket, as found: each process once, and a (socket
+/// inode, index in `procs`) pair per descriptor, in the order found.
+#[derive(Default)]
+struct Holders {
+    procs: Vec<Owner>,
+    pairs: Vec<(u64, u32)>,
+}
+
+impl Holders {
+    /// From the kernel owner walk's rows.
+    fn from_rows(rows: &[OwnerRow]) -> Holders {
+        let mut h = Holders {
+            procs: Vec::new(),
+            pairs: Vec::with_capacity(rows.len()),
+        };
+        // pid -> index in procs, None when it exited since the walk.
+        let mut index_of: HashMap<u32, Option<u32>> = HashMap::new();
+        // A process's rows come together: look it up once per run.
+        let mut last: Option<(u32, Option<u32>)> = None;
+        for r in rows {
+            let index = match last {
+                Some((pid, index)) if pid == r.pid => index,
+                _ => {
+                    let index = *index_of.entry(r.pid).or_insert_with(|| {
+                        let bytes = std::fs::read(format!("/proc/{}/comm", r.pid)).ok()?;
+                        Some(h.add(
+                            r.pid,
+                            Comm::from_bytes(bytes.strip_suffix(b"\n").unwrap_or(&bytes)),
+                        ))
+                    });
+                    last.insert((r.pid, index)).1
+                }
+            };
+            if let Some(i) = index {
+                h.pairs.push((r.ino, i));
+            }
+        }
+        h
+    }
+
+    /// From the socket links behind every /proc/PID/fd/*.
+    fn scan() -> Holders {
+        let mut h = Holders::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return h;
+        };
         for p in dir.flatten() {
             let name = p.file_name();
             let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -122,64 +123,43 @@ pub fn scan_shared() -> SharedOwners {
             };
             let mut index = None;
             for ino in fds.socket_inodes() {
-                let i = *index.get_or_insert_with(|| {
-                    procs.push(Owner {
-                        pid,
-                        comm: read_comm(pid),
-                    });
-                    (procs.len() - 1) as u32
-                });
-                pairs.push((ino, i));
+                let i = *index.get_or_insert_with(|| h.add(pid, read_comm(pid)));
+                h.pairs.push((ino, i));
             }
         }
+        h
     }
-    SharedOwners::from_pairs(&procs, pairs)
-}
 
-/// [`from_rows`], with the owner lists shared (same order, same owners).
-pub fn shared_from_rows(rows: &[OwnerRow]) -> SharedOwners {
-    let mut procs: Vec<Owner> = Vec::new();
-    let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(rows.len());
-    // A process's rows come together: its name is read once per run.
-    let mut last: Option<(u32, Option<u32>)> = None;
-    for r in rows {
-        let index = match last {
-            Some((pid, index)) if pid == r.pid => index,
-            _ => {
-                let index = std::fs::read(format!("/proc/{}/comm", r.pid))
-                    .ok()
-                    .map(|bytes| {
-                        procs.push(Owner {
-                            pid: r.pid,
-                            comm: Comm::from_bytes(bytes.strip_suffix(b"\n").unwrap_or(&bytes)),
-                        });
-                        (procs.len() - 1) as u32
-                    });
-                last.insert((r.pid, index)).1
+    fn add(&mut self, pid: u32, comm: Comm) -> u32 {
+        self.procs.push(Owner { pid, comm });
+        (self.procs.len() - 1) as u32
+    }
+
+    /// A list per socket, its holders in the order found.
+    fn into_map(self) -> HashMap<u64, Vec<Owner>> {
+        let mut map: HashMap<u64, Vec<Owner>> = HashMap::with_capacity(self.pairs.len());
+        for (ino, i) in self.pairs {
+            let owner = &self.procs[i as usize];
+            let owners = map.entry(ino).or_default();
+            if !owners.iter().any(|o| o.pid == owner.pid) {
+                owners.push(owner.clone());
             }
-        };
-        // A process that exited since the walk is left out, as `scan`
-        // would not have seen it either.
-        if let Some(i) = index {
-            pairs.push((r.ino, i));
         }
+        map
     }
-    SharedOwners::from_pairs(&procs, pairs)
-}
 
-impl SharedOwners {
-    /// From (socket inode, index in `procs`) pairs in the order the
-    /// processes were found.
-    fn from_pairs(procs: &[Owner], mut pairs: Vec<(u64, u32)>) -> SharedOwners {
+    /// The lists shared by every socket with the same holders.
+    fn into_shared(mut self) -> SharedOwners {
         // Indices grow in the order the processes were found, so a
         // socket's holders keep that order.
-        pairs.sort_unstable();
-        pairs.dedup();
+        self.pairs.sort_unstable();
+        self.pairs.dedup();
+        let procs = &self.procs;
         let mut lists: Vec<Owners> = Vec::new();
         let mut alone: HashMap<u32, u32> = HashMap::new();
         let mut shared: HashMap<Vec<u32>, u32> = HashMap::new();
         let mut by_ino = Vec::new();
-        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+        for run in self.pairs.chunk_by(|a, b| a.0 == b.0) {
             let mut add = |holders: &[(u64, u32)]| {
                 let list = holders.iter().map(|&(_, i)| procs[i as usize].clone());
                 lists.push(Owners::new(list.collect()));
