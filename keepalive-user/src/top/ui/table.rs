@@ -147,14 +147,17 @@ pub(super) fn draw_table(f: &mut Frame, area: Rect, app: &mut App, m: &Model, th
     // Drop the least needed columns until the reason gets its minimum.
     let mut shown: Vec<bool> = vec![true; cols.len()];
     let total = area.width as usize;
-    loop {
-        let used: usize = widths
+    // Width of the shown columns, a space after each.
+    let used = |widths: &[usize], shown: &[bool]| -> usize {
+        widths
             .iter()
-            .zip(&shown)
+            .zip(shown)
             .filter(|(_, s)| **s)
             .map(|(w, _)| w + 1)
-            .sum();
-        if used + REASON_MIN <= total {
+            .sum()
+    };
+    loop {
+        if used(&widths, &shown) + REASON_MIN <= total {
             break;
         }
         let Some(drop) = cols
@@ -173,13 +176,7 @@ pub(super) fn draw_table(f: &mut Frame, area: Rect, app: &mut App, m: &Model, th
         }
         shown[drop] = false;
     }
-    let used: usize = widths
-        .iter()
-        .zip(&shown)
-        .filter(|(_, s)| **s)
-        .map(|(w, _)| w + 1)
-        .sum();
-    let reason_w = total.saturating_sub(used).max(1);
+    let reason_w = total.saturating_sub(used(&widths, &shown)).max(1);
     let mut constraints: Vec<Constraint> = widths
         .iter()
         .zip(&shown)
