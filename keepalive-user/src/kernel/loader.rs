@@ -263,17 +263,7 @@ pub fn for_each_row<T: aya::Pod>(
     program: &str,
     mut f: impl FnMut(&T),
 ) -> Result<()> {
-    let prog: &mut Iter = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        let t0 = std::time::Instant::now();
-        prog.load("tcp", &*aya_btf()?)
-            .map_err(|e| anyhow!("{}", verifier_summary(&e)))
-            .with_context(|| format!("loading {program} for iter/tcp"))?;
-        log_loaded(program, t0, prog.info().ok());
-    }
+    let prog = loaded_iter(ebpf, program, "tcp")?;
     let t0 = std::time::Instant::now();
     let size = size_of::<T>();
     let mut buf = vec![0u8; size * ROWS_PER_READ];
@@ -333,6 +323,27 @@ pub fn for_each_row<T: aya::Pod>(
     Ok(())
 }
 
+/// The iterator program `program` of the object, loaded for `iter/TARGET`
+/// (with the kernel's BTF) on first use.
+pub(crate) fn loaded_iter<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+    target: &str,
+) -> Result<&'a mut Iter> {
+    let prog: &mut Iter = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        let t0 = std::time::Instant::now();
+        prog.load(target, &*aya_btf()?)
+            .map_err(|e| anyhow!("{}", verifier_summary(&e)))
+            .with_context(|| format!("loading {program} for iter/{target}"))?;
+        log_loaded(program, t0, prog.info().ok());
+    }
+    Ok(prog)
+}
+
 /// Fixed-size rows an iterator wrote, in order.
 fn pod_rows<T: aya::Pod>(bytes: &[u8]) -> impl Iterator<Item = T> + '_ {
     bytes.chunks_exact(size_of::<T>()).map(|c| {
@@ -346,17 +357,7 @@ fn pod_rows<T: aya::Pod>(bytes: &[u8]) -> impl Iterator<Item = T> + '_ {
 /// the process's pid as the initial pid namespace numbers it.
 pub fn walk_owners(ebpf: &mut Ebpf) -> Result<Vec<OwnerRow>> {
     const PROGRAM: &str = "ka_iter_owners";
-    let prog: &mut Iter = ebpf
-        .program_mut(PROGRAM)
-        .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        let t0 = std::time::Instant::now();
-        prog.load("task_file", &*aya_btf()?)
-            .map_err(|e| anyhow!("{}", verifier_summary(&e)))
-            .with_context(|| format!("loading {PROGRAM} for iter/task_file"))?;
-        log_loaded(PROGRAM, t0, prog.info().ok());
-    }
+    let prog = loaded_iter(ebpf, PROGRAM, "task_file")?;
     let link_id = prog.attach()?;
     let link = prog.take_link(link_id)?;
     let mut file = link.into_file()?;

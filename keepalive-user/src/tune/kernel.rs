@@ -13,7 +13,7 @@ use std::fs::File;
 use anyhow::{Context, Result, anyhow};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, ProgramArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockopt, Iter, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockopt, SockOps};
 use aya_log::EbpfLogger;
 use keepalive_common::TASK_COMM_LEN;
 use keepalive_common::tune::{
@@ -238,14 +238,7 @@ fn failure_loggers(ebpf: &mut Ebpf) -> Option<(EbpfLogger<KernelLog>, [ProgramAr
         let fd = prog.fd()?.try_clone()?;
         let mut for_sockops: ProgramArray<MapData> = take(ebpf, names::TUNE_LOG_SOCKOPS)?;
         for_sockops.set(0, &fd, 0)?;
-        let prog: &mut Iter = ebpf
-            .program_mut(names::LOG_ITER)
-            .ok_or_else(|| anyhow!("program {} missing", names::LOG_ITER))?
-            .try_into()?;
-        let t0 = std::time::Instant::now();
-        prog.load("tcp", &*loader::aya_btf()?)
-            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))?;
-        loader::log_loaded(names::LOG_ITER, t0, prog.info().ok());
+        let prog = loader::loaded_iter(ebpf, names::LOG_ITER, "tcp")?;
         let fd = prog.fd()?.try_clone()?;
         let mut for_iter: ProgramArray<MapData> = take(ebpf, names::TUNE_LOG_ITER)?;
         for_iter.set(0, &fd, 0)?;
