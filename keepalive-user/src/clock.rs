@@ -82,6 +82,11 @@ impl Rfc3339 {
         Rfc3339(b)
     }
 
+    /// The text's bytes (ASCII), for writers that take bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ASCII digits and separators are ever written.
         std::str::from_utf8(&self.0).unwrap_or_default()

@@ -49,6 +49,11 @@ impl AddrText {
         self.len += 1;
     }
 
+    /// The text's bytes (ASCII), for writers that take bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     pub fn as_str(&self) -> &str {
         // Only whole UTF-8 strings (ASCII, in fact) are ever written.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()

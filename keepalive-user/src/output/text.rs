@@ -145,15 +145,18 @@ pub fn table_lines(rows: &[&Row]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::json::{EventOut, LostOut};
+    use crate::output::json::{self, EventOut, LostOut};
     use serde_json::Value;
 
     fn event_json(e: &Event, clock: &Clock) -> Value {
-        serde_json::to_value(EventOut::new(e, clock)).unwrap()
+        serde_json::from_str(&json::to_string(&EventOut::new(e, clock))).unwrap()
     }
 
     fn lost_json(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> Value {
-        serde_json::to_value(LostOut::new(count, total, mono_ns, clock)).unwrap()
+        serde_json::from_str(&json::to_string(&LostOut::new(
+            count, total, mono_ns, clock,
+        )))
+        .unwrap()
     }
     use crate::events::{Owner, TimeoutCause};
 
