@@ -19,7 +19,7 @@ use keepalive_common::ConnStats;
 
 use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
-use super::{Conn, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
+use super::{Conn, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
 use crate::events::{Detail, Event, Owner};
 
 /// How long a closed connection stays resolvable for late events.
@@ -55,12 +55,12 @@ pub struct VerdictChange {
 }
 
 pub struct ConnTable {
-    live: HashMap<u64, Box<Entry>>,
+    live: CookieMap<Box<Entry>>,
     /// Closed connections, with the time they expire.
-    tombstones: HashMap<u64, (Box<Entry>, u64)>,
+    tombstones: CookieMap<(Box<Entry>, u64)>,
     /// Connections beyond the cap (evicted, or found by a walk with the
     /// table full): the verdict last reported for each.
-    overflow: HashMap<u64, Verdict>,
+    overflow: CookieMap<Verdict>,
     cap: usize,
     thresholds: Thresholds,
     /// The owners of the last connection an event brought in: the next
@@ -72,9 +72,9 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(cap: usize, thresholds: Thresholds) -> Self {
         ConnTable {
-            live: HashMap::new(),
-            tombstones: HashMap::new(),
-            overflow: HashMap::new(),
+            live: CookieMap::default(),
+            tombstones: CookieMap::default(),
+            overflow: CookieMap::default(),
             cap: cap.max(1),
             thresholds,
             event_owners: None,
@@ -460,7 +460,7 @@ impl ConnTable {
 }
 
 /// Gives back a map's room when it holds under half of it.
-fn shrink<V>(m: &mut HashMap<u64, V>) {
+fn shrink<V>(m: &mut CookieMap<V>) {
     if m.capacity() > 2 * m.len() + 64 {
         m.shrink_to_fit();
     }
