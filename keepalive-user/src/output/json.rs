@@ -5,14 +5,14 @@
 //! the others through serde_json. Field order is the documented schema
 //! (docs/events.md); the golden test holds it byte for byte.
 
-use std::io::{self, Write};
+use std::io;
 
 use std::net::IpAddr;
 
 use serde::Serialize;
 
 use super::Clock;
-use super::addr::{AddrOut, AddrText};
+use super::addr::{AddrOut, push_addr};
 use crate::clock::Rfc3339;
 use crate::events::{Detail, Event, Kind, Owner, state_name};
 use crate::table::conn_table::VerdictChange;
@@ -26,19 +26,21 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// through an [`ObjectWriter`]; the others (connection rows, policy
 /// notices: not per event) are serde types, written by serde_json.
 pub trait JsonRecord {
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()>;
+    /// Appends the record to `out` (where lines are buffered).
+    fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()>;
 }
 
 impl<T: Serialize> JsonRecord for T {
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
         serde_json::to_writer(out, self).map_err(io::Error::other)
     }
 }
 
-/// Writes one record as a JSON line.
-pub fn write_line(out: &mut impl Write, record: &impl JsonRecord) -> io::Result<()> {
+/// Appends one record as a JSON line.
+pub fn write_line(out: &mut Vec<u8>, record: &impl JsonRecord) -> io::Result<()> {
     record.write_json(out)?;
-    out.write_all(b"\n")
+    out.push(b'\n');
+    Ok(())
 }
 
 /// One record as a JSON string (no newline), for tests and callers that
@@ -56,8 +58,17 @@ fn needs_no_escape(s: &[u8]) -> bool {
     s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
-/// A JSON object written straight to the output, byte for byte as
-/// serde_json writes a struct (compact: no spaces).
+/// A key as an [`ObjectWriter`] takes it: `key!("ts")` is the literal
+/// `,"ts":`, so writing a key is one copy.
+macro_rules! key {
+    ($k:literal) => {
+        concat!(",\"", $k, "\":")
+    };
+}
+pub(crate) use key;
+
+/// A JSON object appended to a line buffer, byte for byte as serde_json
+/// writes a struct (compact: no spaces).
 ///
 /// serde_json scans every key and string for bytes to escape, and that
 /// scan was the largest part of a line. Here keys, and values that are
@@ -67,69 +78,92 @@ fn needs_no_escape(s: &[u8]) -> bool {
 /// serde_json's escaping ([`Self::text`]). Debug builds check that what is
 /// written plain needs no escaping, and a unit test goes through every
 /// name that can be.
-pub struct ObjectWriter<'a, W: Write> {
-    out: &'a mut W,
+pub struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
     first: bool,
 }
 
-impl<'a, W: Write> ObjectWriter<'a, W> {
-    pub fn begin(out: &'a mut W) -> io::Result<Self> {
-        out.write_all(b"{")?;
+impl<'a> ObjectWriter<'a> {
+    pub fn begin(out: &'a mut Vec<u8>) -> io::Result<Self> {
         Ok(ObjectWriter { out, first: true })
     }
 
-    fn key(&mut self, key: &'static str) -> io::Result<()> {
-        debug_assert!(needs_no_escape(key.as_bytes()), "{key:?}");
-        let sep: &[u8] = if self.first { b"\"" } else { b",\"" };
-        self.first = false;
-        self.out.write_all(sep)?;
-        self.out.write_all(key.as_bytes())?;
-        self.out.write_all(b"\":")
+    /// `key` as [`key!`] makes it. Copied whole (a constant length the
+    /// compiler copies inline); the first key's comma becomes the `{`.
+    #[inline(always)]
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            key.len() > 4
+                && key.starts_with(",\"")
+                && key.ends_with("\":")
+                && needs_no_escape(&key.as_bytes()[2..key.len() - 2]),
+            "{key:?}"
+        );
+        let at = self.out.len();
+        self.out.extend_from_slice(key.as_bytes());
+        if self.first {
+            self.out[at] = b'{';
+            self.first = false;
+        }
     }
 
+    #[inline]
     pub fn uint(&mut self, key: &'static str, v: impl Into<u64>) -> io::Result<()> {
-        self.key(key)?;
+        self.key(key);
         self.out
-            .write_all(itoa::Buffer::new().format(v.into()).as_bytes())
+            .extend_from_slice(itoa::Buffer::new().format(v.into()).as_bytes());
+        Ok(())
     }
 
+    #[inline]
     pub fn int(&mut self, key: &'static str, v: impl Into<i64>) -> io::Result<()> {
-        self.key(key)?;
+        self.key(key);
         self.out
-            .write_all(itoa::Buffer::new().format(v.into()).as_bytes())
+            .extend_from_slice(itoa::Buffer::new().format(v.into()).as_bytes());
+        Ok(())
     }
 
+    #[inline]
     pub fn bool(&mut self, key: &'static str, v: bool) -> io::Result<()> {
-        self.key(key)?;
-        self.out.write_all(if v { b"true" } else { b"false" })
+        self.key(key);
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
     }
 
+    #[inline]
     pub fn null(&mut self, key: &'static str) -> io::Result<()> {
-        self.key(key)?;
-        self.out.write_all(b"null")
+        self.key(key);
+        self.out.extend_from_slice(b"null");
+        Ok(())
     }
 
     /// A string that holds no byte JSON escapes (a name from a fixed set,
     /// a timestamp, an address): written without the scan.
+    #[inline]
     pub fn plain(&mut self, key: &'static str, v: &[u8]) -> io::Result<()> {
         debug_assert!(needs_no_escape(v), "{:?}", String::from_utf8_lossy(v));
-        self.key(key)?;
-        self.out.write_all(b"\"")?;
-        self.out.write_all(v)?;
-        self.out.write_all(b"\"")
+        self.key(key);
+        self.out.push(b'"');
+        self.out.extend_from_slice(v);
+        self.out.push(b'"');
+        Ok(())
     }
 
     /// Text from outside (a process name, a reason): escaped by serde_json.
+    #[inline]
     pub fn text(&mut self, key: &'static str, v: &str) -> io::Result<()> {
         self.serde(key, v)
     }
 
     /// Any serde value, written by serde_json.
+    #[inline]
     pub fn serde(&mut self, key: &'static str, v: &(impl Serialize + ?Sized)) -> io::Result<()> {
-        self.key(key)?;
+        self.key(key);
         serde_json::to_writer(&mut *self.out, v).map_err(io::Error::other)
     }
 
+    #[inline]
     pub fn opt_uint(&mut self, key: &'static str, v: Option<impl Into<u64>>) -> io::Result<()> {
         match v {
             Some(v) => self.uint(key, v),
@@ -137,6 +171,7 @@ impl<'a, W: Write> ObjectWriter<'a, W> {
         }
     }
 
+    #[inline]
     pub fn opt_text(&mut self, key: &'static str, v: Option<&str>) -> io::Result<()> {
         match v {
             Some(v) => self.text(key, v),
@@ -145,15 +180,26 @@ impl<'a, W: Write> ObjectWriter<'a, W> {
     }
 
     /// An address as its text, `null` when unknown.
+    #[inline]
     pub fn addr(&mut self, key: &'static str, v: Option<IpAddr>) -> io::Result<()> {
         match v {
-            Some(a) => self.plain(key, AddrText::new(a).as_bytes()),
+            Some(a) => {
+                self.key(key);
+                self.out.push(b'"');
+                push_addr(self.out, a);
+                self.out.push(b'"');
+                Ok(())
+            }
             None => self.null(key),
         }
     }
 
     pub fn end(self) -> io::Result<()> {
-        self.out.write_all(b"}")
+        if self.first {
+            self.out.push(b'{');
+        }
+        self.out.push(b'}');
+        Ok(())
     }
 }
 
@@ -178,32 +224,32 @@ pub struct ConnIdentityOut<'a> {
 }
 
 impl ConnIdentityOut<'_> {
-    fn write_fields<W: Write>(&self, w: &mut ObjectWriter<'_, W>) -> io::Result<()> {
-        w.plain("ts", self.ts.as_bytes())?;
-        w.uint("ts_mono_ns", self.ts_mono_ns)?;
-        w.uint("cookie", self.cookie)?;
-        w.uint("netns", self.netns)?;
-        w.addr("saddr", self.saddr)?;
-        w.uint("sport", self.sport)?;
-        w.addr("daddr", self.daddr)?;
-        w.uint("dport", self.dport)?;
-        w.plain("state", self.state.as_bytes())?;
-        w.opt_uint("pid", self.pid)?;
-        w.opt_text("comm", self.comm)
+    fn write_fields(&self, w: &mut ObjectWriter<'_>) -> io::Result<()> {
+        w.plain(key!("ts"), self.ts.as_bytes())?;
+        w.uint(key!("ts_mono_ns"), self.ts_mono_ns)?;
+        w.uint(key!("cookie"), self.cookie)?;
+        w.uint(key!("netns"), self.netns)?;
+        w.addr(key!("saddr"), self.saddr)?;
+        w.uint(key!("sport"), self.sport)?;
+        w.addr(key!("daddr"), self.daddr)?;
+        w.uint(key!("dport"), self.dport)?;
+        w.plain(key!("state"), self.state.as_bytes())?;
+        w.opt_uint(key!("pid"), self.pid)?;
+        w.opt_text(key!("comm"), self.comm)
     }
 }
 
 /// Writes a record about one connection: `v`, `event` (a name from a
 /// fixed set), the identity, then the fields `own` writes.
-pub fn write_conn_record<W: Write>(
-    out: &mut W,
+pub fn write_conn_record(
+    out: &mut Vec<u8>,
     event: &'static str,
     id: &ConnIdentityOut<'_>,
-    own: impl FnOnce(&mut ObjectWriter<'_, W>) -> io::Result<()>,
+    own: impl FnOnce(&mut ObjectWriter<'_>) -> io::Result<()>,
 ) -> io::Result<()> {
     let mut w = ObjectWriter::begin(out)?;
-    w.uint("v", SCHEMA_VERSION)?;
-    w.plain("event", event.as_bytes())?;
+    w.uint(key!("v"), SCHEMA_VERSION)?;
+    w.plain(key!("event"), event.as_bytes())?;
     id.write_fields(&mut w)?;
     own(&mut w)?;
     w.end()
@@ -239,32 +285,32 @@ impl<'a> EventOut<'a> {
 }
 
 impl JsonRecord for EventOut<'_> {
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
         write_conn_record(out, self.event.name(), &self.id, |w| match self.detail {
             Detail::Retransmit { segs, syn, err } => {
-                w.uint("segs", *segs)?;
-                w.bool("syn", *syn)?;
-                w.int("err", *err)
+                w.uint(key!("segs"), *segs)?;
+                w.bool(key!("syn"), *syn)?;
+                w.int(key!("err"), *err)
             }
             Detail::ResetSent { reason, no_socket } => {
                 // `null` on a kernel without reset reasons.
-                w.opt_text("reason", reason.as_deref())?;
-                w.bool("no_socket", *no_socket)
+                w.opt_text(key!("reason"), reason.as_deref())?;
+                w.bool(key!("no_socket"), *no_socket)
             }
             Detail::StateChange { old, new } => {
-                w.plain("old_state", state_name(*old).as_bytes())?;
-                w.plain("new_state", state_name(*new).as_bytes())
+                w.plain(key!("old_state"), state_name(*old).as_bytes())?;
+                w.plain(key!("new_state"), state_name(*new).as_bytes())
             }
-            Detail::KeepaliveProbe { probe } => w.uint("probe", *probe),
+            Detail::KeepaliveProbe { probe } => w.uint(key!("probe"), *probe),
             Detail::Timeout {
                 cause,
                 probes_out,
                 user_timeout_ms,
             } => {
-                w.plain("cause", cause.name().as_bytes())?;
-                w.plain("error", b"ETIMEDOUT")?;
-                w.uint("probes_out", *probes_out)?;
-                w.uint("user_timeout_ms", *user_timeout_ms)
+                w.plain(key!("cause"), cause.name().as_bytes())?;
+                w.plain(key!("error"), b"ETIMEDOUT")?;
+                w.uint(key!("probes_out"), *probes_out)?;
+                w.uint(key!("user_timeout_ms"), *user_timeout_ms)
             }
             // Nothing beyond the common fields.
             Detail::ResetReceived => Ok(()),
@@ -302,13 +348,13 @@ impl<'a> VerdictOut<'a> {
 }
 
 impl JsonRecord for VerdictOut<'_> {
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
         let ch = self.change;
         write_conn_record(out, Kind::Verdict.name(), &self.id, |w| {
-            w.plain("old", ch.old.name().as_bytes())?;
-            w.plain("new", ch.new.name().as_bytes())?;
-            w.plain("reason_code", ch.new.reason_code().as_bytes())?;
-            w.text("reason", &ch.new.reason())
+            w.plain(key!("old"), ch.old.name().as_bytes())?;
+            w.plain(key!("new"), ch.new.name().as_bytes())?;
+            w.plain(key!("reason_code"), ch.new.reason_code().as_bytes())?;
+            w.text(key!("reason"), &ch.new.reason())
         })
     }
 }
@@ -333,14 +379,14 @@ impl LostOut {
 }
 
 impl JsonRecord for LostOut {
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
         let mut w = ObjectWriter::begin(out)?;
-        w.uint("v", SCHEMA_VERSION)?;
-        w.plain("event", b"lost")?;
-        w.plain("ts", self.ts.as_bytes())?;
-        w.uint("ts_mono_ns", self.ts_mono_ns)?;
-        w.uint("lost", self.lost)?;
-        w.uint("lost_total", self.lost_total)?;
+        w.uint(key!("v"), SCHEMA_VERSION)?;
+        w.plain(key!("event"), b"lost")?;
+        w.plain(key!("ts"), self.ts.as_bytes())?;
+        w.uint(key!("ts_mono_ns"), self.ts_mono_ns)?;
+        w.uint(key!("lost"), self.lost)?;
+        w.uint(key!("lost_total"), self.lost_total)?;
         w.end()
     }
 }
@@ -493,14 +539,14 @@ mod tests {
         for (a, b) in [(0, i64::MIN), (u64::MAX, i64::MAX), (7, -5)] {
             let mut out = Vec::new();
             let mut w = ObjectWriter::begin(&mut out).unwrap();
-            w.uint("a", a).unwrap();
-            w.int("b", b).unwrap();
-            w.bool("c", a == 0).unwrap();
-            w.opt_uint("d", None::<u32>).unwrap();
-            w.text("e", text).unwrap();
-            w.opt_text("f", Some(text)).unwrap();
-            w.addr("g", Some("fd00::1".parse().unwrap())).unwrap();
-            w.serde("h", &vec![1u8, 2]).unwrap();
+            w.uint(key!("a"), a).unwrap();
+            w.int(key!("b"), b).unwrap();
+            w.bool(key!("c"), a == 0).unwrap();
+            w.opt_uint(key!("d"), None::<u32>).unwrap();
+            w.text(key!("e"), text).unwrap();
+            w.opt_text(key!("f"), Some(text)).unwrap();
+            w.addr(key!("g"), Some("fd00::1".parse().unwrap())).unwrap();
+            w.serde(key!("h"), &vec![1u8, 2]).unwrap();
             w.end().unwrap();
             let same = Same {
                 a,
@@ -517,5 +563,10 @@ mod tests {
                 serde_json::to_string(&same).unwrap()
             );
         }
+        #[derive(Serialize)]
+        struct Empty {}
+        let mut out = Vec::new();
+        ObjectWriter::begin(&mut out).unwrap().end().unwrap();
+        assert_eq!(out, serde_json::to_vec(&Empty {}).unwrap());
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::events::{AF_INET, AF_INET6, Owner, state_name};
-use crate::output::json::{ConnIdentityOut, JsonRecord, write_conn_record};
+use crate::output::json::{ConnIdentityOut, JsonRecord, key, write_conn_record};
 use crate::output::{Clock, endpoint};
 
 /// What happened to a socket.
@@ -279,18 +279,18 @@ impl<'a> TunedOut<'a> {
 }
 
 impl JsonRecord for TunedOut<'_> {
-    fn write_json<W: std::io::Write>(&self, out: &mut W) -> std::io::Result<()> {
+    fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
         let t = self.tuned;
         write_conn_record(out, "tuned", &self.id, |w| {
-            w.serde("action", &t.action)?;
-            w.serde("source", &t.source)?;
-            w.text("rule", &t.rule)?;
-            w.bool("dry_run", t.action == Action::DryRun)?;
-            w.serde("changes", &t.changes)?;
-            w.serde("kept", &t.kept)?;
-            w.serde("failed", &t.failed)?;
+            w.serde(key!("action"), &t.action)?;
+            w.serde(key!("source"), &t.source)?;
+            w.text(key!("rule"), &t.rule)?;
+            w.bool(key!("dry_run"), t.action == Action::DryRun)?;
+            w.serde(key!("changes"), &t.changes)?;
+            w.serde(key!("kept"), &t.kept)?;
+            w.serde(key!("failed"), &t.failed)?;
             match &t.evidence {
-                Some(evidence) => w.serde("evidence", evidence),
+                Some(evidence) => w.serde(key!("evidence"), evidence),
                 None => Ok(()),
             }
         })
