@@ -203,7 +203,16 @@ impl Consumer for LineSink {
         }
         Ok(match self.format {
             Format::Json => self.write_json(&EventOut::new(ev, ctx.clock)),
-            Format::Text => self.write_text(&text::event_text(ev, ctx.clock)),
+            Format::Text => {
+                if self.closed {
+                    return Ok(Flow::Stop);
+                }
+                let r = self.out.line_with(|b| {
+                    text::write_event_text(b, ev, ctx.clock);
+                    Ok(())
+                });
+                self.flow(r)
+            }
         })
     }
 
