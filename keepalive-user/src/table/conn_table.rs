@@ -148,23 +148,23 @@ impl ConnTable {
     /// reported; returns the change, if any.
     fn store(
         e: &mut Entry,
-        conn: Conn,
+        conn: &Conn,
         shared: Option<&Owners>,
         t: &Thresholds,
     ) -> Option<VerdictChange> {
         let shared = shared.or(e.conn.owners()).cloned();
-        e.conn = Packed::new(&conn, shared.as_ref());
+        e.conn = Packed::new(conn, shared.as_ref());
         Self::judge_against(conn, &mut e.verdict, t)
     }
 
     /// Judges `conn` and records the result in `verdict`; returns it as a
     /// change when it is news.
     fn judge_against(
-        conn: Conn,
+        conn: &Conn,
         verdict: &mut Verdict,
         thresholds: &Thresholds,
     ) -> Option<VerdictChange> {
-        let new = judge(&conn, thresholds);
+        let new = judge(conn, thresholds);
         if new == *verdict {
             return None;
         }
@@ -174,7 +174,12 @@ impl ConnTable {
         if old.name() == new.name() && old.reason_code() == new.reason_code() {
             return None;
         }
-        Some(VerdictChange { conn, old, new })
+        // Copied only here: most events change no verdict.
+        Some(VerdictChange {
+            conn: conn.clone(),
+            old,
+            new,
+        })
     }
 
     /// Replaces the table with a fresh walk of the kernel's sockets.
@@ -295,7 +300,7 @@ impl ConnTable {
                         continue;
                     };
                     let (conn, shared) = with_owners(e.conn.conn(cookie));
-                    if let Some(ch) = Self::store(e, conn, shared.as_ref(), &t) {
+                    if let Some(ch) = Self::store(e, &conn, shared.as_ref(), &t) {
                         changed(ch, true);
                     }
                 }
@@ -304,7 +309,7 @@ impl ConnTable {
                     seen.push(cookie);
                     let (conn, _) = with_owners(row.conn(cookie));
                     if let Some(verdict) = self.overflow.get_mut(&cookie)
-                        && let Some(ch) = Self::judge_against(conn, verdict, &t)
+                        && let Some(ch) = Self::judge_against(&conn, verdict, &t)
                     {
                         changed(ch, false);
                     }
@@ -370,7 +375,7 @@ impl ConnTable {
                 }
                 let mut conn = e.conn.conn(ev.cookie);
                 Self::apply_detail(&mut conn, ev);
-                return Self::store(e, conn, None, &t);
+                return Self::store(e, &conn, None, &t);
             }
             // Beyond the cap: walks judge it (an event alone knows too
             // little of it, and would flap its verdict), except for the
@@ -381,7 +386,7 @@ impl ConnTable {
                 };
                 let mut conn = Self::conn_from_event(ev);
                 conn.timed_out = Some(cause);
-                return Self::judge_against(conn, verdict, &t);
+                return Self::judge_against(&conn, verdict, &t);
             }
             // A connection born after the last walk.
             self.make_room();
@@ -404,7 +409,7 @@ impl ConnTable {
         e.touched_ns = now_ns;
         let mut c = e.conn.conn(ev.cookie);
         Self::apply_detail(&mut c, ev);
-        let change = Self::store(e, c, None, &t);
+        let change = Self::store(e, &c, None, &t);
         if let Detail::StateChange { new, .. } = ev.detail
             && new == TCP_CLOSE
             && let Some(e) = self.live.remove(&ev.cookie)
