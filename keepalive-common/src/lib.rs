@@ -345,7 +345,12 @@ pub struct Config {
     /// Wake the reader only once this many bytes wait in the ring; it
     /// also polls on a short timer. Saves a wakeup (an IPI) per event.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// 1: keep each connecting process on its socket (socket storage,
+    /// map `OWNERS`) for consumers that need owners inside the kernel
+    /// (`tune`'s policy matching by process name). 0: the `→ SYN_SENT`
+    /// event carries the process and userspace remembers it by cookie;
+    /// no storage is created (no allocation per connection).
+    pub owner_storage: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
     pub tune: TuneOffsets,

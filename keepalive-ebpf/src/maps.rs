@@ -166,6 +166,24 @@ pub fn set_owner_to_current(sk: *const u8) -> *const Owner {
     p
 }
 
+/// True when a consumer in the kernel needs owners on the sockets
+/// ([`Config::owner_storage`]).
+#[inline(always)]
+pub fn owner_storage() -> bool {
+    conf!(owner_storage) != 0
+}
+
+/// Writes the current process into `ev` as its owner (helpers writing
+/// straight into the record: no storage, no copy).
+#[inline(always)]
+pub fn current_owner_into(ev: &mut keepalive_common::RawEvent) {
+    // SAFETY: helpers writing within the event's own fields.
+    unsafe {
+        ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        bpf_get_current_comm(ev.comm.as_mut_ptr().cast(), TASK_COMM_LEN as u32);
+    }
+}
+
 /// True when a consumer asked for events of kind `k`.
 #[inline(always)]
 pub fn wanted(k: u8) -> bool {

@@ -138,10 +138,10 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::KEEPALIVE_PROBE) {
         return 0;
     }
-    new_event!(ev, kind::KEEPALIVE_PROBE, cookie);
-    ev.probes_out = probe;
-    ev.flags = flags::IN_KEEPALIVE_TIMER;
-    fill_sock(ev, sk);
-    emit(ev, core::ptr::null());
+    emit(kind::KEEPALIVE_PROBE, cookie, core::ptr::null(), |ev| {
+        ev.probes_out = probe;
+        ev.flags = flags::IN_KEEPALIVE_TIMER;
+        fill_sock(ev, sk);
+    });
     0
 }
