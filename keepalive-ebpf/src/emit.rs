@@ -25,7 +25,7 @@ const _: () = assert!(EVENT_WORDS * 8 == core::mem::size_of::<RawEvent>());
 /// `RawEvent { .., ..Default::default() }` compiles to a call of the
 /// linker's byte-by-byte `memset` (hundreds of instructions per event),
 /// and moving an event copies it byte by byte as well: the event is built
-/// where it stays (its ring slot, or [`new_event!`]'s stack slot). Ring
+/// where it stays (its ring slot, or a stack slot when filtered first). Ring
 /// memory is not cleared by the kernel, so every byte is written.
 #[inline(always)]
 pub fn zeroed_event(
@@ -45,17 +45,6 @@ pub fn zeroed_event(
     ev.kind = kind;
     ev.cookie = cookie;
     ev
-}
-
-/// `new_event!(ev, kind, cookie)`: `ev` is a `&mut RawEvent` on this
-/// stack frame, all zero but its kind and cookie (only for events that
-/// are filtered before they are written: [`emit`] builds the others in
-/// their ring slot).
-macro_rules! new_event {
-    ($ev:ident, $kind:expr, $cookie:expr) => {
-        let mut slot = core::mem::MaybeUninit::<keepalive_common::RawEvent>::uninit();
-        let $ev = $crate::emit::zeroed_event(&mut slot, $kind, $cookie);
-    };
 }
 
 /// Copies `ev` into a ring slot with 8-byte loads and stores (a plain
@@ -141,35 +130,44 @@ fn add_stored_owner(ev: &mut RawEvent, trusted_sk: *const u8) {
 /// Without filters the event is built in place, in a reserved ring slot:
 /// no copy through the stack, and an event that does not fit costs
 /// nothing but its count. With filters it is built on the stack first,
-/// so an event filtered out costs no reservation.
+/// so an event filtered out costs no reservation. `fill` has one call
+/// site either way, so it is inlined (a closure called from two places
+/// becomes a BPF subprogram reading its captures through the stack).
 #[inline(always)]
-pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl Fn(&mut RawEvent)) {
-    if has_filters() {
-        new_event!(ev, kind, cookie);
-        fill(ev);
-        if !passes_filters(ev) {
+pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut RawEvent)) {
+    let mut stack = core::mem::MaybeUninit::<RawEvent>::uninit();
+    let mut slot = None;
+    if !has_filters() {
+        bump(&EMITTED);
+        slot = EVENTS.reserve::<RawEvent>(0);
+        if slot.is_none() {
+            bump(&DROPS);
             return;
         }
-        add_stored_owner(ev, trusted_sk);
-        bump(&EMITTED);
-        match EVENTS.reserve::<RawEvent>(0) {
-            Some(mut slot) => {
-                copy_event(slot.as_mut_ptr(), ev);
-                stamp_and_submit(slot);
-            }
-            None => bump(&DROPS),
+    }
+    let ev: *mut RawEvent = match slot.as_mut() {
+        Some(s) => zeroed_event(s, kind, cookie),
+        None => zeroed_event(&mut stack, kind, cookie),
+    };
+    // SAFETY: `ev` is the slot or the stack event, whole and initialised;
+    // nothing else refers to it until it is submitted.
+    let ev = unsafe { &mut *ev };
+    fill(ev);
+    add_stored_owner(ev, trusted_sk);
+    if let Some(s) = slot {
+        stamp_and_submit(s);
+        return;
+    }
+    if !passes_filters(ev) {
+        return;
+    }
+    bump(&EMITTED);
+    match EVENTS.reserve::<RawEvent>(0) {
+        Some(mut s) => {
+            copy_event(s.as_mut_ptr(), ev);
+            stamp_and_submit(s);
         }
-    } else {
-        bump(&EMITTED);
-        match EVENTS.reserve::<RawEvent>(0) {
-            Some(mut slot) => {
-                let ev = zeroed_event(&mut slot, kind, cookie);
-                fill(ev);
-                add_stored_owner(ev, trusted_sk);
-                stamp_and_submit(slot);
-            }
-            None => bump(&DROPS),
-        }
+        None => bump(&DROPS),
     }
 }
 
