@@ -156,9 +156,10 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
     } else {
         core::ptr::null()
     };
-    if wanted(kind::STATE_CHANGE) {
-        // Only → SYN_SENT carries the owner: a lookup on every other
-        // transition would find what userspace already knows.
+    // → SYN_SENT is emitted even when no consumer asked for state changes:
+    // it is where userspace learns the owner of the connection's later
+    // events (consumers drop the kinds they did not ask for).
+    if to_syn_sent || wanted(kind::STATE_CHANGE) {
         emit(kind::STATE_CHANGE, cookie, core::ptr::null(), |ev| {
             ev.old_state = old as u8;
             ev.new_state = new as u8;
