@@ -13,7 +13,7 @@ use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TASK_COMM_
 
 /// Filled in by the daemon (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config::zeroed();
+pub(crate) static CONFIG: Config = Config::zeroed();
 
 /// The configuration, through a pointer the compiler cannot see through,
 /// so it never folds the zeroed placeholder into the code.
@@ -24,12 +24,23 @@ pub fn config() -> &'static Config {
     unsafe { &*read_volatile(&p) }
 }
 
-/// One configuration field: `conf!(offsets.skc_num)` is
-/// `config().offsets.skc_num`.
+/// One scalar configuration field: `conf!(offsets.skc_num)` is
+/// `config().offsets.skc_num`, read with one load from the map value (a
+/// volatile read, so the zeroed placeholder is never folded in; the
+/// verifier still sees the loaded value as the constant it is, the map
+/// being frozen). [`config`] would first store and reload the pointer
+/// through the stack, for every field.
 macro_rules! conf {
     ($($f:ident).+) => {
-        $crate::maps::config().$($f).+
+        $crate::maps::conf_field(&raw const $crate::maps::CONFIG.$($f).+)
     };
+}
+
+/// [`conf!`]'s read of one field of [`CONFIG`].
+#[inline(always)]
+pub fn conf_field<T: Copy>(field: *const T) -> T {
+    // SAFETY: `conf!` passes a field of the configuration static.
+    unsafe { read_volatile(field) }
 }
 
 #[map]
