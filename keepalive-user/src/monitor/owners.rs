@@ -5,11 +5,12 @@
 //! saves the kernel socket storage (an allocation per connection) and a
 //! lookup per event.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use keepalive_common::tcp_state;
 
 use crate::events::{Detail, Event, Owner};
+use crate::table::CookieMap;
 
 /// How long (kernel event time) a connection's owner is kept after its
 /// `→ CLOSE`: the kernel reports some events after it, microseconds
@@ -24,7 +25,7 @@ struct Remembered {
 }
 
 pub(super) struct ConnectOwners {
-    by_cookie: HashMap<u64, Remembered>,
+    by_cookie: CookieMap<Remembered>,
     /// Closed connections still remembered, oldest first, with the time of
     /// their CLOSE.
     closed: VecDeque<(u64, u64)>,
@@ -38,7 +39,7 @@ pub(super) struct ConnectOwners {
 impl ConnectOwners {
     pub(super) fn new(cap: usize) -> Self {
         ConnectOwners {
-            by_cookie: HashMap::new(),
+            by_cookie: CookieMap::default(),
             closed: VecDeque::new(),
             cap: cap.max(1),
         }
