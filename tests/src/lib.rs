@@ -197,7 +197,15 @@ impl Pair {
         let b = Netns::new(&format!("{tag}b"));
         let n = (std::process::id() + SUBNET.fetch_add(1, Ordering::Relaxed)) % 250;
         let (a4, b4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
-        let (a6, b6) = (format!("fd00:ca:{n}::1"), format!("fd00:ca:{n}::2"));
+        // In the kernel's (and the monitor's) canonical form: for n = 0,
+        // `fd00:ca::1`, not `fd00:ca:0::1`, or string comparisons fail.
+        let v6 = |host: u8| {
+            format!("fd00:ca:{n}::{host}")
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .to_string()
+        };
+        let (a6, b6) = (v6(1), v6(2));
         testkit::netns::veth(
             &a,
             &b,
