@@ -272,6 +272,94 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     assert_eq!(segs_b, b0.delta(&b1, "Tcp.RetransSegs"));
 }
 
+/// A listener whose SYN-ACK gets no answer sends it again (its request
+/// socket's timer, and each retransmitted SYN from the client):
+/// tcp_rtx_synack counts every one in Tcp.RetransSegs of the listener's
+/// namespace, so the stream must have each, marked as a SYN-ACK, with the
+/// request socket's tuple. The client's namespace drops the SYN-ACKs for
+/// 2.5 s (over IPv4 and IPv6 at once), then lets one through.
+#[test]
+fn synack_retransmissions_match_retranssegs_and_are_marked() {
+    let pair = Pair::new("sa");
+    let mut mon = Monitor::start(&PAIR_ONLY);
+    let l4 = listen(&pair.b, &format!("{}:0", pair.b4));
+    let l6 = listen(&pair.b, &format!("[{}]:0", pair.b6));
+    let (to4, to6) = (l4.local_addr().unwrap(), l6.local_addr().unwrap());
+    let ports = [to4.port(), to6.port()];
+    let (a0, b0) = (pair.a.counters(), pair.b.counters());
+    pair.a.exec(&format!(
+        "nft add table inet ka && nft \"add chain inet ka in {{ type filter hook input priority 0; policy accept; }}\" && nft 'add rule inet ka in tcp sport {{ {}, {} }} tcp flags & (syn | ack) == syn | ack drop'",
+        ports[0], ports[1]
+    ));
+    let clients: Vec<_> = [to4, to6]
+        .into_iter()
+        .map(|to| {
+            let a = pair.a.path();
+            std::thread::spawn(move || {
+                testkit::netns::join_netns(&a).unwrap();
+                TcpStream::connect_timeout(&to, Duration::from_secs(15))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    unblackhole(&pair.a);
+    let clients: Vec<TcpStream> = clients
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap()
+                .expect("connect after the SYN-ACKs were let through")
+        })
+        .collect();
+    // Accepted: the request sockets and their timers are gone.
+    let servers = [l4.accept().unwrap().0, l6.accept().unwrap().0];
+    let (a1, b1) = (pair.a.counters(), pair.b.counters());
+    let events = mon.stop_lossless();
+
+    let kernel_b = b0.delta(&b1, "Tcp.RetransSegs");
+    assert!(
+        kernel_b >= 2,
+        "expected the listener to send SYN-ACKs again, RetransSegs delta {kernel_b}"
+    );
+    let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
+    let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
+    assert_eq!(segs_b, kernel_b, "{rt_b:#?}");
+    assert!(
+        rt_b.iter().all(|e| e["synack"] == true
+            && e["syn"] == true
+            && e["segs"] == 1
+            && e["err"] == 0
+            && e["state"] == "NEW_SYN_RECV"),
+        "{rt_b:#?}"
+    );
+    for (port, client, server) in [
+        (ports[0], &clients[0], &servers[0]),
+        (ports[1], &clients[1], &servers[1]),
+    ] {
+        let local = client.local_addr().unwrap();
+        let mine: Vec<_> = rt_b.iter().filter(|e| e["sport"] == port).collect();
+        assert!(
+            !mine.is_empty(),
+            "no SYN-ACK retransmit from port {port}: {rt_b:#?}"
+        );
+        assert!(
+            mine.iter().all(|e| e["daddr"] == local.ip().to_string()
+                && e["dport"] == local.port()
+                && e["saddr"] == server.local_addr().unwrap().ip().to_string()),
+            "{local}: {mine:#?}"
+        );
+    }
+    // The client's side: its SYNs, sent again while no SYN-ACK came.
+    let rt_a = of_kind(&events, pair.a.inode(), "retransmit");
+    let segs_a: i64 = rt_a.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
+    assert_eq!(segs_a, a0.delta(&a1, "Tcp.RetransSegs"), "{rt_a:#?}");
+    assert!(
+        rt_a.iter()
+            .all(|e| e["syn"] == true && e["synack"] == false),
+        "{rt_a:#?}"
+    );
+}
+
 #[test]
 fn resets_match_outrsts_per_namespace_with_matching_receives() {
     let pair = Pair::new("rs");

@@ -200,11 +200,11 @@ fn programs_of(t: &Tmux) -> (u32, Vec<u32>) {
     let mut ids = Vec::new();
     let ok = wait_for(Duration::from_secs(20), || {
         ids = prog_ids_held_by(pid);
-        ids.len() == 9
+        ids.len() == 10
     });
     assert!(
         ok,
-        "top holds {ids:?}, expected 7 hooks + the socket and owner iterators"
+        "top holds {ids:?}, expected 8 hooks + the socket and owner iterators"
     );
     (pid, ids)
 }

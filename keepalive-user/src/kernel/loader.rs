@@ -52,6 +52,11 @@ pub const HOOKS: &[Hook] = &[
         provides: "retransmit events",
     },
     Hook {
+        program: "ka_synack_rtx",
+        tracepoint: "tcp_retransmit_synack",
+        provides: "retransmit events for a listener's SYN-ACKs",
+    },
+    Hook {
         program: "ka_reset_sent",
         tracepoint: "tcp_send_reset",
         provides: "reset_sent events",

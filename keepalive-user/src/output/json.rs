@@ -116,7 +116,7 @@ impl<'a> EventOut<'a> {
 impl Serialize for EventOut<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let fields = match self.detail {
-            Detail::Retransmit { .. } => 3,
+            Detail::Retransmit { .. } => 4,
             Detail::ResetSent { .. } | Detail::StateChange { .. } => 2,
             Detail::KeepaliveProbe { .. } => 1,
             Detail::Timeout { .. } => 4,
@@ -124,10 +124,17 @@ impl Serialize for EventOut<'_> {
         };
         serialize_conn_record(s, &self.event, &self.id, fields, |st| {
             match self.detail {
-                Detail::Retransmit { segs, syn, err } => {
+                Detail::Retransmit {
+                    segs,
+                    syn,
+                    synack,
+                    err,
+                } => {
                     st.serialize_field("segs", segs)?;
                     st.serialize_field("syn", syn)?;
-                    st.serialize_field("err", err)
+                    st.serialize_field("err", err)?;
+                    // Last, after the fields of the first version.
+                    st.serialize_field("synack", synack)
                 }
                 Detail::ResetSent { reason, no_socket } => {
                     // `null` on a kernel without reset reasons.

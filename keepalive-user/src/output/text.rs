@@ -19,9 +19,16 @@ pub fn event_text(e: &Event, clock: &Clock) -> String {
         e.cookie,
     );
     match &e.detail {
-        Detail::Retransmit { segs, syn, err } => {
+        Detail::Retransmit {
+            segs,
+            syn,
+            synack,
+            err,
+        } => {
             s += &format!(" segs={segs}");
-            if *syn {
+            if *synack {
+                s += " synack";
+            } else if *syn {
                 s += " syn";
             }
             if *err != 0 {
@@ -203,6 +210,7 @@ mod tests {
         let mut e = ev(Detail::Retransmit {
             segs: 2,
             syn: true,
+            synack: false,
             err: 0,
         });
         e.owner = Some(Owner {

@@ -449,7 +449,8 @@ impl ConnTable {
                 });
             }
             Detail::Retransmit { segs, err, .. } => {
-                if *err == 0 {
+                // As the kernel counts `tcpi_total_retrans`.
+                if crate::events::counted_in_retranssegs(*err) {
                     c.total_retrans += segs;
                 }
             }
