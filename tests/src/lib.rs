@@ -411,6 +411,26 @@ pub fn of_kind<'a>(events: &'a [Value], netns: u64, kind: &str) -> Vec<&'a Value
         .collect()
 }
 
+/// The segments of `retransmit` records that the kernel counted in
+/// `Tcp.RetransSegs`: those handed to the IP layer (`err` 0) or failing
+/// there (a queue's drop is `1`, an output error a negative errno), not
+/// those the kernel gave up on before counting (-EBUSY, -EINVAL, -ENOMEM,
+/// -EHOSTUNREACH, -EAGAIN; docs/events.md, `retransmit`).
+pub fn counted_retrans_segs(retransmits: &[&Value]) -> i64 {
+    const GIVEN_UP: [i64; 5] = [
+        -libc::EBUSY as i64,
+        -libc::EINVAL as i64,
+        -libc::ENOMEM as i64,
+        -libc::EHOSTUNREACH as i64,
+        -libc::EAGAIN as i64,
+    ];
+    retransmits
+        .iter()
+        .filter(|e| !GIVEN_UP.contains(&e["err"].as_i64().unwrap()))
+        .map(|e| e["segs"].as_i64().unwrap())
+        .sum()
+}
+
 /// Names of the BPF programs currently loaded whose name starts with `ka_`.
 pub fn loaded_keepalive_programs() -> Vec<String> {
     testkit::bpf::loaded_programs()

@@ -249,9 +249,13 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     let events = mon.stop_lossless();
 
     let rt = of_kind(&events, pair.a.inode(), "retransmit");
-    assert!(rt.iter().all(|e| e["err"] == 0), "{rt:#?}");
-    let segs: i64 = rt.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs, a0.delta(&a1, "Tcp.RetransSegs"), "{rt:#?}");
+    // Under load a transmit can fail locally (a full backlog drops it on
+    // the veth: err 1); the kernel counts it all the same.
+    assert_eq!(
+        counted_retrans_segs(&rt),
+        a0.delta(&a1, "Tcp.RetransSegs"),
+        "{rt:#?}"
+    );
     let data: Vec<_> = rt.iter().filter(|e| e["syn"] == false).collect();
     let syns: Vec<_> = rt.iter().filter(|e| e["syn"] == true).collect();
     assert!(data.len() >= 2, "expected data retransmits: {rt:#?}");
@@ -268,8 +272,11 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
             .all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9)
     );
     let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
-    let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs_b, b0.delta(&b1, "Tcp.RetransSegs"));
+    assert_eq!(
+        counted_retrans_segs(&rt_b),
+        b0.delta(&b1, "Tcp.RetransSegs"),
+        "{rt_b:#?}"
+    );
 }
 
 /// A listener whose SYN-ACK gets no answer sends it again (its request
@@ -322,8 +329,7 @@ fn synack_retransmissions_match_retranssegs_and_are_marked() {
         "expected the listener to send SYN-ACKs again, RetransSegs delta {kernel_b}"
     );
     let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
-    let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs_b, kernel_b, "{rt_b:#?}");
+    assert_eq!(counted_retrans_segs(&rt_b), kernel_b, "{rt_b:#?}");
     assert!(
         rt_b.iter().all(|e| e["synack"] == true
             && e["syn"] == true
@@ -351,8 +357,11 @@ fn synack_retransmissions_match_retranssegs_and_are_marked() {
     }
     // The client's side: its SYNs, sent again while no SYN-ACK came.
     let rt_a = of_kind(&events, pair.a.inode(), "retransmit");
-    let segs_a: i64 = rt_a.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs_a, a0.delta(&a1, "Tcp.RetransSegs"), "{rt_a:#?}");
+    assert_eq!(
+        counted_retrans_segs(&rt_a),
+        a0.delta(&a1, "Tcp.RetransSegs"),
+        "{rt_a:#?}"
+    );
     assert!(
         rt_a.iter()
             .all(|e| e["syn"] == true && e["synack"] == false),
