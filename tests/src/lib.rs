@@ -368,6 +368,12 @@ impl Monitor {
             "the ring buffer overflowed during the test: {:?}",
             self.stderr
         );
+        assert_eq!(
+            self.summary("skipped"),
+            0,
+            "the kernel skipped runs of a hook (recursion on a CPU): {:?}",
+            self.stderr
+        );
         events
     }
 
