@@ -21,8 +21,9 @@ fn a_silenced_peer_turns_dead_in_the_stream() {
     ]);
     let c = connect_pair(&pair, &pair.b4);
     let ck = cookie(&c.client);
-    set_keepalive(&c.client, 1, 1, 3);
+    // Silence first, so that no probe is answered (`nft` can be slow).
     blackhole(&pair.b, None);
+    set_keepalive(&c.client, 1, 1, 3);
     c.client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
