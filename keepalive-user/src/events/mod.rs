@@ -336,6 +336,43 @@ mod tests {
     }
 
     #[test]
+    fn retranssegs_counts_failed_transmits_not_early_give_ups() {
+        // Handed to IP, dropped by a full queue (NET_XMIT_DROP), no
+        // buffer, dropped by netfilter on output: counted.
+        for err in [0, 1, -libc::ENOBUFS, -libc::EPERM] {
+            assert!(counted_in_retranssegs(err), "{err}");
+        }
+        for err in [
+            -libc::EBUSY,
+            -libc::EINVAL,
+            -libc::ENOMEM,
+            -libc::EHOSTUNREACH,
+            -libc::EAGAIN,
+        ] {
+            assert!(!counted_in_retranssegs(err), "{err}");
+        }
+    }
+
+    #[test]
+    fn decodes_a_synack_retransmit() {
+        let mut r = raw(kind::RETRANSMIT);
+        r.segs = 1;
+        r.flags = flags::SYN | flags::SYN_ACK;
+        r.state = 12;
+        let e = decode(&r, &ResetReasons::default()).unwrap();
+        assert_eq!(
+            e.detail,
+            Detail::Retransmit {
+                segs: 1,
+                syn: true,
+                synack: true,
+                err: 0
+            }
+        );
+        assert_eq!(state_name(e.state), "NEW_SYN_RECV");
+    }
+
+    #[test]
     fn reset_reason_only_when_kernel_has_one() {
         let reasons = ResetReasons(vec![Some("NOT_SPECIFIED".into()), Some("NO_SOCKET".into())]);
         let mut r = raw(kind::RESET_SENT);
