@@ -182,8 +182,9 @@ fn table_counters_stay_exact_when_the_ring_overflows() {
     assert_eq!(
         row(sender_ck)["counters"]["retransmit_segs"],
         retrans,
-        "{:#?}\nstreamed: {sender_rt:#?}",
-        row(sender_ck)
+        "{:#?}\nstreamed: {sender_rt:#?}\nmonitor: {:?}",
+        row(sender_ck),
+        mon.stderr
     );
     // The stream itself lost some of them: the table did not rely on it.
     let streamed = events
