@@ -182,8 +182,9 @@ fn table_counters_stay_exact_when_the_ring_overflows() {
     assert_eq!(
         row(sender_ck)["counters"]["retransmit_segs"],
         retrans,
-        "{:#?}\nstreamed: {sender_rt:#?}\nmonitor: {:?}",
+        "{:#?}\nstreamed: {sender_rt:#?}\nTcpExt.TCPRetransFail delta {}\nmonitor: {:?}",
         row(sender_ck),
+        a0.delta(&a1, "TcpExt.TCPRetransFail"),
         mon.stderr
     );
     // The stream itself lost some of them: the table did not rely on it.
