@@ -19,10 +19,13 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use keepalive::events::{Kind, ResetReasons, decode, state_name};
 use keepalive::output::Clock;
+use keepalive::output::file::{FileOptions, LineFile};
 use keepalive::output::json::{EventOut, write_line};
+use keepalive::table::conn_table::ConnTable;
+use keepalive::table::verdict::Thresholds;
 use keepalive_common::{RawEvent, flags};
 use serde_json::Value;
 
@@ -195,6 +198,40 @@ fn decode_to_json_lines<M: Measurement>(c: &mut Criterion<M>, group: &str) {
                 .filter_map(|r| decode(black_box(r), &reasons))
                 .count()
         })
+    });
+    // What `record --format json --output /dev/null` does per event after
+    // the drain: decode, apply to the connection table (verdicts judged),
+    // JSON into the line file, flushed every 64 events (a drain batch under
+    // churn). Each round of the recording is a new set of connections (its
+    // cookies moved on), and each iteration starts with an empty table, as
+    // under churn every connection is new.
+    let rounds: Vec<RawEvent> = (0..BATCH / raws.len())
+        .flat_map(|round| {
+            raws.iter().map(move |r| RawEvent {
+                cookie: r.cookie + round as u64 * 1_000_000,
+                ..*r
+            })
+        })
+        .collect();
+    let mut file = LineFile::create(std::path::Path::new("/dev/null"), FileOptions::default())
+        .expect("/dev/null opens");
+    g.bench_function("raw_to_table_and_file", |b| {
+        b.iter_batched_ref(
+            || ConnTable::new(1 << 20, Thresholds::default()),
+            |table| {
+                for (i, r) in rounds.iter().enumerate() {
+                    if let Some(e) = decode(black_box(r), &reasons) {
+                        black_box(table.apply(&e, e.ts_mono_ns));
+                        file.line_with(|b| write_line(b, &EventOut::new(&e, &clock)))
+                            .expect("/dev/null takes it");
+                    }
+                    if i % 64 == 63 {
+                        file.flush().expect("/dev/null takes it");
+                    }
+                }
+            },
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

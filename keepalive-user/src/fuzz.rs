@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use crate::config::{Loaded, ThresholdFlags, thresholds};
 use crate::events::{ResetReasons, decode};
 use crate::output::Clock;
-use crate::output::json::EventOut;
+use crate::output::json::{self, EventOut};
 use crate::output::text::event_text;
 use keepalive_common::RawEvent;
 
@@ -162,7 +162,7 @@ fn check_raw(raw: &RawEvent) {
     let clock = Clock::fixed(0);
     let text = event_text(&ev, &clock);
     assert!(!text.chars().any(char::is_control), "{text:?}");
-    let json = serde_json::to_string(&EventOut::new(&ev, &clock)).unwrap();
+    let json = json::to_string(&EventOut::new(&ev, &clock));
     assert!(!json.contains('\n'));
     let back: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(back.is_object());

@@ -21,7 +21,7 @@ use crate::metrics::labels::LabelOptions;
 use crate::metrics::{Metrics, http};
 use crate::monitor::{self, Consumer, Counters, Ctx, Fanout, Flow, MonitorOptions};
 use crate::output::file::{FileOptions, LineFile, WriteError};
-use crate::output::json::{EventOut, LostOut, RowOut, VerdictOut, write_line};
+use crate::output::json::{EventOut, JsonRecord, LostOut, RowOut, VerdictOut, write_line};
 use crate::output::{Clock, Format, text};
 use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
@@ -136,7 +136,7 @@ impl LineSink {
         self.flow(r)
     }
 
-    fn write_json(&mut self, record: &impl serde::Serialize) -> Flow {
+    fn write_json(&mut self, record: &impl JsonRecord) -> Flow {
         if self.closed {
             return Flow::Stop;
         }
@@ -203,7 +203,16 @@ impl Consumer for LineSink {
         }
         Ok(match self.format {
             Format::Json => self.write_json(&EventOut::new(ev, ctx.clock)),
-            Format::Text => self.write_text(&text::event_text(ev, ctx.clock)),
+            Format::Text => {
+                if self.closed {
+                    return Ok(Flow::Stop);
+                }
+                let r = self.out.line_with(|b| {
+                    text::write_event_text(b, ev, ctx.clock);
+                    Ok(())
+                });
+                self.flow(r)
+            }
         })
     }
 

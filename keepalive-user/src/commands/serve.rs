@@ -23,7 +23,7 @@ use crate::metrics::{DEFAULT_ADDR, Metrics, http};
 use crate::monitor::{self, Consumer, Counters, Ctx, Flow, MonitorOptions};
 use crate::output::Clock;
 use crate::output::file::{FileOptions, LineFile};
-use crate::output::json::{EventOut, LostOut, VerdictOut, write_line};
+use crate::output::json::{EventOut, JsonRecord, LostOut, VerdictOut, write_line};
 use crate::table::MatchesConn;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::verdict::Thresholds;
@@ -154,7 +154,7 @@ struct EventFileSink {
 impl EventFileSink {
     /// A failed write (disk full) stops the daemon with the count of lines
     /// written and not written: systemd restarts it, the loss is in the log.
-    fn write(&mut self, record: &impl serde::Serialize) -> Result<Flow> {
+    fn write(&mut self, record: &impl JsonRecord) -> Result<Flow> {
         self.file.line_with(|buf| write_line(buf, record))?;
         Ok(Flow::Continue)
     }

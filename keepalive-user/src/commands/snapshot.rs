@@ -50,10 +50,13 @@ pub fn run(opts: SnapshotOptions) -> Result<()> {
             .then(b.conn.idle_ms().cmp(&a.conn.idle_ms()))
     });
     let mut out = BufWriter::new(io::stdout().lock());
+    let mut line = Vec::new();
     match opts.format {
-        Format::Json => shown
-            .iter()
-            .try_for_each(|r| write_line(&mut out, &RowOut::new(r))),
+        Format::Json => shown.iter().try_for_each(|r| {
+            line.clear();
+            write_line(&mut line, &RowOut::new(r))?;
+            out.write_all(&line)
+        }),
         Format::Text => text::table_lines(&shown)
             .iter()
             .try_for_each(|l| writeln!(out, "{l}")),

@@ -12,13 +12,37 @@
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
+/// Names up to this many bytes are kept inline (the kernel's are at most
+/// 15).
+const INLINE: usize = 30;
+
 /// A process name, as the kernel has it (up to 15 bytes, anything but NUL).
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Comm {
-    /// The name as UTF-8, with U+FFFD for bytes that are not.
-    text: String,
-    /// The bytes, kept only when they are not valid UTF-8.
-    raw: Option<Box<[u8]>>,
+///
+/// Every event with an owner carries one, and the engine copies it onto
+/// later events of the connection: a name the kernel gives is kept inline,
+/// so making and copying one allocates nothing.
+#[derive(Clone)]
+pub struct Comm(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Valid UTF-8 of at most [`INLINE`] bytes (every name the kernel gives).
+    Inline { len: u8, bytes: [u8; INLINE] },
+    /// Longer, or not UTF-8: `text` with U+FFFD for bytes that are not,
+    /// `raw` the bytes when they differ from `text`.
+    Heap {
+        text: Box<str>,
+        raw: Option<Box<[u8]>>,
+    },
+}
+
+impl Default for Comm {
+    fn default() -> Comm {
+        Comm(Repr::Inline {
+            len: 0,
+            bytes: [0; INLINE],
+        })
+    }
 }
 
 impl Comm {
@@ -27,25 +51,48 @@ impl Comm {
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         let bytes = &bytes[..end];
         match std::str::from_utf8(bytes) {
-            Ok(s) => Comm {
-                text: s.to_string(),
+            Ok(s) if s.len() <= INLINE => {
+                let mut inline = [0; INLINE];
+                inline[..s.len()].copy_from_slice(s.as_bytes());
+                Comm(Repr::Inline {
+                    len: s.len() as u8,
+                    bytes: inline,
+                })
+            }
+            Ok(s) => Comm(Repr::Heap {
+                text: s.into(),
                 raw: None,
-            },
-            Err(_) => Comm {
-                text: String::from_utf8_lossy(bytes).into_owned(),
+            }),
+            Err(_) => Comm(Repr::Heap {
+                text: String::from_utf8_lossy(bytes).into(),
                 raw: Some(bytes.into()),
-            },
+            }),
         }
     }
 
     /// The name as UTF-8 (U+FFFD for bytes that are not): for JSON.
     pub fn as_str(&self) -> &str {
-        &self.text
+        match &self.0 {
+            // SAFETY: `Inline` is only made from a `str` (`from_bytes`),
+            // and `len` is its length.
+            Repr::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..usize::from(*len)])
+            },
+            Repr::Heap { text, .. } => text,
+        }
+    }
+
+    /// The bytes, when they are not the UTF-8 text.
+    fn raw(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Repr::Heap { raw: Some(raw), .. } => Some(raw),
+            _ => None,
+        }
     }
 
     /// The name's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        self.raw.as_deref().unwrap_or(self.text.as_bytes())
+        self.raw().unwrap_or(self.as_str().as_bytes())
     }
 
     /// The name made safe for a line of text (see [`escape_text`]).
@@ -54,11 +101,39 @@ impl Comm {
     }
 }
 
+/// The same bytes, the same name.
+impl PartialEq for Comm {
+    fn eq(&self, other: &Comm) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Comm {}
+
+impl std::hash::Hash for Comm {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_bytes().hash(h)
+    }
+}
+
+/// By the UTF-8 form, then by the bytes behind it (none before some).
+impl Ord for Comm {
+    fn cmp(&self, other: &Comm) -> std::cmp::Ordering {
+        (self.as_str(), self.raw()).cmp(&(other.as_str(), other.raw()))
+    }
+}
+
+impl PartialOrd for Comm {
+    fn partial_cmp(&self, other: &Comm) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// The UTF-8 form, for matching and sorting; text output uses `Display`.
 impl std::ops::Deref for Comm {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.text
+        self.as_str()
     }
 }
 
@@ -88,7 +163,7 @@ impl PartialEq<&str> for Comm {
 
 impl fmt::Debug for Comm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.text, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -101,7 +176,7 @@ impl fmt::Display for Comm {
 
 impl serde::Serialize for Comm {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.text)
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -216,6 +291,24 @@ mod tests {
     fn messages_keep_spaces_but_not_controls() {
         assert_eq!(escape_controls("a b\\c"), "a b\\c");
         assert_eq!(escape_controls("x\n\u{1b}[1m"), "x\\n\\u{1b}[1m");
+    }
+
+    #[test]
+    fn long_names_and_names_that_are_not_utf8_keep_their_bytes() {
+        let long = "x".repeat(INLINE + 1);
+        for bytes in [long.as_bytes(), b"q\xff", b"", b"curl"] {
+            let c = Comm::from_bytes(bytes);
+            assert_eq!(c.as_bytes(), bytes);
+            assert_eq!(c.as_str(), String::from_utf8_lossy(bytes));
+            assert_eq!(c.clone(), c);
+        }
+        // Sorted by the text first, as names are shown.
+        let mut v = [Comm::from("b"), Comm::from_bytes(b"a\xff"), Comm::from("a")];
+        v.sort();
+        assert_eq!(
+            v.map(|c| c.as_bytes().to_vec()),
+            [&b"a"[..], b"a\xff", b"b"]
+        );
     }
 
     #[test]

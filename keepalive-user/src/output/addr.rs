@@ -4,7 +4,7 @@
 //! into a stack buffer).
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Longest `Ipv6Addr` text (`ffff:…:ffff`, 39 bytes) with room to spare.
 const CAP: usize = 48;
@@ -22,20 +22,7 @@ impl AddrText {
             len: 0,
         };
         match addr {
-            IpAddr::V4(a) => {
-                for (i, octet) in a.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        t.push(b'.');
-                    }
-                    if octet >= 100 {
-                        t.push(b'0' + octet / 100);
-                    }
-                    if octet >= 10 {
-                        t.push(b'0' + octet / 10 % 10);
-                    }
-                    t.push(b'0' + octet % 10);
-                }
-            }
+            IpAddr::V4(a) => v4_text(a, |b| t.push(b)),
             // Cannot fail: the longest form fits the buffer.
             IpAddr::V6(a) => {
                 let _ = write!(t, "{a}");
@@ -47,6 +34,11 @@ impl AddrText {
     fn push(&mut self, b: u8) {
         self.buf[self.len] = b;
         self.len += 1;
+    }
+
+    /// The text's bytes (ASCII), for writers that take bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 
     pub fn as_str(&self) -> &str {
@@ -65,6 +57,35 @@ impl std::fmt::Write for AddrText {
     }
 }
 
+/// An IPv4 address's text, a byte at a time to `push`.
+#[inline(always)]
+fn v4_text(a: Ipv4Addr, mut push: impl FnMut(u8)) {
+    for (i, octet) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            push(b'.');
+        }
+        if octet >= 100 {
+            push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            push(b'0' + octet / 10 % 10);
+        }
+        push(b'0' + octet % 10);
+    }
+}
+
+/// Appends an address's text (as [`AddrText`] has it) to `out`: IPv4
+/// straight into it, without the stack buffer and its copy.
+pub fn push_addr(out: &mut Vec<u8>, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            out.reserve(15);
+            v4_text(a, |b| out.push(b));
+        }
+        IpAddr::V6(_) => out.extend_from_slice(AddrText::new(addr).as_bytes()),
+    }
+}
+
 /// Serialises an address as its text (a JSON string), from the stack.
 #[derive(Clone, Copy)]
 pub struct AddrOut(pub IpAddr);
@@ -78,7 +99,7 @@ impl serde::Serialize for AddrOut {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::Ipv6Addr;
 
     #[test]
     fn every_octet_in_every_position_reads_as_std_writes_it() {
@@ -89,6 +110,17 @@ mod tests {
                 let a = IpAddr::V4(Ipv4Addr::from(octets));
                 assert_eq!(AddrText::new(a).as_str(), a.to_string());
             }
+        }
+    }
+
+    #[test]
+    fn appended_addresses_read_as_std_writes_them() {
+        let mut v4 = (0..=255u8).map(|o| IpAddr::V4(Ipv4Addr::from([o, 22, 133, o])));
+        let v6 = IpAddr::V6("2001:db8::8:800:200c:417a".parse().unwrap());
+        for a in v4.by_ref().chain([v6]) {
+            let mut out = b"x".to_vec();
+            push_addr(&mut out, a);
+            assert_eq!(out, format!("x{a}").into_bytes());
         }
     }
 

@@ -409,21 +409,24 @@ impl LineFile {
                 Err(e) => break Err(e),
             }
         };
-        // Whole lines that made it.
-        let whole = match self.buf[..done].iter().rposition(|&b| b == b'\n') {
-            Some(i) => i + 1,
-            None => 0,
-        };
-        let whole_lines = self.buf[..whole].iter().filter(|&&b| b == b'\n').count() as u64;
-        self.written += whole_lines;
         match result {
             Ok(()) => {
+                // Everything made it: the lines are the ones counted in.
+                self.written += self.buffered;
                 self.size += done as u64;
                 self.buf.clear();
                 self.buffered = 0;
                 Ok(())
             }
             Err(e) => {
+                // Whole lines that made it (counted only here: scanning the
+                // buffer on every flush cost more than the write).
+                let whole = match self.buf[..done].iter().rposition(|&b| b == b'\n') {
+                    Some(i) => i + 1,
+                    None => 0,
+                };
+                let whole_lines = self.buf[..whole].iter().filter(|&&b| b == b'\n').count() as u64;
+                self.written += whole_lines;
                 if whole < done && self.target == Target::Regular {
                     // Best effort: truncating frees space, so it works on a
                     // full disk; if it fails the error below still stands.

@@ -35,10 +35,22 @@ pub use crate::clock::Clock;
 
 /// `addr:port`, IPv6 in brackets, `*:port` when the address is unknown.
 pub fn endpoint(addr: Option<std::net::IpAddr>, port: u16) -> String {
-    match addr {
-        Some(std::net::IpAddr::V6(a)) => format!("[{a}]:{port}"),
-        Some(a) => format!("{a}:{port}"),
-        None => format!("*:{port}"),
+    Endpoint(addr, port).to_string()
+}
+
+/// [`endpoint`] without the `String`: written where it is displayed.
+pub struct Endpoint(pub Option<std::net::IpAddr>, pub u16);
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Endpoint(addr, port) = self;
+        match addr {
+            Some(a @ std::net::IpAddr::V6(_)) => {
+                write!(f, "[{}]:{port}", addr::AddrText::new(*a).as_str())
+            }
+            Some(a) => write!(f, "{}:{port}", addr::AddrText::new(*a).as_str()),
+            None => write!(f, "*:{port}"),
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! The text form: one readable line per event, verdict change or lost
 //! record, and the `snapshot` table.
 
-use super::{Clock, endpoint};
+use std::io::Write as _;
+
+use super::{Clock, Endpoint, endpoint};
 use crate::events::comm::escape_str;
 use crate::events::{Detail, Event, state_name};
 use crate::table::conn_table::VerdictChange;
@@ -9,15 +11,29 @@ use crate::table::walk::Row;
 
 /// One event as a line of text.
 pub fn event_text(e: &Event, clock: &Clock) -> String {
-    let mut s = format!(
+    let mut line = Vec::new();
+    write_event_text(&mut line, e, clock);
+    String::from_utf8(line).unwrap_or_default()
+}
+
+/// [`event_text`], appended to `out` (where lines are buffered) without a
+/// `String` per part.
+pub fn write_event_text(out: &mut Vec<u8>, e: &Event, clock: &Clock) {
+    // Writing to a Vec cannot fail.
+    let _ = write_event(out, e, clock);
+}
+
+fn write_event(s: &mut Vec<u8>, e: &Event, clock: &Clock) -> std::io::Result<()> {
+    write!(
+        s,
         "{} {:<15} {} > {} {} cookie={}",
-        clock.rfc3339(e.ts_mono_ns),
+        clock.rfc3339_display(e.ts_mono_ns),
         e.kind().name(),
-        endpoint(Some(e.saddr), e.sport),
-        endpoint(Some(e.daddr), e.dport),
+        Endpoint(Some(e.saddr), e.sport),
+        Endpoint(Some(e.daddr), e.dport),
         state_name(e.state),
         e.cookie,
-    );
+    )?;
     match &e.detail {
         Detail::Retransmit {
             segs,
@@ -25,44 +41,44 @@ pub fn event_text(e: &Event, clock: &Clock) -> String {
             synack,
             err,
         } => {
-            s += &format!(" segs={segs}");
+            write!(s, " segs={segs}")?;
             if *synack {
-                s += " synack";
+                s.extend_from_slice(b" synack");
             } else if *syn {
-                s += " syn";
+                s.extend_from_slice(b" syn");
             }
             if *err != 0 {
-                s += &format!(" err={err}");
+                write!(s, " err={err}")?;
             }
         }
         Detail::ResetSent { reason, no_socket } => {
             if let Some(r) = reason {
-                s += &format!(" reason={}", escape_str(r));
+                write!(s, " reason={}", escape_str(r))?;
             }
             if *no_socket {
-                s += " no_socket";
+                s.extend_from_slice(b" no_socket");
             }
         }
         Detail::ResetReceived => {}
         Detail::StateChange { old, new } => {
-            s += &format!(" {} -> {}", state_name(*old), state_name(*new));
+            write!(s, " {} -> {}", state_name(*old), state_name(*new))?;
         }
-        Detail::KeepaliveProbe { probe } => s += &format!(" probe={probe}"),
+        Detail::KeepaliveProbe { probe } => write!(s, " probe={probe}")?,
         Detail::Timeout {
             cause,
             probes_out,
             user_timeout_ms,
         } => {
-            s += &format!(" cause={} probes_out={probes_out}", cause.name());
+            write!(s, " cause={} probes_out={probes_out}", cause.name())?;
             if *user_timeout_ms != 0 {
-                s += &format!(" user_timeout_ms={user_timeout_ms}");
+                write!(s, " user_timeout_ms={user_timeout_ms}")?;
             }
         }
     }
     if let Some(o) = &e.owner {
-        s += &format!(" pid={} comm={}", o.pid, o.comm);
+        write!(s, " pid={} comm={}", o.pid, o.comm)?;
     }
-    s
+    Ok(())
 }
 
 pub fn lost_text(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> String {
@@ -152,15 +168,18 @@ pub fn table_lines(rows: &[&Row]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::json::{EventOut, LostOut};
+    use crate::output::json::{self, EventOut, LostOut};
     use serde_json::Value;
 
     fn event_json(e: &Event, clock: &Clock) -> Value {
-        serde_json::to_value(EventOut::new(e, clock)).unwrap()
+        serde_json::from_str(&json::to_string(&EventOut::new(e, clock))).unwrap()
     }
 
     fn lost_json(count: u64, total: u64, mono_ns: u64, clock: &Clock) -> Value {
-        serde_json::to_value(LostOut::new(count, total, mono_ns, clock)).unwrap()
+        serde_json::from_str(&json::to_string(&LostOut::new(
+            count, total, mono_ns, clock,
+        )))
+        .unwrap()
     }
     use crate::events::{Owner, TimeoutCause};
 

@@ -19,7 +19,7 @@ use keepalive_common::ConnStats;
 
 use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
-use super::{Conn, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
+use super::{Conn, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
 use crate::events::{Detail, Event, Owner};
 
 /// How long a closed connection stays resolvable for late events.
@@ -55,12 +55,12 @@ pub struct VerdictChange {
 }
 
 pub struct ConnTable {
-    live: HashMap<u64, Box<Entry>>,
+    live: CookieMap<Box<Entry>>,
     /// Closed connections, with the time they expire.
-    tombstones: HashMap<u64, (Box<Entry>, u64)>,
+    tombstones: CookieMap<(Box<Entry>, u64)>,
     /// Connections beyond the cap (evicted, or found by a walk with the
     /// table full): the verdict last reported for each.
-    overflow: HashMap<u64, Verdict>,
+    overflow: CookieMap<Verdict>,
     cap: usize,
     thresholds: Thresholds,
     /// The owners of the last connection an event brought in: the next
@@ -78,9 +78,9 @@ impl ConnTable {
             ..thresholds
         };
         ConnTable {
-            live: HashMap::new(),
-            tombstones: HashMap::new(),
-            overflow: HashMap::new(),
+            live: CookieMap::default(),
+            tombstones: CookieMap::default(),
+            overflow: CookieMap::default(),
             cap: cap.max(1),
             thresholds,
             event_owners: None,
@@ -154,23 +154,23 @@ impl ConnTable {
     /// reported; returns the change, if any.
     fn store(
         e: &mut Entry,
-        conn: Conn,
+        conn: &Conn,
         shared: Option<&Owners>,
         t: &Thresholds,
     ) -> Option<VerdictChange> {
         let shared = shared.or(e.conn.owners()).cloned();
-        e.conn = Packed::new(&conn, shared.as_ref());
+        e.conn = Packed::new(conn, shared.as_ref());
         Self::judge_against(conn, &mut e.verdict, t)
     }
 
     /// Judges `conn` and records the result in `verdict`; returns it as a
     /// change when it is news.
     fn judge_against(
-        conn: Conn,
+        conn: &Conn,
         verdict: &mut Verdict,
         thresholds: &Thresholds,
     ) -> Option<VerdictChange> {
-        let new = judge(&conn, thresholds);
+        let new = judge(conn, thresholds);
         if new == *verdict {
             return None;
         }
@@ -180,7 +180,12 @@ impl ConnTable {
         if old.name() == new.name() && old.reason_code() == new.reason_code() {
             return None;
         }
-        Some(VerdictChange { conn, old, new })
+        // Copied only here: most events change no verdict.
+        Some(VerdictChange {
+            conn: conn.clone(),
+            old,
+            new,
+        })
     }
 
     /// Replaces the table with a fresh walk of the kernel's sockets.
@@ -301,7 +306,7 @@ impl ConnTable {
                         continue;
                     };
                     let (conn, shared) = with_owners(e.conn.conn(cookie));
-                    if let Some(ch) = Self::store(e, conn, shared.as_ref(), &t) {
+                    if let Some(ch) = Self::store(e, &conn, shared.as_ref(), &t) {
                         changed(ch, true);
                     }
                 }
@@ -310,7 +315,7 @@ impl ConnTable {
                     seen.push(cookie);
                     let (conn, _) = with_owners(row.conn(cookie));
                     if let Some(verdict) = self.overflow.get_mut(&cookie)
-                        && let Some(ch) = Self::judge_against(conn, verdict, &t)
+                        && let Some(ch) = Self::judge_against(&conn, verdict, &t)
                     {
                         changed(ch, false);
                     }
@@ -376,7 +381,7 @@ impl ConnTable {
                 }
                 let mut conn = e.conn.conn(ev.cookie);
                 Self::apply_detail(&mut conn, ev);
-                return Self::store(e, conn, None, &t);
+                return Self::store(e, &conn, None, &t);
             }
             // Beyond the cap: walks judge it (an event alone knows too
             // little of it, and would flap its verdict), except for the
@@ -387,7 +392,7 @@ impl ConnTable {
                 };
                 let mut conn = Self::conn_from_event(ev);
                 conn.timed_out = Some(cause);
-                return Self::judge_against(conn, verdict, &t);
+                return Self::judge_against(&conn, verdict, &t);
             }
             // A connection born after the last walk.
             self.make_room();
@@ -410,7 +415,7 @@ impl ConnTable {
         e.touched_ns = now_ns;
         let mut c = e.conn.conn(ev.cookie);
         Self::apply_detail(&mut c, ev);
-        let change = Self::store(e, c, None, &t);
+        let change = Self::store(e, &c, None, &t);
         if let Detail::StateChange { new, .. } = ev.detail
             && new == TCP_CLOSE
             && let Some(e) = self.live.remove(&ev.cookie)
@@ -467,7 +472,7 @@ impl ConnTable {
 }
 
 /// Gives back a map's room when it holds under half of it.
-fn shrink<V>(m: &mut HashMap<u64, V>) {
+fn shrink<V>(m: &mut CookieMap<V>) {
     if m.capacity() > 2 * m.len() + 64 {
         m.shrink_to_fit();
     }

@@ -15,6 +15,15 @@ use keepalive_common::{ConnStats, SockRecord, sock_flags};
 
 use crate::events::{AF_INET6, Owner, TimeoutCause};
 
+/// A map keyed by socket cookie, as the per-event path keeps them: hashed
+/// with foldhash instead of std's SipHash, which cost more than the rest of
+/// a lookup. SipHash's keyed hashing defends against keys chosen to collide;
+/// cookies are not chosen by anyone: the kernel hands them out from a
+/// counter (`gen_cookie_next`, in sequence, per-CPU batches), so no peer or
+/// local process can aim them at one bucket. foldhash still seeds each map
+/// at random.
+pub type CookieMap<V> = foldhash::HashMap<u64, V>;
+
 /// Which of the socket's timers is pending, as `ss -o` names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerKind {

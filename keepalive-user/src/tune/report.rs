@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::events::{AF_INET, AF_INET6, Owner, state_name};
-use crate::output::json::{ConnIdentityOut, serialize_conn_record};
+use crate::output::json::{ConnIdentityOut, JsonRecord, key, write_conn_record};
 use crate::output::{Clock, endpoint};
 
 /// What happened to a socket.
@@ -278,21 +278,19 @@ impl<'a> TunedOut<'a> {
     }
 }
 
-impl Serialize for TunedOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
+impl JsonRecord for TunedOut<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
         let t = self.tuned;
-        let fields = 7 + usize::from(t.evidence.is_some());
-        serialize_conn_record(s, &"tuned", &self.id, fields, |st| {
-            st.serialize_field("action", &t.action)?;
-            st.serialize_field("source", &t.source)?;
-            st.serialize_field("rule", &t.rule)?;
-            st.serialize_field("dry_run", &(t.action == Action::DryRun))?;
-            st.serialize_field("changes", &t.changes)?;
-            st.serialize_field("kept", &t.kept)?;
-            st.serialize_field("failed", &t.failed)?;
+        write_conn_record(out, "tuned", &self.id, |w| {
+            w.serde(key!("action"), &t.action)?;
+            w.serde(key!("source"), &t.source)?;
+            w.text(key!("rule"), &t.rule)?;
+            w.bool(key!("dry_run"), t.action == Action::DryRun)?;
+            w.serde(key!("changes"), &t.changes)?;
+            w.serde(key!("kept"), &t.kept)?;
+            w.serde(key!("failed"), &t.failed)?;
             match &t.evidence {
-                Some(evidence) => st.serialize_field("evidence", evidence),
+                Some(evidence) => w.serde(key!("evidence"), evidence),
                 None => Ok(()),
             }
         })
@@ -392,6 +390,7 @@ pub fn values(r: &TuneReport) -> (KaValues, KaValues) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::json;
 
     fn rep(what: u8) -> TuneReport {
         let mut r = TuneReport {
@@ -470,7 +469,8 @@ mod tests {
             (ka.old.clone(), ka.new.clone()),
             (json!(false), json!(true))
         );
-        let v = serde_json::to_value(TunedOut::new(&t, &Clock::fixed(0))).unwrap();
+        let v: Value =
+            serde_json::from_str(&json::to_string(&TunedOut::new(&t, &Clock::fixed(0)))).unwrap();
         assert_eq!(v["event"], "tuned");
         assert_eq!(v["action"], "tuned");
         assert_eq!(v["source"], "new");
@@ -578,7 +578,7 @@ mod tests {
             evidence: Some(json!({"idle_s": 30})),
         };
         let clock = Clock::fixed(1_764_000_000_000_000_000);
-        let line = |t: &Tuned| serde_json::to_string(&TunedOut::new(t, &clock)).unwrap();
+        let line = |t: &Tuned| json::to_string(&TunedOut::new(t, &clock));
         assert_eq!(
             line(&t),
             r#"{"v":1,"event":"tuned","ts":"2025-11-24T16:00:01.001234Z","ts_mono_ns":1001234567,"cookie":9,"netns":4026531840,"saddr":"10.0.0.1","sport":40000,"daddr":"fd00::2","dport":5432,"state":"ESTABLISHED","pid":77,"comm":"pg \"x\"","action":"dry_run","source":"existing","rule":"postgres","dry_run":true,"changes":[{"option":"idle_s","old":7200,"new":30,"old_from_sysctl":true}],"kept":[{"option":"count","value":3}],"failed":[{"option":"user_timeout_ms","error":"EINVAL"}],"evidence":{"idle_s":30}}"#
