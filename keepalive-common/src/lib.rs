@@ -35,6 +35,9 @@ pub mod flags {
     pub const HAS_REASON: u8 = 1 << 3;
     /// There was no socket (e.g. a reset for a closed port); the tuple comes from the packet.
     pub const NO_SOCKET: u8 = 1 << 4;
+    /// The retransmitted segment is a SYN-ACK (with [`SYN`]): a listener
+    /// answering a connection again, from `tcp_retransmit_synack`.
+    pub const SYN_ACK: u8 = 1 << 5;
 }
 
 /// TCP states, kernel numbering (include/net/tcp_states.h), as the

@@ -22,6 +22,7 @@ fn event_of(v: &Value) -> Event {
         "retransmit" => Detail::Retransmit {
             segs: u("segs") as u32,
             syn: v["syn"] == true,
+            synack: v["synack"] == true,
             err: v["err"].as_i64().unwrap_or(0) as i32,
         },
         "reset_sent" => Detail::ResetSent {

@@ -197,7 +197,15 @@ impl Pair {
         let b = Netns::new(&format!("{tag}b"));
         let n = (std::process::id() + SUBNET.fetch_add(1, Ordering::Relaxed)) % 250;
         let (a4, b4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
-        let (a6, b6) = (format!("fd00:ca:{n}::1"), format!("fd00:ca:{n}::2"));
+        // In the kernel's (and the monitor's) canonical form: for n = 0,
+        // `fd00:ca::1`, not `fd00:ca:0::1`, or string comparisons fail.
+        let v6 = |host: u8| {
+            format!("fd00:ca:{n}::{host}")
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .to_string()
+        };
+        let (a6, b6) = (v6(1), v6(2));
         testkit::netns::veth(
             &a,
             &b,
@@ -360,6 +368,12 @@ impl Monitor {
             "the ring buffer overflowed during the test: {:?}",
             self.stderr
         );
+        assert_eq!(
+            self.summary("skipped"),
+            0,
+            "the kernel skipped runs of a hook (recursion on a CPU): {:?}",
+            self.stderr
+        );
         events
     }
 
@@ -401,6 +415,26 @@ pub fn of_kind<'a>(events: &'a [Value], netns: u64, kind: &str) -> Vec<&'a Value
         .iter()
         .filter(|e| e["event"] == kind && e["netns"].as_u64() == Some(netns))
         .collect()
+}
+
+/// The segments of `retransmit` records that the kernel counted in
+/// `Tcp.RetransSegs`: those handed to the IP layer (`err` 0) or failing
+/// there (a queue's drop is `1`, an output error a negative errno), not
+/// those the kernel gave up on before counting (-EBUSY, -EINVAL, -ENOMEM,
+/// -EHOSTUNREACH, -EAGAIN; docs/events.md, `retransmit`).
+pub fn counted_retrans_segs(retransmits: &[&Value]) -> i64 {
+    const GIVEN_UP: [i64; 5] = [
+        -libc::EBUSY as i64,
+        -libc::EINVAL as i64,
+        -libc::ENOMEM as i64,
+        -libc::EHOSTUNREACH as i64,
+        -libc::EAGAIN as i64,
+    ];
+    retransmits
+        .iter()
+        .filter(|e| !GIVEN_UP.contains(&e["err"].as_i64().unwrap()))
+        .map(|e| e["segs"].as_i64().unwrap())
+        .sum()
 }
 
 /// Names of the BPF programs currently loaded whose name starts with `ka_`.

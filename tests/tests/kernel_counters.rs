@@ -3,22 +3,32 @@
 //! compares what it reports with /proc/net/{snmp,netstat} of each
 //! namespace over the same interval, exactly.
 //!
-//! The issue 8 proof, run on the 2-core VM (Linux 6.18) on 2026-11-26 with
-//! `stress-ng --cpu 1` running throughout and other builds and tests on the
-//! machine (load average 10-19):
+//! The issue 8 proof, run on the 2-core VM (Linux 6.18) on 2026-11-26,
+//! branch exact4, with `stress-ng --cpu 1` running throughout and other
+//! helpers' builds and tests on the machine (load average 3-18):
 //!
 //! ```text
-//! cargo test --release -p keepalive-tests --test kernel_counters --no-run
+//! cargo xtask build --release
+//! cargo test --release -p keepalive-tests --no-run
 //! for i in $(seq 30); do
-//!   target/release/deps/kernel_counters-* --test-threads=1 || echo "run $i FAILED"
+//!   for t in kernel_counters table top; do
+//!     target/release/deps/$t-* --test-threads=1 || echo "run $i $t FAILED"
+//!   done
 //! done
 //! ```
 //!
-//! Result: 28 of 30 runs passed; two runs each missed one event, a
-//! retransmission (9 `retransmit` events, `Tcp.RetransSegs` 10) and a probe
-//! to a live peer (2 against `TCPKeepAlive` 3). Both come from timer
-//! callbacks, like the refused probes of the ignored test, where perf shows
-//! the lost attempt invisible to every tracepoint (docs/events.md).
+//! Result: kernel_counters 29 of 30, table 30 of 30, top 30 of 30. The
+//! failure: a `connect()`'s third SYN retransmission counted in
+//! `Tcp.RetransSegs` (10 records, 11 counted) with `lost=0` and
+//! `skipped=0`, the kind of miss docs/events.md describes under
+//! `keepalive_probe`. The failures of the earlier proof and of the runs
+//! before this one were traced to their causes and fixed: listeners'
+//! SYN-ACK retransmissions had no hook (now `synack` records, tested
+//! below); Pair's IPv6 addresses were not canonical for subnet 0 (the
+//! reset test failed for 1 pid in 250); keepalive was turned on before the
+//! silencing nft rule was in (probes `[1, 1, 2, 3]`); and the table judged
+//! a walk's probe count and an event's differently (a first verdict of
+//! "2 of 3", tests/tests/table.rs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -178,8 +188,10 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     let c = connect_pair(&pair, &pair.b4);
     let ck = cookie(&c.client);
     let a0 = pair.a.counters();
-    set_keepalive(&c.client, 1, 1, 3);
+    // Silence first: `nft` can take over a second under load, and a probe
+    // answered before the rule is in makes the count restart ([1, 1, 2, 3]).
     blackhole(&pair.b, None);
+    set_keepalive(&c.client, 1, 1, 3);
 
     let err = read_err(&c.client, Duration::from_secs(20));
     assert_eq!(
@@ -259,9 +271,13 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
     let events = mon.stop_lossless();
 
     let rt = of_kind(&events, pair.a.inode(), "retransmit");
-    assert!(rt.iter().all(|e| e["err"] == 0), "{rt:#?}");
-    let segs: i64 = rt.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs, a0.delta(&a1, "Tcp.RetransSegs"), "{rt:#?}");
+    // Under load a transmit can fail locally (a full backlog drops it on
+    // the veth: err 1); the kernel counts it all the same.
+    assert_eq!(
+        counted_retrans_segs(&rt),
+        a0.delta(&a1, "Tcp.RetransSegs"),
+        "{rt:#?}"
+    );
     let data: Vec<_> = rt.iter().filter(|e| e["syn"] == false).collect();
     let syns: Vec<_> = rt.iter().filter(|e| e["syn"] == true).collect();
     assert!(data.len() >= 2, "expected data retransmits: {rt:#?}");
@@ -278,8 +294,101 @@ fn retransmitted_segments_match_retranssegs_and_syns_are_marked() {
             .all(|e| e["state"] == "SYN_SENT" && e["dport"] == 9)
     );
     let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
-    let segs_b: i64 = rt_b.iter().map(|e| e["segs"].as_i64().unwrap()).sum();
-    assert_eq!(segs_b, b0.delta(&b1, "Tcp.RetransSegs"));
+    assert_eq!(
+        counted_retrans_segs(&rt_b),
+        b0.delta(&b1, "Tcp.RetransSegs"),
+        "{rt_b:#?}"
+    );
+}
+
+/// A listener whose SYN-ACK gets no answer sends it again (its request
+/// socket's timer, and each retransmitted SYN from the client):
+/// tcp_rtx_synack counts every one in Tcp.RetransSegs of the listener's
+/// namespace, so the stream must have each, marked as a SYN-ACK, with the
+/// request socket's tuple. The client's namespace drops the SYN-ACKs for
+/// 2.5 s (over IPv4 and IPv6 at once), then lets one through.
+#[test]
+fn synack_retransmissions_match_retranssegs_and_are_marked() {
+    let pair = Pair::new("sa");
+    let mut mon = Monitor::start(&PAIR_ONLY);
+    let l4 = listen(&pair.b, &format!("{}:0", pair.b4));
+    let l6 = listen(&pair.b, &format!("[{}]:0", pair.b6));
+    let (to4, to6) = (l4.local_addr().unwrap(), l6.local_addr().unwrap());
+    let ports = [to4.port(), to6.port()];
+    let (a0, b0) = (pair.a.counters(), pair.b.counters());
+    pair.a.exec(&format!(
+        "nft add table inet ka && nft \"add chain inet ka in {{ type filter hook input priority 0; policy accept; }}\" && nft 'add rule inet ka in tcp sport {{ {}, {} }} tcp flags & (syn | ack) == syn | ack drop'",
+        ports[0], ports[1]
+    ));
+    let clients: Vec<_> = [to4, to6]
+        .into_iter()
+        .map(|to| {
+            let a = pair.a.path();
+            std::thread::spawn(move || {
+                testkit::netns::join_netns(&a).unwrap();
+                TcpStream::connect_timeout(&to, Duration::from_secs(15))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    unblackhole(&pair.a);
+    let clients: Vec<TcpStream> = clients
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap()
+                .expect("connect after the SYN-ACKs were let through")
+        })
+        .collect();
+    // Accepted: the request sockets and their timers are gone.
+    let servers = [l4.accept().unwrap().0, l6.accept().unwrap().0];
+    let (a1, b1) = (pair.a.counters(), pair.b.counters());
+    let events = mon.stop_lossless();
+
+    let kernel_b = b0.delta(&b1, "Tcp.RetransSegs");
+    assert!(
+        kernel_b >= 2,
+        "expected the listener to send SYN-ACKs again, RetransSegs delta {kernel_b}"
+    );
+    let rt_b = of_kind(&events, pair.b.inode(), "retransmit");
+    assert_eq!(counted_retrans_segs(&rt_b), kernel_b, "{rt_b:#?}");
+    assert!(
+        rt_b.iter().all(|e| e["synack"] == true
+            && e["syn"] == true
+            && e["segs"] == 1
+            && e["err"] == 0
+            && e["state"] == "NEW_SYN_RECV"),
+        "{rt_b:#?}"
+    );
+    for (port, client, server) in [
+        (ports[0], &clients[0], &servers[0]),
+        (ports[1], &clients[1], &servers[1]),
+    ] {
+        let local = client.local_addr().unwrap();
+        let mine: Vec<_> = rt_b.iter().filter(|e| e["sport"] == port).collect();
+        assert!(
+            !mine.is_empty(),
+            "no SYN-ACK retransmit from port {port}: {rt_b:#?}"
+        );
+        assert!(
+            mine.iter().all(|e| e["daddr"] == local.ip().to_string()
+                && e["dport"] == local.port()
+                && e["saddr"] == server.local_addr().unwrap().ip().to_string()),
+            "{local}: {mine:#?}"
+        );
+    }
+    // The client's side: its SYNs, sent again while no SYN-ACK came.
+    let rt_a = of_kind(&events, pair.a.inode(), "retransmit");
+    assert_eq!(
+        counted_retrans_segs(&rt_a),
+        a0.delta(&a1, "Tcp.RetransSegs"),
+        "{rt_a:#?}"
+    );
+    assert!(
+        rt_a.iter()
+            .all(|e| e["syn"] == true && e["synack"] == false),
+        "{rt_a:#?}"
+    );
 }
 
 #[test]

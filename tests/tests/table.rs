@@ -21,8 +21,9 @@ fn a_silenced_peer_turns_dead_in_the_stream() {
     ]);
     let c = connect_pair(&pair, &pair.b4);
     let ck = cookie(&c.client);
-    set_keepalive(&c.client, 1, 1, 3);
+    // Silence first, so that no probe is answered (`nft` can be slow).
     blackhole(&pair.b, None);
+    set_keepalive(&c.client, 1, 1, 3);
     c.client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -171,11 +172,20 @@ fn table_counters_stay_exact_when_the_ring_overflows() {
         "{:#?}",
         row(prober_ck)
     );
+    // What the stream still has of the sender's retransmissions (it lost
+    // some), to tell a local transmit failure (err 1: a backlog full of
+    // the storm's packets) from a missed one.
+    let sender_rt: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "retransmit" && e["cookie"] == sender_ck)
+        .collect();
     assert_eq!(
         row(sender_ck)["counters"]["retransmit_segs"],
         retrans,
-        "{:#?}",
-        row(sender_ck)
+        "{:#?}\nstreamed: {sender_rt:#?}\nTcpExt.TCPRetransFail delta {}\nmonitor: {:?}",
+        row(sender_ck),
+        a0.delta(&a1, "TcpExt.TCPRetransFail"),
+        mon.stderr
     );
     // The stream itself lost some of them: the table did not rely on it.
     let streamed = events

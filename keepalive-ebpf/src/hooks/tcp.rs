@@ -1,6 +1,7 @@
-//! TCP tracepoints: state changes (and owners), retransmits, resets sent
-//! and received, socket errors. Each runs with a trusted `struct sock *`
-//! argument, so fields are plain loads and socket storage is reachable.
+//! TCP tracepoints: state changes (and owners), retransmits (a listener's
+//! SYN-ACKs included), resets sent and received, socket errors. Each runs
+//! with a trusted `struct sock *` argument, so fields are plain loads and
+//! socket storage is reachable.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use keepalive_common::{Offsets, RawEvent, flags, kind, tcp_state};
@@ -13,6 +14,11 @@ use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol,
 const IPPROTO_TCP: u16 = 6;
 const ETIMEDOUT: i32 = 110;
 const TCPHDR_SYN: u8 = 0x02;
+const EAGAIN: i16 = 11;
+const ENOMEM: i16 = 12;
+const EBUSY: i16 = 16;
+const EINVAL: i16 = 22;
+const EHOSTUNREACH: i16 = 113;
 
 // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err)
 // (`err` since 6.12: Config::retransmit_has_err)
@@ -38,7 +44,7 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     } else {
         0
     };
-    if err == 0 {
+    if counted_in_retranssegs(err) {
         count(cookie, |s| s.retransmit_segs += segs as u32);
     }
     if !wanted(kind::RETRANSMIT) {
@@ -50,6 +56,52 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
         ev.err = err;
         ev.flags = syn | timer;
         fill_sock_direct(ev, sk);
+    });
+    0
+}
+
+/// Whether the kernel counted a retransmission that ended with `err` in
+/// Tcp.RetransSegs (and the socket's `tcpi_total_retrans`): the same rule
+/// as `events::counted_in_retranssegs` in userspace, which explains it.
+#[inline(always)]
+fn counted_in_retranssegs(err: i16) -> bool {
+    !matches!(-err, EBUSY | EINVAL | ENOMEM | EHOSTUNREACH | EAGAIN)
+}
+
+// TP_PROTO(const struct sock *sk, const struct request_sock *req)
+// tcp_rtx_synack fires it, and counts one Tcp.RetransSegs, each time a
+// SYN-ACK is sent again (the request socket's timer, or a retransmitted
+// SYN from the peer); a SYN-ACK that could not be sent is neither counted
+// nor traced. `sk` is the listener, or for a passive TCP Fast Open the
+// child socket already created. `req` starts with its `sock_common`
+// (the kernel's req_to_sk is a cast; KernelBtf::offsets checks it), so
+// the socket offsets read its tuple.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn ka_synack_rtx(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let req: *const u8 = ctx.arg(1);
+    if sk.is_null() || req.is_null() {
+        return 0;
+    }
+    // A request socket has a cookie only if something asked for one
+    // (`ss` does); the connection's socket, created when the handshake
+    // completes, gets its own. A Fast Open child is that socket already.
+    let fast_open = load::<u8>(sk, conf!(offsets.skc_state)) as u32 != tcp_state::LISTEN;
+    let cookie = if fast_open {
+        cookie_of(sk)
+    } else {
+        load::<u64>(req, conf!(offsets.skc_cookie))
+    };
+    count(cookie, |s| s.retransmit_segs += 1);
+    if !wanted(kind::RETRANSMIT) {
+        return 0;
+    }
+    // No owner: the server side learns none (see ka_state).
+    emit(kind::RETRANSMIT, cookie, core::ptr::null(), |ev| {
+        ev.segs = 1;
+        ev.flags = flags::SYN | flags::SYN_ACK;
+        let from = if fast_open { sk } else { req };
+        fill_sock_direct(ev, from);
     });
     0
 }

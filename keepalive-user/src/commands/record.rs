@@ -285,12 +285,13 @@ impl Consumer for LineSink {
             _ => Ok(()),
         };
         diag!(
-            "stopped; emitted={} received={} lost={} tracked={} evicted={}",
+            "stopped; emitted={} received={} lost={} tracked={} evicted={} skipped={}",
             totals.emitted,
             totals.received,
             totals.lost,
             totals.tracked,
             totals.evicted,
+            totals.skipped,
         );
         dumped
     }

@@ -123,7 +123,11 @@ impl TimeoutCause {
 pub enum Detail {
     Retransmit {
         segs: u32,
+        /// The segment carries SYN (a SYN, or with `synack` a SYN-ACK).
         syn: bool,
+        /// A listener's SYN-ACK, sent again for a connection not yet
+        /// established (`tcp_retransmit_synack`).
+        synack: bool,
         /// Result of the (re)transmit: 0, or a negative errno.
         err: i32,
     },
@@ -187,6 +191,21 @@ impl Event {
     }
 }
 
+/// Whether the kernel counted a retransmission that ended with `err` in
+/// Tcp.RetransSegs (and in the socket's `tcpi_total_retrans`).
+/// `__tcp_retransmit_skb` counts the segments just before handing them to
+/// the IP layer, so a failure there (-ENOBUFS, a netfilter -EPERM, a
+/// queue's drop...) was counted; the checks before it give up uncounted:
+/// still queued (-EBUSY), acked meanwhile (-EINVAL), no memory to trim or
+/// split (-ENOMEM), no route (-EHOSTUNREACH), closed window (-EAGAIN).
+/// The eBPF side keeps per-connection counters by the same rule.
+pub fn counted_in_retranssegs(err: i32) -> bool {
+    !matches!(
+        -err,
+        libc::EBUSY | libc::EINVAL | libc::ENOMEM | libc::EHOSTUNREACH | libc::EAGAIN
+    )
+}
+
 /// Names of `enum sk_rst_reason` values, indexed by value (from kernel BTF).
 #[derive(Clone, Debug, Default)]
 pub struct ResetReasons(pub Vec<Option<String>>);
@@ -218,6 +237,7 @@ pub fn decode(raw: &RawEvent, reasons: &ResetReasons) -> Option<Event> {
         Kind::Retransmit => Detail::Retransmit {
             segs: raw.segs as u32,
             syn: raw.flags & flags::SYN != 0,
+            synack: raw.flags & flags::SYN_ACK != 0,
             err: raw.err as i32,
         },
         Kind::ResetSent => Detail::ResetSent {
@@ -290,6 +310,7 @@ mod tests {
             Detail::Retransmit {
                 segs: 3,
                 syn: true,
+                synack: false,
                 err: 0
             }
         );
@@ -312,6 +333,43 @@ mod tests {
         assert_eq!(e.saddr.to_string(), "fd00::1");
         assert_eq!(e.daddr.to_string(), "fd00::2");
         assert_eq!(e.owner, None);
+    }
+
+    #[test]
+    fn retranssegs_counts_failed_transmits_not_early_give_ups() {
+        // Handed to IP, dropped by a full queue (NET_XMIT_DROP), no
+        // buffer, dropped by netfilter on output: counted.
+        for err in [0, 1, -libc::ENOBUFS, -libc::EPERM] {
+            assert!(counted_in_retranssegs(err), "{err}");
+        }
+        for err in [
+            -libc::EBUSY,
+            -libc::EINVAL,
+            -libc::ENOMEM,
+            -libc::EHOSTUNREACH,
+            -libc::EAGAIN,
+        ] {
+            assert!(!counted_in_retranssegs(err), "{err}");
+        }
+    }
+
+    #[test]
+    fn decodes_a_synack_retransmit() {
+        let mut r = raw(kind::RETRANSMIT);
+        r.segs = 1;
+        r.flags = flags::SYN | flags::SYN_ACK;
+        r.state = 12;
+        let e = decode(&r, &ResetReasons::default()).unwrap();
+        assert_eq!(
+            e.detail,
+            Detail::Retransmit {
+                segs: 1,
+                syn: true,
+                synack: true,
+                err: 0
+            }
+        );
+        assert_eq!(state_name(e.state), "NEW_SYN_RECV");
     }
 
     #[test]

@@ -179,6 +179,14 @@ impl KernelBtf {
             u16::try_from(f.offset).with_context(|| format!("{root}.{path} offset too large"))
         };
         let protocol = self.field("sock", "sk_protocol")?;
+        // The SYN-ACK hook reads a request socket's tuple and cookie with
+        // the `sock` offsets: both start with their `sock_common`.
+        let req_common = self.field("request_sock", "__req_common")?.offset;
+        if req_common != 0 {
+            bail!(
+                "kernel struct `request_sock` does not start with its `sock_common` (at {req_common}); this kernel is not supported"
+            );
+        }
         Ok(Offsets {
             skc_daddr: off("sock_common", "skc_daddr")?,
             skc_rcv_saddr: off("sock_common", "skc_rcv_saddr")?,
@@ -381,6 +389,8 @@ mod tests {
         assert_eq!(o.skc_rcv_saddr, 4);
         assert!(o.sk_protocol_size == 1 || o.sk_protocol_size == 2);
         assert_ne!(o.icsk_probes_out, o.icsk_user_timeout);
+        assert_eq!(k.field("request_sock", "__req_common").unwrap().offset, 0);
+        assert_eq!(k.tracepoint_args("tcp_retransmit_synack").unwrap(), 2);
         let t = k.tune_offsets();
         for (name, v) in [
             ("sk_cgroup", t.sk_cgroup),

@@ -52,6 +52,11 @@ pub const HOOKS: &[Hook] = &[
         provides: "retransmit events",
     },
     Hook {
+        program: "ka_synack_rtx",
+        tracepoint: "tcp_retransmit_synack",
+        provides: "retransmit events for a listener's SYN-ACKs",
+    },
+    Hook {
         program: "ka_reset_sent",
         tracepoint: "tcp_send_reset",
         provides: "reset_sent events",
@@ -190,6 +195,24 @@ pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
     loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object failed")
+}
+
+/// Runs of the hook programs the kernel skipped because the program was
+/// already running on that CPU (`recursion_misses` in the program's
+/// fdinfo; an interrupt's softirq firing the same tracepoint, for one):
+/// each may be a missing event, and nothing else would tell.
+pub fn skipped_runs(ebpf: &Ebpf) -> u64 {
+    use std::os::fd::{AsFd, AsRawFd};
+    HOOKS
+        .iter()
+        .filter_map(|h| {
+            let fd = ebpf.program(h.program)?.fd().ok()?.as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            info.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Loads and attaches one hook's program.

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::events::{Detail, Event, Kind, TimeoutCause};
+use crate::events::{Detail, Event, Kind, TimeoutCause, counted_in_retranssegs};
 use crate::table::verdict::Verdict;
 use labels::ExtraLabels;
 
@@ -124,19 +124,6 @@ impl Format {
             Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
         }
     }
-}
-
-/// Whether the kernel counted a retransmission that ended with `err` in
-/// Tcp.RetransSegs. `__tcp_retransmit_skb` counts the segments just before
-/// handing them to the IP layer, so a failure there (-ENOBUFS, a netfilter
-/// -EPERM, ...) was counted; the checks before it give up uncounted:
-/// still queued (-EBUSY), acked meanwhile (-EINVAL), no memory to trim or
-/// split (-ENOMEM), no route (-EHOSTUNREACH), closed window (-EAGAIN).
-pub fn counted_in_retranssegs(err: i32) -> bool {
-    !matches!(
-        -err,
-        libc::EBUSY | libc::EINVAL | libc::ENOMEM | libc::EHOSTUNREACH | libc::EAGAIN
-    )
 }
 
 /// Every series the endpoint exports.
@@ -418,6 +405,7 @@ mod tests {
         let rt = |segs, err| Detail::Retransmit {
             segs,
             syn: false,
+            synack: false,
             err,
         };
         m.observe(&ev(rt(2, 0)), &none);

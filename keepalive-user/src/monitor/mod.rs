@@ -112,6 +112,9 @@ pub struct Counters {
     pub received: u64,
     /// Events the kernel could not queue.
     pub lost: u64,
+    /// Hook runs the kernel skipped (the program re-entered on its CPU),
+    /// read when the programs are detached: events that may be missing.
+    pub skipped: u64,
     /// Connections dropped from the table at its cap.
     pub evicted: u64,
     /// Connections in the table.
@@ -612,7 +615,16 @@ async fn event_loop(
     };
     // Detach: the programs and links go with the object; the maps we took
     // stay readable.
-    drop(engine.ebpf.take());
+    if let Some(ebpf) = engine.ebpf.take() {
+        engine.counters.skipped = loader::skipped_runs(&ebpf);
+        drop(ebpf);
+    }
+    if engine.counters.skipped > 0 {
+        tracing::warn!(
+            skipped = engine.counters.skipped,
+            "the kernel skipped hook runs (a program re-entered on its CPU): events may be missing"
+        );
+    }
     let _ = engine.drain(ring.get_mut(), consumer)?;
     let _ = engine.check_loss(consumer)?;
     engine.counters.emitted = engine.maps.emitted();

@@ -189,6 +189,7 @@ mod tests {
             Detail::Retransmit {
                 segs: 1,
                 syn: false,
+                synack: false,
                 err: 0,
             },
             Detail::ResetReceived,

@@ -39,6 +39,7 @@ pub(crate) fn fixture_events() -> Vec<Event> {
             Detail::Retransmit {
                 segs: 1,
                 syn: false,
+                synack: false,
                 err: 0,
             },
         ),
@@ -48,6 +49,7 @@ pub(crate) fn fixture_events() -> Vec<Event> {
             Detail::Retransmit {
                 segs: 3,
                 syn: true,
+                synack: false,
                 err: -11,
             },
         ),
@@ -103,6 +105,22 @@ pub(crate) fn fixture_events() -> Vec<Event> {
     v6.saddr = "fd00::1".parse().unwrap();
     v6.daddr = "fd00::2".parse().unwrap();
     evs.push(v6);
+    // A listener's SYN-ACK sent again: the request socket has no cookie.
+    let mut synack = base(
+        13,
+        None,
+        Detail::Retransmit {
+            segs: 1,
+            syn: true,
+            synack: true,
+            err: 0,
+        },
+    );
+    synack.cookie = 0;
+    synack.state = 12;
+    (synack.saddr, synack.daddr) = (synack.daddr, synack.saddr);
+    (synack.sport, synack.dport) = (synack.dport, synack.sport);
+    evs.push(synack);
     evs
 }
 

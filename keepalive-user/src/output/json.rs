@@ -287,10 +287,17 @@ impl<'a> EventOut<'a> {
 impl JsonRecord for EventOut<'_> {
     fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
         write_conn_record(out, self.event.name(), &self.id, |w| match self.detail {
-            Detail::Retransmit { segs, syn, err } => {
+            Detail::Retransmit {
+                segs,
+                syn,
+                synack,
+                err,
+            } => {
                 w.uint(key!("segs"), *segs)?;
                 w.bool(key!("syn"), *syn)?;
-                w.int(key!("err"), *err)
+                w.int(key!("err"), *err)?;
+                // Last, after the fields of the first version.
+                w.bool(key!("synack"), *synack)
             }
             Detail::ResetSent { reason, no_socket } => {
                 // `null` on a kernel without reset reasons.

@@ -35,9 +35,16 @@ fn write_event(s: &mut Vec<u8>, e: &Event, clock: &Clock) -> std::io::Result<()>
         e.cookie,
     )?;
     match &e.detail {
-        Detail::Retransmit { segs, syn, err } => {
+        Detail::Retransmit {
+            segs,
+            syn,
+            synack,
+            err,
+        } => {
             write!(s, " segs={segs}")?;
-            if *syn {
+            if *synack {
+                s.extend_from_slice(b" synack");
+            } else if *syn {
                 s.extend_from_slice(b" syn");
             }
             if *err != 0 {
@@ -222,6 +229,7 @@ mod tests {
         let mut e = ev(Detail::Retransmit {
             segs: 2,
             syn: true,
+            synack: false,
             err: 0,
         });
         e.owner = Some(Owner {

@@ -625,9 +625,16 @@ impl Model {
 /// An event's own part in words (the tuple and owner are shown apart).
 pub fn event_words(d: &Detail) -> String {
     match d {
-        Detail::Retransmit { segs, syn, err } => {
+        Detail::Retransmit {
+            segs,
+            syn,
+            synack,
+            err,
+        } => {
             let mut s = format!("retransmit {segs} seg{}", if *segs == 1 { "" } else { "s" });
-            if *syn {
+            if *synack {
+                s += " (SYN-ACK)";
+            } else if *syn {
                 s += " (SYN)";
             }
             if *err != 0 {

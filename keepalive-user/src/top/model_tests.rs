@@ -112,6 +112,7 @@ fn events_feed_log_timeline_and_totals() {
         Detail::Retransmit {
             segs: 2,
             syn: false,
+            synack: false,
             err: 0,
         },
     )));

@@ -176,6 +176,7 @@ fn model(lost: u64) -> Model {
             Detail::Retransmit {
                 segs: 1,
                 syn: false,
+                synack: false,
                 err: 0,
             },
         )));

@@ -23,6 +23,7 @@ const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const KEEPALIVE_PROGRAMS: &[&str] = &[
     "ka_state",
     "ka_retransmit",
+    "ka_synack_rtx",
     "ka_reset_sent",
     "ka_reset_received",
     "ka_error",
