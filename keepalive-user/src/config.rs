@@ -449,6 +449,8 @@ pub fn thresholds(flags: &ThresholdFlags, file: Option<&Loaded>) -> Result<Thres
             .or(dead)
             .unwrap_or(d.dead_retransmits),
         owners_known: !flags.no_owners,
+        // Decided by who judges (the monitor's table sets it).
+        newest_probe_in_flight: d.newest_probe_in_flight,
     })
 }
 

@@ -71,6 +71,12 @@ pub struct ConnTable {
 
 impl ConnTable {
     pub fn new(cap: usize, thresholds: Thresholds) -> Self {
+        // The table sees probes as they are sent: the newest is not
+        // evidence yet, whether an event or a walk reported it.
+        let thresholds = Thresholds {
+            newest_probe_in_flight: true,
+            ..thresholds
+        };
         ConnTable {
             live: CookieMap::default(),
             tombstones: CookieMap::default(),
@@ -441,13 +447,13 @@ impl ConnTable {
                     enabled: true,
                     ..c.keepalive
                 };
-                // Sending probe N means N-1 went unanswered; the new one
-                // has not had its chance yet (a live peer answers within an
-                // RTT), so probe 1 alone is no sign of death.
+                // The kernel's `probes_out` after sending probe N is N; the
+                // verdict counts N-1 of them unanswered (the new one has
+                // not had its chance yet), as for a walk's count.
                 // A refresh may already have seen this probe outstanding
                 // (it reads the kernel live; events lag by up to a poll):
                 // never lower the count here, only a refresh does.
-                c.probes_out = c.probes_out.max(probe.saturating_sub(1));
+                c.probes_out = c.probes_out.max(*probe);
                 c.timer = Some(Timer {
                     kind: TimerKind::Keepalive,
                     fires_in_ms: c.keepalive.intvl_ms as i64,
@@ -573,19 +579,28 @@ mod tests {
     fn a_late_probe_event_does_not_undo_what_a_refresh_saw() {
         let mut t = ConnTable::new(10, Thresholds::default());
         let mut seen = conn(1);
+        // Probe 1 may be in flight: no verdict yet.
         seen.probes_out = 1;
         seen.timer = Some(Timer {
             kind: TimerKind::Keepalive,
             fires_in_ms: 900,
         });
+        assert!(t.refresh(vec![seen.clone()], 0).is_empty());
+        seen.probes_out = 2;
         let ch = t.refresh(vec![seen], 0);
         assert_eq!(ch.len(), 1, "the refresh sees the unanswered probe");
+        assert!(
+            ch[0].new.reason().contains("1 of 3"),
+            "{}",
+            ch[0].new.reason()
+        );
         // The event for that same probe arrives afterwards: no flap.
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+            t.apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 1)
                 .is_none()
         );
         assert_eq!(t.verdict(1).unwrap().reason_code(), "probes_unanswered");
+        assert!(t.verdict(1).unwrap().reason().contains("1 of 3"));
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub struct Thresholds {
     pub dead_retransmits: u32,
     /// Owners were looked up (/proc scanned), so "no owner" means none.
     pub owners_known: bool,
+    /// Count the newest keepalive probe as not yet unanswered: it may be
+    /// in flight (a live peer answers within a round trip). The monitor's
+    /// table, which sees each probe sent, judges so whether a walk or an
+    /// event told it the kernel's `probes_out`, so both agree; a snapshot,
+    /// which only sees the kernel's count, does not (docs/verdicts.md).
+    pub newest_probe_in_flight: bool,
 }
 
 impl Default for Thresholds {
@@ -32,6 +38,7 @@ impl Default for Thresholds {
             middlebox_idle_ms: 350_000,
             dead_retransmits: 3,
             owners_known: true,
+            newest_probe_in_flight: false,
         }
     }
 }
@@ -254,10 +261,19 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
     if c.full
         && let Some(timer) = c.timer
     {
-        if timer.kind == TimerKind::Keepalive && c.keepalive.enabled && c.probes_out >= 1 {
+        // `probes_out` is the kernel's count: probes sent since the last
+        // answer, the newest included.
+        let unanswered = if t.newest_probe_in_flight {
+            c.probes_out.saturating_sub(1)
+        } else {
+            c.probes_out
+        };
+        if timer.kind == TimerKind::Keepalive && c.keepalive.enabled && unanswered >= 1 {
+            // The kernel gives up when the timer fires with TCP_KEEPCNT
+            // probes out: one more interval per probe still to send.
             let left = c.keepalive.probes.saturating_sub(c.probes_out) as i64;
             return Verdict::Dead(Dead::ProbesUnanswered {
-                unanswered_probes: c.probes_out,
+                unanswered_probes: unanswered,
                 probes: c.keepalive.probes,
                 gives_up_in_ms: timer.fires_in_ms + left * c.keepalive.intvl_ms as i64,
             });
@@ -382,6 +398,33 @@ mod tests {
         // The boundary: no probe outstanding is not dead.
         c.probes_out = 0;
         assert_eq!(judge(&c, &t()), Verdict::Healthy);
+    }
+
+    #[test]
+    fn the_monitor_waits_for_the_newest_probe_to_have_its_chance() {
+        let t = Thresholds {
+            newest_probe_in_flight: true,
+            ..t()
+        };
+        let mut c = established();
+        c.timer = Some(Timer {
+            kind: TimerKind::Keepalive,
+            fires_in_ms: 10_000,
+        });
+        // Just sent, maybe in flight: not evidence yet.
+        c.probes_out = 1;
+        assert_eq!(judge(&c, &t), Verdict::Healthy);
+        // Probe 2 sent: probe 1 went unanswered. The kernel sends 3 more
+        // (one per interval) and gives up at the timer after the last.
+        c.probes_out = 2;
+        assert_eq!(
+            judge(&c, &t),
+            Verdict::Dead(Dead::ProbesUnanswered {
+                unanswered_probes: 1,
+                probes: 5,
+                gives_up_in_ms: 10_000 + 3 * 10_000,
+            })
+        );
     }
 
     #[test]
