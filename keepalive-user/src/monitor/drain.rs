@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::kernel_maps;
 
-/// Records per chunk (104 KiB of events): the thread sends a chunk when it
+/// Records per chunk (96 KiB of events): the thread sends a chunk when it
 /// is full or when the ring reads empty.
 pub(super) const CHUNK: usize = 1024;
 
