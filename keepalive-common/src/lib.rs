@@ -129,6 +129,11 @@ pub struct RawEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offsets {
+    /// `timer_list.function`. First, so that it shares a cache line with
+    /// [`Config::keepalive_timer_fn`] and [`Config::write_timer_fn`]: the
+    /// timer hooks run for every timer of the system and, for all but
+    /// the socket timers, read nothing else.
+    pub timer_function: u16,
     pub skc_daddr: u16,
     pub skc_rcv_saddr: u16,
     pub skc_dport: u16,
@@ -153,7 +158,6 @@ pub struct Offsets {
     pub dev_nd_net: u16,
     pub tcb_gso_segs: u16,
     pub tcb_tcp_flags: u16,
-    pub timer_function: u16,
     /// Size of `sk_protocol` in bytes (1 or 2; a bitfield on old kernels is not supported).
     pub sk_protocol_size: u16,
     pub icsk_retransmit_timer: u16,
@@ -328,15 +332,16 @@ pub struct Cidr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
+    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms). First (see
+    /// [`Offsets::timer_function`]).
+    pub keepalive_timer_fn: u64,
+    /// Address of `tcp_write_timer` (0 when unknown).
+    pub write_timer_fn: u64,
     pub offsets: Offsets,
     /// Bit `1 << kind` set: emit that kind.
     pub event_mask: u32,
     /// `tcp_send_reset` passes a reason argument (kernels >= 6.10).
     pub reset_has_reason: u32,
-    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms).
-    pub keepalive_timer_fn: u64,
-    /// Address of `tcp_write_timer` (0 when unknown).
-    pub write_timer_fn: u64,
     /// Ports to keep (either side); all zero: no port filter.
     pub ports: [u16; MAX_PORTS],
     pub n_cidrs: u32,
@@ -345,7 +350,12 @@ pub struct Config {
     /// Wake the reader only once this many bytes wait in the ring; it
     /// also polls on a short timer. Saves a wakeup (an IPI) per event.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// 1: keep each connecting process on its socket (socket storage,
+    /// map `OWNERS`) for consumers that need owners inside the kernel
+    /// (`tune`'s policy matching by process name). 0: the `→ SYN_SENT`
+    /// event carries the process and userspace remembers it by cookie;
+    /// no storage is created (no allocation per connection).
+    pub owner_storage: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
     pub tune: TuneOffsets,
@@ -431,7 +441,10 @@ const _: () = {
     // The programs copy an owner into an event word by word.
     assert!(offset_of!(Owner, comm) == 8 && offset_of!(RawEvent, comm) % 4 == 0);
     assert!(size_of::<TimerFrame>() == 40 && align_of::<TimerFrame>() == 8);
-    assert!(offset_of!(Config, event_mask) == 64);
+    assert!(offset_of!(Config, event_mask) == 80);
+    // The timer hooks' first test reads these three: one cache line.
+    assert!(offset_of!(Config, write_timer_fn) == 8);
+    assert!(offset_of!(Config, offsets) + offset_of!(Offsets, timer_function) == 16);
     assert!(offset_of!(Config, cidrs) == 120);
     assert!(size_of::<Config>() == 304 && align_of::<Config>() == 8);
     assert!(size_of::<TuneOffsets>() == 16);

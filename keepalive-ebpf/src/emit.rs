@@ -3,13 +3,13 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
 use keepalive_common::{
     Offsets, Owner, RawEvent, TASK_COMM_LEN,
     filter::{addrs_match, ports_match},
 };
 
-use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_ptr};
+use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_ptr, owner_storage};
 use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -25,7 +25,8 @@ const _: () = assert!(EVENT_WORDS * 8 == core::mem::size_of::<RawEvent>());
 /// `RawEvent { .., ..Default::default() }` compiles to a call of the
 /// linker's byte-by-byte `memset` (hundreds of instructions per event),
 /// and moving an event copies it byte by byte as well: the event is built
-/// where it stays ([`new_event!`]).
+/// where it stays (its ring slot, or a stack slot when filtered first). Ring
+/// memory is not cleared by the kernel, so every byte is written.
 #[inline(always)]
 pub fn zeroed_event(
     slot: &mut core::mem::MaybeUninit<RawEvent>,
@@ -46,15 +47,6 @@ pub fn zeroed_event(
     ev
 }
 
-/// `new_event!(ev, kind, cookie)`: `ev` is a `&mut RawEvent` on this
-/// stack frame, all zero but its kind and cookie.
-macro_rules! new_event {
-    ($ev:ident, $kind:expr, $cookie:expr) => {
-        let mut slot = core::mem::MaybeUninit::<keepalive_common::RawEvent>::uninit();
-        let $ev = $crate::emit::zeroed_event(&mut slot, $kind, $cookie);
-    };
-}
-
 /// Copies `ev` into a ring slot with 8-byte loads and stores (a plain
 /// struct copy is the byte-by-byte `memmove` loop).
 #[inline(always)]
@@ -66,6 +58,14 @@ fn copy_event(dst: *mut RawEvent, ev: &RawEvent) {
         unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
         i += 1;
     }
+}
+
+/// True when the configuration has a kernel-side port or address filter
+/// (a constant to the verifier, which keeps only one of [`emit`]'s paths).
+#[inline(always)]
+fn has_filters() -> bool {
+    let c = config();
+    c.ports[0] != 0 || c.n_cidrs != 0
 }
 
 /// Kernel-side port and address filters; userspace applies the rest.
@@ -109,55 +109,84 @@ pub fn copy_owner(ev: &mut RawEvent, o: *const Owner) {
     }
 }
 
-/// Adds the owner learned at connect time (for trusted sockets; the
-/// timer hooks cannot reach socket storage and leave it to userspace),
-/// then filters and submits.
+/// The owner kept on a trusted socket, when owners are kept on sockets
+/// ([`owner_storage`]; the timer hooks cannot reach socket storage and
+/// pass null). Otherwise userspace puts the owner it remembers by cookie
+/// on the event.
 #[inline(always)]
-pub fn emit(ev: &mut RawEvent, trusted_sk: *const u8) {
-    if !passes_filters(ev) {
-        return;
-    }
-    if !trusted_sk.is_null() && has_storage(trusted_sk) {
+fn add_stored_owner(ev: &mut RawEvent, trusted_sk: *const u8) {
+    if owner_storage() && !trusted_sk.is_null() && has_storage(trusted_sk) {
         let o = owner_ptr(trusted_sk);
         if !o.is_null() {
             copy_owner(ev, o);
         }
     }
-    submit(ev);
 }
 
-/// Filters and submits an event whose owner is already in it, or left to
-/// userspace.
+/// Emits an event of kind `kind` for connection `cookie`: `fill` writes
+/// its fields (the rest stay zero), the owner kept on `trusted_sk` is
+/// added (null: none), then the port and address filters decide.
+///
+/// Without filters the event is built in place, in a reserved ring slot:
+/// no copy through the stack, and an event that does not fit costs
+/// nothing but its count. With filters it is built on the stack first,
+/// so an event filtered out costs no reservation. `fill` has one call
+/// site either way, so it is inlined (a closure called from two places
+/// becomes a BPF subprogram reading its captures through the stack).
 #[inline(always)]
-pub fn emit_as_is(ev: &mut RawEvent) {
-    if passes_filters(ev) {
-        submit(ev);
+pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut RawEvent)) {
+    let mut stack = core::mem::MaybeUninit::<RawEvent>::uninit();
+    let mut slot = None;
+    if !has_filters() {
+        bump(&EMITTED);
+        slot = EVENTS.reserve::<RawEvent>(0);
+        if slot.is_none() {
+            bump(&DROPS);
+            return;
+        }
     }
-}
-
-/// Timestamps the event and writes it to the ring, or counts it as dropped.
-#[inline(always)]
-fn submit(ev: &mut RawEvent) {
-    // SAFETY: helper without arguments.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    let ev: *mut RawEvent = match slot.as_mut() {
+        Some(s) => zeroed_event(s, kind, cookie),
+        None => zeroed_event(&mut stack, kind, cookie),
+    };
+    // SAFETY: `ev` is the slot or the stack event, whole and initialised;
+    // nothing else refers to it until it is submitted.
+    let ev = unsafe { &mut *ev };
+    fill(ev);
+    add_stored_owner(ev, trusted_sk);
+    if let Some(s) = slot {
+        stamp_and_submit(s);
+        return;
+    }
+    if !passes_filters(ev) {
+        return;
+    }
     bump(&EMITTED);
     match EVENTS.reserve::<RawEvent>(0) {
-        Some(mut slot) => {
-            copy_event(slot.as_mut_ptr(), ev);
-            // A wakeup per event costs an IPI; wake the reader only when
-            // enough has piled up (it polls on a timer for the rest).
-            // Only the record that crosses the threshold wakes it, so a
-            // lagging reader is not woken once per event.
-            let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-            let threshold = conf!(wakeup_bytes) as u64;
-            let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
-            let flags = if avail >= threshold && avail < threshold + size {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            slot.submit(flags);
+        Some(mut s) => {
+            copy_event(s.as_mut_ptr(), ev);
+            stamp_and_submit(s);
         }
         None => bump(&DROPS),
     }
+}
+
+/// Timestamps the event in `slot` and hands it to the reader.
+#[inline(always)]
+fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>) {
+    // SAFETY: helper without arguments; the slot holds a whole event.
+    unsafe { (*slot.as_mut_ptr()).ts_ns = bpf_ktime_get_ns() };
+    // A wakeup per event costs an IPI; wake the reader only when
+    // enough has piled up (it polls on a timer for the rest).
+    // Only the record that crosses the threshold wakes it, so a
+    // lagging reader is not woken once per event.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let threshold = conf!(wakeup_bytes) as u64;
+    let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
+    let flags = if avail >= threshold && avail < threshold + size {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    slot.submit(flags);
 }

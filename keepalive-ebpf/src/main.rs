@@ -25,7 +25,6 @@
 mod maps;
 #[macro_use]
 mod mem;
-#[macro_use]
 mod emit;
 mod hooks;
 mod iter;

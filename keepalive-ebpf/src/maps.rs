@@ -13,7 +13,7 @@ use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TASK_COMM_
 
 /// Filled in by the daemon (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config::zeroed();
+pub(crate) static CONFIG: Config = Config::zeroed();
 
 /// The configuration, through a pointer the compiler cannot see through,
 /// so it never folds the zeroed placeholder into the code.
@@ -24,12 +24,23 @@ pub fn config() -> &'static Config {
     unsafe { &*read_volatile(&p) }
 }
 
-/// One configuration field: `conf!(offsets.skc_num)` is
-/// `config().offsets.skc_num`.
+/// One scalar configuration field: `conf!(offsets.skc_num)` is
+/// `config().offsets.skc_num`, read with one load from the map value (a
+/// volatile read, so the zeroed placeholder is never folded in; the
+/// verifier still sees the loaded value as the constant it is, the map
+/// being frozen). [`config`] would first store and reload the pointer
+/// through the stack, for every field.
 macro_rules! conf {
     ($($f:ident).+) => {
-        $crate::maps::config().$($f).+
+        $crate::maps::conf_field(&raw const $crate::maps::CONFIG.$($f).+)
     };
+}
+
+/// [`conf!`]'s read of one field of [`CONFIG`].
+#[inline(always)]
+pub fn conf_field<T: Copy>(field: *const T) -> T {
+    // SAFETY: `conf!` passes a field of the configuration static.
+    unsafe { read_volatile(field) }
 }
 
 #[map]
@@ -164,6 +175,24 @@ pub fn set_owner_to_current(sk: *const u8) -> *const Owner {
         );
     }
     p
+}
+
+/// True when a consumer in the kernel needs owners on the sockets
+/// ([`Config::owner_storage`]).
+#[inline(always)]
+pub fn owner_storage() -> bool {
+    conf!(owner_storage) != 0
+}
+
+/// Writes the current process into `ev` as its owner (helpers writing
+/// straight into the record: no storage, no copy).
+#[inline(always)]
+pub fn current_owner_into(ev: &mut keepalive_common::RawEvent) {
+    // SAFETY: helpers writing within the event's own fields.
+    unsafe {
+        ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        bpf_get_current_comm(ev.comm.as_mut_ptr().cast(), TASK_COMM_LEN as u32);
+    }
 }
 
 /// True when a consumer asked for events of kind `k`.

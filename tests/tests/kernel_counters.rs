@@ -213,6 +213,16 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
             .any(|r| r["cookie"] == ck && r["reason"] == "TCP_KEEPALIVE_TIMEOUT"),
         "{resets:#?}"
     );
+    // The owner learned at connect() is on every event of the connection,
+    // the timeout reported after its CLOSE included.
+    let ours: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["cookie"] == ck && e["event"] != "verdict")
+        .collect();
+    assert!(
+        ours.iter().all(|e| e["pid"] == std::process::id()),
+        "{ours:#?}"
+    );
 }
 
 #[test]
@@ -324,6 +334,8 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
     assert_eq!(sent_a.len(), 1);
     assert_eq!(sent_a[0]["cookie"], client_ck);
     assert!(sent_a[0]["reason"].is_string());
+    // Reported after the client's CLOSE, with the owner of its connect().
+    assert_eq!(sent_a[0]["pid"], std::process::id(), "{sent_a:#?}");
 
     let recv_a = of_kind(&events, na, "reset_received");
     assert_eq!(recv_a.len(), 2, "{recv_a:#?}");
@@ -367,6 +379,17 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
     assert_eq!(by(ut_ck)["user_timeout_ms"], 1500);
     assert_eq!(by(rto_ck)["cause"], "retransmission");
     assert_eq!(by(rto_ck)["user_timeout_ms"], 0);
+    // Retransmits and the timeouts (reported after CLOSE) carry the owner
+    // learned at connect().
+    let retransmits = of_kind(&events, pair.a.inode(), "retransmit");
+    assert!(!retransmits.is_empty());
+    assert!(
+        timeouts
+            .iter()
+            .chain(&retransmits)
+            .all(|e| e["pid"] == std::process::id()),
+        "{timeouts:#?} {retransmits:#?}"
+    );
 }
 
 #[test]

@@ -6,8 +6,8 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use keepalive_common::{Offsets, RawEvent, flags, kind, tcp_state};
 
 use super::timer::timer_flags;
-use crate::emit::{copy_owner, emit, emit_as_is};
-use crate::maps::{count, set_owner_to_current, wanted};
+use crate::emit::{copy_owner, emit};
+use crate::maps::{count, current_owner_into, owner_storage, set_owner_to_current, wanted};
 use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol, put_addr, read};
 
 const IPPROTO_TCP: u16 = 6;
@@ -23,29 +23,34 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    new_event!(ev, kind::RETRANSMIT, cookie_of(sk));
+    let cookie = cookie_of(sk);
+    let (mut segs, mut syn) = (0u16, 0u8);
     let cb = conf!(offsets.skb_cb);
     if cb != Offsets::MISSING && !skb.is_null() {
         let tcb = skb.wrapping_add(cb as usize);
-        ev.segs = read::<u16>(tcb, conf!(offsets.tcb_gso_segs));
+        segs = read::<u16>(tcb, conf!(offsets.tcb_gso_segs));
         if read::<u8>(tcb, conf!(offsets.tcb_tcp_flags)) & TCPHDR_SYN != 0 {
-            ev.flags |= flags::SYN;
+            syn = flags::SYN;
         }
     }
-    if conf!(retransmit_has_err) != 0 {
-        let err: i64 = ctx.arg(2);
-        ev.err = err as i16;
-    }
-    if ev.err == 0 {
-        let segs = ev.segs as u32;
-        count(ev.cookie, |s| s.retransmit_segs += segs);
+    let err = if conf!(retransmit_has_err) != 0 {
+        ctx.arg::<i64>(2) as i16
+    } else {
+        0
+    };
+    if err == 0 {
+        count(cookie, |s| s.retransmit_segs += segs as u32);
     }
     if !wanted(kind::RETRANSMIT) {
         return 0;
     }
-    fill_sock_direct(ev, sk);
-    ev.flags |= timer_flags(sk);
-    emit(ev, sk);
+    let timer = timer_flags(sk);
+    emit(kind::RETRANSMIT, cookie, sk, |ev| {
+        ev.segs = segs;
+        ev.err = err;
+        ev.flags = syn | timer;
+        fill_sock_direct(ev, sk);
+    });
     0
 }
 
@@ -87,23 +92,27 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: *const u8 = ctx.arg(1);
-    new_event!(ev, kind::RESET_SENT, 0);
-    if !sk.is_null() {
-        ev.cookie = cookie;
-        fill_sock_direct(ev, sk);
-        ev.flags |= timer_flags(sk);
+    let mut ev_flags = if !sk.is_null() {
+        timer_flags(sk)
     } else if !skb.is_null() {
-        ev.flags |= flags::NO_SOCKET;
-        fill_from_skb(ev, skb);
+        flags::NO_SOCKET
     } else {
         return 0;
-    }
+    };
+    let mut reason = 0;
     if conf!(reset_has_reason) != 0 {
-        let reason: u64 = ctx.arg(2);
-        ev.reason = reason as u32;
-        ev.flags |= flags::HAS_REASON;
+        reason = ctx.arg::<u64>(2) as u32;
+        ev_flags |= flags::HAS_REASON;
     }
-    emit(ev, sk);
+    emit(kind::RESET_SENT, cookie, sk, |ev| {
+        if !sk.is_null() {
+            fill_sock_direct(ev, sk);
+        } else {
+            fill_from_skb(ev, skb);
+        }
+        ev.flags = ev_flags;
+        ev.reason = reason;
+    });
     0
 }
 
@@ -119,9 +128,9 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::RESET_RECEIVED) {
         return 0;
     }
-    new_event!(ev, kind::RESET_RECEIVED, cookie);
-    fill_sock_direct(ev, sk);
-    emit(ev, sk);
+    emit(kind::RESET_RECEIVED, cookie, sk, |ev| {
+        fill_sock_direct(ev, sk)
+    });
     0
 }
 
@@ -138,25 +147,29 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
     // contexts that cannot call the helper (the timer tracepoints).
     let cookie = cookie_of(sk);
     // connect(): the only transition that runs in the owner's context.
-    // The owner lives as long as the socket, so a timeout or reset
-    // reported after CLOSE still carries it.
-    let owner = if new as u32 == tcp_state::SYN_SENT {
+    // Kept on the socket only for in-kernel consumers (tune), which costs
+    // an allocation per connection; the event carries it either way and
+    // userspace remembers it by cookie for the connection's later events.
+    let to_syn_sent = new as u32 == tcp_state::SYN_SENT;
+    let owner = if to_syn_sent && owner_storage() {
         set_owner_to_current(sk)
     } else {
         core::ptr::null()
     };
-    if wanted(kind::STATE_CHANGE) {
-        new_event!(ev, kind::STATE_CHANGE, cookie);
-        ev.old_state = old as u8;
-        ev.new_state = new as u8;
-        fill_sock_direct(ev, sk);
-        // Only → SYN_SENT carries the owner: the engine remembers it by
-        // cookie for the connection's later state changes (up to CLOSE),
-        // which saves a socket-storage lookup on each of them.
-        if !owner.is_null() {
-            copy_owner(ev, owner);
-        }
-        emit_as_is(ev);
+    // → SYN_SENT is emitted even when no consumer asked for state changes:
+    // it is where userspace learns the owner of the connection's later
+    // events (consumers drop the kinds they did not ask for).
+    if to_syn_sent || wanted(kind::STATE_CHANGE) {
+        emit(kind::STATE_CHANGE, cookie, core::ptr::null(), |ev| {
+            ev.old_state = old as u8;
+            ev.new_state = new as u8;
+            fill_sock_direct(ev, sk);
+            if !owner.is_null() {
+                copy_owner(ev, owner);
+            } else if to_syn_sent {
+                current_owner_into(ev);
+            }
+        });
     }
     0
 }
@@ -177,11 +190,12 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::TIMEOUT) {
         return 0;
     }
-    new_event!(ev, kind::TIMEOUT, cookie);
-    ev.user_timeout_ms = read::<u32>(sk, conf!(offsets.icsk_user_timeout));
-    ev.probes_out = read::<u8>(sk, conf!(offsets.icsk_probes_out));
-    fill_sock_direct(ev, sk);
-    ev.flags |= timer_flags(sk);
-    emit(ev, sk);
+    let timer = timer_flags(sk);
+    emit(kind::TIMEOUT, cookie, sk, |ev| {
+        ev.user_timeout_ms = read::<u32>(sk, conf!(offsets.icsk_user_timeout));
+        ev.probes_out = read::<u8>(sk, conf!(offsets.icsk_probes_out));
+        fill_sock_direct(ev, sk);
+        ev.flags = timer;
+    });
     0
 }

@@ -24,23 +24,37 @@ pub fn timer_flags(sk: *const u8) -> u8 {
     }
 }
 
+/// Whether `func` is one of the socket timers we follow, and which.
+///
+/// Both hooks run for every timer of the system, nearly all of them not
+/// TCP's: this test reads the timer (just read by the kernel) and one
+/// cache line of the configuration (keepalive-common keeps the three
+/// fields together), so the common miss touches no map.
+#[inline(always)]
+fn socket_timer(func: u64) -> u8 {
+    if func == 0 {
+        0
+    } else if func == conf!(keepalive_timer_fn) {
+        flags::IN_KEEPALIVE_TIMER
+    } else if func == conf!(write_timer_fn) {
+        flags::IN_WRITE_TIMER
+    } else {
+        0
+    }
+}
+
 // TP_PROTO(struct timer_list *timer, unsigned long baseclk)
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn ka_timer_entry(ctx: BtfTracePointContext) -> i32 {
     let timer: *const u8 = ctx.arg(0);
-    // Runs for every timer of the system: a plain load (the argument is a
-    // trusted `struct timer_list *`), no helper call, for the common miss.
+    // A plain load (the argument is a trusted `struct timer_list *`), no
+    // helper call, for the common miss.
     let func: u64 = load(timer, conf!(offsets.timer_function));
-    let (which, sk) = if func == conf!(keepalive_timer_fn) && func != 0 {
-        (
-            flags::IN_KEEPALIVE_TIMER,
-            timer.wrapping_sub(conf!(offsets.sk_timer) as usize),
-        )
-    } else if func == conf!(write_timer_fn) && func != 0 {
-        (
-            flags::IN_WRITE_TIMER,
-            timer.wrapping_sub(conf!(offsets.icsk_retransmit_timer) as usize),
-        )
+    let which = socket_timer(func);
+    let sk = if which == flags::IN_KEEPALIVE_TIMER {
+        timer.wrapping_sub(conf!(offsets.sk_timer) as usize)
+    } else if which == flags::IN_WRITE_TIMER {
+        timer.wrapping_sub(conf!(offsets.icsk_retransmit_timer) as usize)
     } else {
         return 0;
     };
@@ -101,19 +115,31 @@ fn keepalive_counter(sk: *const u8) -> u64 {
 #[btf_tracepoint(function = "timer_expire_exit")]
 pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     let timer: *const u8 = ctx.arg(0);
+    // The same test as at entry, before the per-CPU frame is looked at
+    // (a map lookup and a cache line the miss would not otherwise touch).
+    // The timer may be gone by now: the load is fault-safe, and a socket
+    // timer keeps its function while the socket lives (and while this CPU
+    // stays in the softirq, its memory holds a socket: TCP sockets are
+    // freed after an RCU grace period).
+    let func: u64 = load(timer, conf!(offsets.timer_function));
+    if socket_timer(func) == 0 {
+        return 0;
+    }
     let Some(f) = TIMER.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: per-CPU slot, see ka_timer_entry.
-    let frame = unsafe { *f };
-    if frame.timer != timer as u64 || frame.which == 0 {
+    let (frame_timer, which) = unsafe { ((*f).timer, (*f).which) };
+    if frame_timer != timer as u64 || which == 0 {
         return 0;
     }
     // SAFETY: as above.
     unsafe { (*f).which = 0 };
-    if frame.which != flags::IN_KEEPALIVE_TIMER as u32 {
+    if which != flags::IN_KEEPALIVE_TIMER as u32 {
         return 0;
     }
+    // SAFETY: as above.
+    let frame = unsafe { *f };
     let sk = frame.sk as *const u8;
     let sent = if frame.mib_addr != 0 {
         read::<u64>(frame.mib_addr as *const u8, 0) != frame.keepalives_before
@@ -138,10 +164,10 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::KEEPALIVE_PROBE) {
         return 0;
     }
-    new_event!(ev, kind::KEEPALIVE_PROBE, cookie);
-    ev.probes_out = probe;
-    ev.flags = flags::IN_KEEPALIVE_TIMER;
-    fill_sock(ev, sk);
-    emit(ev, core::ptr::null());
+    emit(kind::KEEPALIVE_PROBE, cookie, core::ptr::null(), |ev| {
+        ev.probes_out = probe;
+        ev.flags = flags::IN_KEEPALIVE_TIMER;
+        fill_sock(ev, sk);
+    });
     0
 }

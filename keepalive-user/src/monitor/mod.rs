@@ -174,6 +174,13 @@ pub trait Consumer {
     fn walks_sockets(&self) -> bool {
         false
     }
+    /// Whether programs this consumer attaches read connection owners in
+    /// the kernel (tune matches policy rules by process name there): the
+    /// hooks then keep each connecting process on its socket, at the cost
+    /// of an allocation per outgoing connection.
+    fn owners_in_kernel(&self) -> bool {
+        false
+    }
     /// SIGHUP: reopen files, reload configuration.
     fn hangup(&mut self, _ctx: &mut Ctx) -> Result<Flow> {
         Ok(Flow::Continue)
@@ -233,6 +240,9 @@ impl Consumer for Fanout<'_> {
     }
     fn walks_sockets(&self) -> bool {
         self.0.iter().any(|c| c.walks_sockets())
+    }
+    fn owners_in_kernel(&self) -> bool {
+        self.0.iter().any(|c| c.owners_in_kernel())
     }
     fn stopping(&mut self, ctx: &mut Ctx) -> Result<()> {
         // Every consumer gets to clean up, even when one fails.
@@ -297,8 +307,8 @@ impl Engine {
             return Ok(Flow::Continue);
         };
         self.connect_owners.fill(&mut ev);
-        // The timer hooks cannot reach the owner stored on the socket; the
-        // table knows it.
+        // Connections opened before the monitor started: the table knows
+        // their owners from the walk.
         if ev.owner.is_none()
             && let Some(o) = self.table.as_ref().and_then(|t| t.first_owner(ev.cookie))
         {
@@ -564,7 +574,8 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     if opts.filter.kinds.contains(&Kind::Verdict) {
         kernel_filter.kinds.clear();
     }
-    let info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
+    let mut info = loader::kernel_info(&kernel_filter, loader::Use::Monitor)?;
+    info.config.owner_storage = consumer.owners_in_kernel() as u32;
     // The kernel's BTF, held until the consumers have attached what they
     // attach; then it is freed (it is most of an idle monitor's memory).
     let btf = loader::aya_btf()?;

@@ -104,6 +104,12 @@ impl<C: Consumer + TunedSink> Consumer for Tuner<C> {
         true
     }
 
+    /// Policy rules match the process name in the kernel (sock_ops and
+    /// the tuning walk read the owner stored on the socket).
+    fn owners_in_kernel(&self) -> bool {
+        true
+    }
+
     fn hangup(&mut self, ctx: &mut Ctx) -> Result<Flow> {
         let mut flow = self.inner.hangup(ctx)?;
         let Some(ebpf) = ctx.ebpf.as_deref_mut() else {
