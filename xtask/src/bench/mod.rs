@@ -17,6 +17,7 @@
 //! small machines and are for people to judge.
 
 mod bpf_cost;
+mod floor;
 mod hold;
 mod memory;
 mod overhead;
@@ -59,6 +60,11 @@ struct Opts {
     /// Leave out the bpftrace peer row.
     #[arg(long)]
     no_peer: bool,
+    /// Leave out the floor rows (empty, timestamp-only and map-update
+    /// bpftrace programs on the same tracepoint: this machine's cheapest
+    /// possible per-run costs, next to keepalive's).
+    #[arg(long)]
+    no_floor: bool,
     /// Run the snapshot benchmark instead: `keepalive snapshot` against
     /// `ss -tanoi`/`ss -tanoip` on 10k and 100k connections. It has its own
     /// --conns (a list), --rounds and --timeout: see
@@ -82,6 +88,7 @@ pub(crate) struct Config {
     pub rounds: usize,
     pub conns: usize,
     pub peer: bool,
+    pub floor: bool,
 }
 
 /// Runs the benchmark selected by `args` with the release binary `bin`.
@@ -108,6 +115,7 @@ pub fn run(bin: &Path, args: &[String]) -> Result<()> {
         rounds: opts.rounds as usize,
         conns: opts.conns as usize,
         peer: !opts.no_peer,
+        floor: !opts.no_floor,
     };
     let report = overhead::measure(bin, &cfg)?;
     print!("{}", report.table(bin, &cfg));

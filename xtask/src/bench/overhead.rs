@@ -17,6 +17,7 @@ use serde::Serialize;
 use testkit::MonitorChild;
 
 use super::bpf_cost::{self, KernelCost, SETTLE};
+use super::floor::{self, FloorRow};
 use super::peer::Peer;
 use super::workloads::{self, Sample};
 use super::{Config, Machine, check_interrupted, interrupted};
@@ -77,6 +78,8 @@ pub struct Report {
     pub machine: Machine,
     pub phases: Vec<Phase>,
     pub costs: Vec<KernelCost>,
+    /// The cheapest programs' costs on this machine ([`floor`]).
+    pub floor: Vec<FloorRow>,
 }
 
 /// A watcher process of one phase.
@@ -214,10 +217,17 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
         )?);
         peer.stop()?;
     }
+    let floor = if cfg.floor {
+        check_interrupted()?;
+        floor::measure(cfg)?
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         machine,
         phases,
         costs,
+        floor,
     })
 }
 

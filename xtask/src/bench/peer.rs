@@ -59,11 +59,17 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Starts bpftrace and waits until its probes are attached.
+    /// Starts bpftrace on [`SCRIPT`] and waits until its probes are attached.
     pub fn start() -> Result<Peer> {
+        Peer::start_script(SCRIPT)
+    }
+
+    /// Starts bpftrace on `script` (which prints [`READY`] from BEGIN) and
+    /// waits until its probes are attached.
+    pub fn start_script(script: &str) -> Result<Peer> {
         let t0 = Instant::now();
         let mut child = Command::new("bpftrace")
-            .args(["-e", SCRIPT])
+            .args(["-e", script])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

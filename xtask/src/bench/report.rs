@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::bpf_cost::{KernelCost, Runs};
+use super::floor::FloorRow;
 use super::overhead::{MONITOR_ARGS, Phase, Report, Subject};
 use super::workloads::{CHURN_SERVERS, MSG};
 use super::{Config, Machine, median};
@@ -26,6 +27,8 @@ pub struct Summary<'a> {
     ratio_target: f64,
     bpf: &'a [KernelCost],
     ns_per_run_target: f64,
+    /// The cheapest programs' costs on this machine, same churn.
+    floor: &'a [FloorRow],
 }
 
 #[derive(Serialize)]
@@ -120,6 +123,7 @@ impl Report {
             ratio_target: RATIO_TARGET,
             bpf: &self.costs,
             ns_per_run_target: NS_PER_RUN_TARGET,
+            floor: &self.floor,
         }
     }
 
@@ -219,8 +223,35 @@ impl Report {
         for c in &self.costs {
             write_cost(o, c, cfg)?;
         }
-        Ok(())
+        write_floor(o, &self.floor, cfg)
     }
+}
+
+fn write_floor(o: &mut String, rows: &[FloorRow], cfg: &Config) -> fmt::Result {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        o,
+        "\nfloor on this machine: the cheapest programs on inet_sock_set_state (bpftrace), {} s churn each, BPF run-time statistics on",
+        cfg.dur.as_secs()
+    )?;
+    writeln!(
+        o,
+        "{:<30} {:>12} {:>11} {:>9}",
+        "program", "churn conn/s", "runs", "ns/run"
+    )?;
+    for r in rows {
+        writeln!(
+            o,
+            "{:<30} {:>12.0} {:>11} {:>9}",
+            r.name,
+            r.churn_conn_per_s,
+            r.run_cnt,
+            opt_f(r.ns_per_run, 1)
+        )?;
+    }
+    Ok(())
 }
 
 fn write_cost(o: &mut String, c: &KernelCost, cfg: &Config) -> fmt::Result {
