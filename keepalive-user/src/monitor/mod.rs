@@ -5,10 +5,13 @@
 //! every command sees the same stream, judged by the same table.
 //!
 //! The engine runs on the calling thread in its own current-thread tokio
-//! runtime. A consumer that needs to render or serve at its own pace (a
+//! runtime. The ring is read beside it by a thread of its own ([`drain`]),
+//! so a walk of the sockets or a descheduled engine does not make the
+//! kernel drop events. A consumer that needs to render or serve at its own pace (a
 //! TUI, an HTTP endpoint) copies what it needs and does the slow work on
 //! another thread: ingestion never waits for it.
 
+mod drain;
 mod heap;
 mod kernel_maps;
 mod owners;
@@ -16,7 +19,6 @@ mod owners;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
@@ -27,6 +29,8 @@ use crate::table::conn_table::{ConnTable, VerdictChange};
 use crate::table::owners::SharedOwners;
 use crate::table::verdict::Thresholds;
 use crate::table::walk::{self, TableWalk};
+use drain::{Chunk, Drain, Msg};
+use keepalive_common::RawEvent;
 use kernel_maps::KernelMaps;
 use owners::ConnectOwners;
 
@@ -264,8 +268,8 @@ impl Consumer for Fanout<'_> {
     }
 }
 
-/// The state of a running monitor, apart from the ring (which the event
-/// loop owns through its `AsyncFd`).
+/// The state of a running monitor, apart from the ring (which the
+/// [`Drain`] thread reads).
 struct Engine {
     /// `None` once detached.
     ebpf: Option<aya::Ebpf>,
@@ -299,12 +303,10 @@ impl Engine {
     }
 
     /// One record from the ring.
-    fn record(&mut self, bytes: &[u8], consumer: &mut dyn Consumer) -> Result<Flow> {
+    fn record(&mut self, raw: &RawEvent, consumer: &mut dyn Consumer) -> Result<Flow> {
         self.counters.received += 1;
-        let Some((mut ev, mono_ns)) = kernel_maps::parse(bytes).and_then(|raw| {
-            let ts = raw.ts_ns;
-            decode(&raw, &self.reasons).map(|ev| (ev, ts))
-        }) else {
+        let mono_ns = raw.ts_ns;
+        let Some(mut ev) = decode(raw, &self.reasons) else {
             return Ok(Flow::Continue);
         };
         self.connect_owners.fill(&mut ev);
@@ -326,18 +328,110 @@ impl Engine {
         Ok(flow)
     }
 
-    /// Handles every record waiting in the ring, then tells the consumer
-    /// the batch is done.
-    fn drain(
+    /// Handles a chunk's records from `*next` on; on [`Flow::Stop`]
+    /// `*next` is the first record not handled (the final drain takes it).
+    fn apply(
         &mut self,
-        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+        chunk: &Chunk,
+        next: &mut usize,
         consumer: &mut dyn Consumer,
     ) -> Result<Flow> {
+        if *next == 0 {
+            // Records too short to decode count as received, once.
+            self.counters.received += chunk.short;
+        }
+        while let Some(raw) = chunk.events.get(*next) {
+            *next += 1;
+            if self.record(raw, consumer)? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Handles a chunk's records from `next` on, all of them, whatever the
+    /// consumer answers (the final drain).
+    fn apply_all(
+        &mut self,
+        chunk: &Chunk,
+        mut next: usize,
+        consumer: &mut dyn Consumer,
+    ) -> Result<()> {
+        loop {
+            let _ = self.apply(chunk, &mut next, consumer)?;
+            if next >= chunk.events.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles a chunk from the reader; a chunk the consumer stopped in
+    /// the middle of is kept in `unfinished` for the final drain, any other
+    /// goes back to the reader.
+    fn take(
+        &mut self,
+        chunk: Chunk,
+        drain: &Drain,
+        unfinished: &mut Option<(Chunk, usize)>,
+        consumer: &mut dyn Consumer,
+    ) -> Result<Flow> {
+        let mut next = 0;
+        let flow = self.apply(&chunk, &mut next, consumer)?;
+        if next < chunk.events.len() {
+            *unfinished = Some((chunk, next));
+        } else {
+            drain.recycle(chunk);
+        }
+        Ok(flow)
+    }
+
+    /// Handles `first` and the chunks already waiting behind it (up to a
+    /// queue's worth), then tells the consumer the batch is done.
+    fn batch(
+        &mut self,
+        first: Chunk,
+        drain: &mut Drain,
+        unfinished: &mut Option<(Chunk, usize)>,
+        consumer: &mut dyn Consumer,
+    ) -> Result<Flow> {
+        let mut flow = self.take(first, drain, unfinished, consumer)?;
+        let mut left = drain.capacity();
+        while flow == Flow::Continue && left > 0 {
+            left -= 1;
+            match drain.try_recv() {
+                Some(Msg::Records(chunk)) => {
+                    flow = self.take(chunk, drain, unfinished, consumer)?
+                }
+                // Only a flush asks for one, and the flush waits for it.
+                Some(Msg::Flushed) => {}
+                None => break,
+            }
+        }
+        let mut ctx = self.ctx();
+        if consumer.batch_done(&mut ctx)? == Flow::Stop {
+            flow = Flow::Stop;
+        }
+        Ok(flow)
+    }
+
+    /// Applies every record the kernel had queued when called (the reader
+    /// reads the ring empty and answers with a marker), then tells the
+    /// consumer the batch is done.
+    async fn flush(
+        &mut self,
+        drain: &mut Drain,
+        unfinished: &mut Option<(Chunk, usize)>,
+        consumer: &mut dyn Consumer,
+    ) -> Result<Flow> {
+        drain.flush();
         let mut flow = Flow::Continue;
-        while let Some(item) = ring.next() {
-            if self.record(&item, consumer)? == Flow::Stop {
-                flow = Flow::Stop;
-                break;
+        while flow == Flow::Continue {
+            match drain.recv().await {
+                Some(Msg::Records(chunk)) => {
+                    flow = self.take(chunk, drain, unfinished, consumer)?
+                }
+                Some(Msg::Flushed) => break,
+                None => return Err(reader_stopped(drain)),
             }
         }
         let mut ctx = self.ctx();
@@ -462,6 +556,14 @@ enum Change {
     Whole(Box<VerdictChange>),
 }
 
+/// The reader thread ended while the monitor runs: its error.
+fn reader_stopped(drain: &mut Drain) -> anyhow::Error {
+    match drain.join() {
+        Err(e) => e.context("reading the ring buffer"),
+        Ok(()) => anyhow::anyhow!("the ring buffer reader stopped early"),
+    }
+}
+
 /// Loads, attaches, seeds the table and runs until SIGINT/SIGTERM or a
 /// consumer's [`Flow::Stop`]; then detaches, drains what is left, and
 /// returns the totals. Blocks the calling thread.
@@ -538,16 +640,12 @@ async fn event_loop(
     consumer: &mut dyn Consumer,
     btf: std::sync::Arc<aya::Btf>,
 ) -> Result<Counters> {
-    // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the
-    // fd stays open for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| e.into_parts().1)
-        .context("polling the ring buffer")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
-    // The kernel wakes us only when the ring fills up; drain it on a short
-    // timer for the rest.
+    // Consumers hear from the engine at least every poll interval (flush,
+    // hand over, check flags), and the kernel's loss counters are read
+    // every LOSS_CHECK.
     let mut tick = tokio::time::interval(loader::POLL_INTERVAL);
     let mut loss_checked = Instant::now();
     let mut refresh = tokio::time::interval(opts.refresh.unwrap_or(Duration::from_secs(3600)));
@@ -564,16 +662,26 @@ async fn event_loop(
     let walks = engine.table.is_some() || opts.final_walk || consumer.walks_sockets();
     let kept = privileges::drop_all_but(privileges::steady_state(walks))?;
     tracing::debug!(kept = ?privileges::names(kept), "capabilities dropped after attach");
+    // Started after the drop, so the reader has no more capabilities than
+    // the engine (they are per thread). Records wait in the kernel's ring
+    // until then, as they did before the reader existed. The queue holds
+    // about as many bytes as the ring (drain::queue_chunks).
+    let ring_bytes = opts.ring_size.unwrap_or(loader::DEFAULT_RING_BYTES) as usize;
+    let mut drain = Drain::start(ring, drain::queue_chunks(ring_bytes), loader::POLL_INTERVAL)?;
+    // A chunk the consumer stopped in the middle of, and where.
+    let mut unfinished = None;
     while flow == Flow::Continue {
         flow = tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("polling the ring buffer")?;
-                let flow = engine.drain(guard.get_inner_mut(), consumer)?;
-                guard.clear_ready();
-                flow
-            }
+            msg = drain.recv() => match msg {
+                Some(Msg::Records(chunk)) => engine.batch(chunk, &mut drain, &mut unfinished, consumer)?,
+                Some(Msg::Flushed) => Flow::Continue,
+                None => return Err(reader_stopped(&mut drain)),
+            },
             _ = tick.tick() => {
-                let mut flow = engine.drain(ring.get_mut(), consumer)?;
+                let mut flow = {
+                    let mut ctx = engine.ctx();
+                    consumer.batch_done(&mut ctx)?
+                };
                 if flow == Flow::Continue && loss_checked.elapsed() >= LOSS_CHECK {
                     loss_checked = Instant::now();
                     flow = engine.check_loss(consumer)?;
@@ -584,7 +692,7 @@ async fn event_loop(
                 // Events queued so far happened before this walk: the
                 // table takes them first, so a verdict tells the numbers
                 // of the moment it changed, not those of a later walk.
-                match engine.drain(ring.get_mut(), consumer)? {
+                match engine.flush(&mut drain, &mut unfinished, consumer).await? {
                     Flow::Continue => engine.refresh(consumer)?,
                     stop => stop,
                 }
@@ -625,7 +733,22 @@ async fn event_loop(
             "the kernel skipped hook runs (a program re-entered on its CPU): events may be missing"
         );
     }
-    let _ = engine.drain(ring.get_mut(), consumer)?;
+    // Every record left is handled, whatever the consumer answers, so that
+    // emitted == received + lost holds.
+    if let Some((chunk, next)) = unfinished.take() {
+        engine.apply_all(&chunk, next, consumer)?;
+    }
+    drain.finish();
+    while let Some(msg) = drain.recv().await {
+        if let Msg::Records(chunk) = msg {
+            engine.apply_all(&chunk, 0, consumer)?;
+        }
+    }
+    drain.join().context("reading the ring buffer")?;
+    {
+        let mut ctx = engine.ctx();
+        let _ = consumer.batch_done(&mut ctx)?;
+    }
     let _ = engine.check_loss(consumer)?;
     engine.counters.emitted = engine.maps.emitted();
     if let (Some(Ok((records, owners))), Some(table)) = (final_walk, engine.table.as_mut()) {
