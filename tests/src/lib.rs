@@ -374,6 +374,12 @@ impl Monitor {
             "the kernel skipped runs of a hook (recursion on a CPU): {:?}",
             self.stderr
         );
+        assert_eq!(
+            self.summary("undecoded"),
+            0,
+            "records of an unknown kind in the ring: {:?}",
+            self.stderr
+        );
         events
     }
 

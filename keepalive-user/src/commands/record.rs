@@ -285,13 +285,14 @@ impl Consumer for LineSink {
             _ => Ok(()),
         };
         diag!(
-            "stopped; emitted={} received={} lost={} tracked={} evicted={} skipped={}",
+            "stopped; emitted={} received={} lost={} tracked={} evicted={} skipped={} undecoded={}",
             totals.emitted,
             totals.received,
             totals.lost,
             totals.tracked,
             totals.evicted,
             totals.skipped,
+            totals.undecoded,
         );
         dumped
     }

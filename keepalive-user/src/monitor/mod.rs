@@ -114,6 +114,9 @@ pub struct Counters {
     pub emitted: u64,
     /// Events read from the ring.
     pub received: u64,
+    /// Of those, records this build could not decode (a kind it does not
+    /// know): counted and warned about, never dropped silently.
+    pub undecoded: u64,
     /// Events the kernel could not queue.
     pub lost: u64,
     /// Hook runs the kernel skipped (the program re-entered on its CPU),
@@ -307,6 +310,13 @@ impl Engine {
         self.counters.received += 1;
         let mono_ns = raw.ts_ns;
         let Some(mut ev) = decode(raw, &self.reasons) else {
+            if self.counters.undecoded == 0 {
+                tracing::warn!(
+                    kind = raw.kind,
+                    "a kernel record of a kind this build does not know: skipped (counted as undecoded)"
+                );
+            }
+            self.counters.undecoded += 1;
             return Ok(Flow::Continue);
         };
         self.connect_owners.fill(&mut ev);
