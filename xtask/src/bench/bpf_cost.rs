@@ -94,15 +94,7 @@ pub fn measure(
 ) -> Result<KernelCost> {
     let stats_were_on = stats_were_on();
     let _stats = RunTimeStats::enable()?;
-    let held = bpf::held_by(pid)?;
-    let ids: Vec<u32> = bpf::programs_by_id(&held.programs)
-        .into_values()
-        .filter(|p| keep(&p.name))
-        .map(|p| p.id)
-        .collect();
-    if ids.is_empty() {
-        bail!("found no BPF programs of {subject} among the file descriptors of pid {pid}");
-    }
+    let (held, ids) = held_programs(subject, pid, keep)?;
     thread::sleep(SETTLE);
     let s0 = bpf::programs_by_id(&ids);
     let rr = workloads::request_response(cfg.conns, cfg.dur)?;
@@ -142,6 +134,25 @@ pub fn measure(
 }
 
 /// BPF nanoseconds per operation of the workload.
+/// The file descriptors `pid` holds, and the ids of its programs whose
+/// kernel name `keep` accepts (an error when there are none).
+pub fn held_programs(
+    subject: &str,
+    pid: u32,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(bpf::HeldFds, Vec<u32>)> {
+    let held = bpf::held_by(pid)?;
+    let ids: Vec<u32> = bpf::programs_by_id(&held.programs)
+        .into_values()
+        .filter(|p| keep(&p.name))
+        .map(|p| p.id)
+        .collect();
+    if ids.is_empty() {
+        bail!("found no BPF programs of {subject} among the file descriptors of pid {pid}");
+    }
+    Ok((held, ids))
+}
+
 fn ns_per_op(programs: &[ProgCost], sample: &Sample, runs: impl Fn(&ProgCost) -> Runs) -> f64 {
     let ns: u64 = programs.iter().map(|p| runs(p).run_time_ns).sum();
     if sample.ops > 0 {

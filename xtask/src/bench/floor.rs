@@ -8,11 +8,11 @@
 
 use std::thread;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::Serialize;
 use testkit::bpf::{self, RunTimeStats};
 
-use super::bpf_cost::SETTLE;
+use super::bpf_cost::{SETTLE, held_programs};
 use super::peer::Peer;
 use super::workloads;
 use super::{Config, check_interrupted};
@@ -51,15 +51,8 @@ pub fn measure(cfg: &Config) -> Result<Vec<FloorRow>> {
         check_interrupted()?;
         eprintln!("bench: floor: {name}");
         let peer = Peer::start_script(script)?;
-        let held = bpf::held_by(peer.pid())?;
-        let ids: Vec<u32> = bpf::programs_by_id(&held.programs)
-            .into_values()
-            .filter(|p| !p.name.contains("BEGIN"))
-            .map(|p| p.id)
-            .collect();
-        if ids.is_empty() {
-            bail!("found no BPF program of the floor script {name:?} in bpftrace");
-        }
+        // bpftrace names its programs after the probe (BEGIN included).
+        let (_, ids) = held_programs("bpftrace", peer.pid(), |n| !n.contains("BEGIN"))?;
         thread::sleep(SETTLE);
         let before = bpf::programs_by_id(&ids);
         let churn = workloads::churn(cfg.conns, cfg.dur, None)?;
