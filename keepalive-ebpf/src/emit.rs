@@ -138,10 +138,8 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     let mut stack = core::mem::MaybeUninit::<RawEvent>::uninit();
     let mut slot = None;
     if !has_filters() {
-        bump(&EMITTED);
-        slot = EVENTS.reserve::<RawEvent>(0);
+        slot = reserve_counted();
         if slot.is_none() {
-            bump(&DROPS);
             return;
         }
     }
@@ -161,14 +159,22 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     if !passes_filters(ev) {
         return;
     }
-    bump(&EMITTED);
-    match EVENTS.reserve::<RawEvent>(0) {
-        Some(mut s) => {
-            copy_event(s.as_mut_ptr(), ev);
-            stamp_and_submit(s);
-        }
-        None => bump(&DROPS),
+    if let Some(mut s) = reserve_counted() {
+        copy_event(s.as_mut_ptr(), ev);
+        stamp_and_submit(s);
     }
+}
+
+/// A ring slot for one event, the event counted as emitted, and as
+/// dropped when the ring is full (so emitted == written + lost).
+#[inline(always)]
+fn reserve_counted() -> Option<RingBufEntry<RawEvent>> {
+    bump(&EMITTED);
+    let slot = EVENTS.reserve::<RawEvent>(0);
+    if slot.is_none() {
+        bump(&DROPS);
+    }
+    slot
 }
 
 /// Timestamps the event in `slot` and hands it to the reader.
