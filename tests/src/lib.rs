@@ -380,6 +380,16 @@ impl Monitor {
             "records of an unknown kind in the ring: {:?}",
             self.stderr
         );
+        // Every event the kernel counted as emitted reached userspace or
+        // was counted as lost: nothing vanished between the hook and the
+        // engine (the summary is read after detach and the final drain).
+        let (emitted, received) = (self.summary("emitted"), self.summary("received"));
+        assert_eq!(
+            emitted,
+            received + self.summary("lost"),
+            "emitted != received + lost: {:?}",
+            self.stderr
+        );
         events
     }
 
