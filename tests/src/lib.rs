@@ -7,6 +7,7 @@
 //! root, no binary, no `ip`/`nft`) is a test failure with a message saying
 //! what to do, never a silent skip.
 
+pub mod blind;
 pub mod daemon;
 pub mod http;
 
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use testkit::{MonitorChild, NamedNetns, sock};
 
+pub use blind::exact;
 pub use testkit;
 pub use testkit::line_channel;
 

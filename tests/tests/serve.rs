@@ -160,125 +160,127 @@ fn pair_filter(pair: &Pair) -> Vec<String> {
 
 #[test]
 fn prometheus_scrapes_counters_equal_to_the_kernels() {
-    let pair = Pair::new("pm");
-    let (a0, b0) = (pair.a.counters(), pair.b.counters());
-    // Every connection of the scenario goes to one of these ports, which
-    // (with the pair's subnets) keeps other tests' namespaces out even
-    // when they happen to use the same addresses.
-    let l_idle = listen(&pair.b, &format!("{}:0", pair.b4));
-    let l_data = listen(&pair.b, &format!("{}:0", pair.b4));
-    let l_abort = listen(&pair.b, &format!("{}:0", pair.b4));
-    let closed = closed_port(&pair);
-    let mut args = vec!["--metrics".to_string(), "127.0.0.1:0".into()];
-    args.extend(pair_filter(&pair));
-    for p in [
-        port_of(&l_idle),
-        port_of(&l_data),
-        port_of(&l_abort),
-        closed,
-    ] {
-        args.extend(["--port".to_string(), p.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut serve = Daemon::start(&args);
-    let prom = Prometheus::start(serve.metrics);
+    exact(|| {
+        let pair = Pair::new("pm");
+        let (a0, b0) = (pair.a.counters(), pair.b.counters());
+        // Every connection of the scenario goes to one of these ports, which
+        // (with the pair's subnets) keeps other tests' namespaces out even
+        // when they happen to use the same addresses.
+        let l_idle = listen(&pair.b, &format!("{}:0", pair.b4));
+        let l_data = listen(&pair.b, &format!("{}:0", pair.b4));
+        let l_abort = listen(&pair.b, &format!("{}:0", pair.b4));
+        let closed = closed_port(&pair);
+        let mut args = vec!["--metrics".to_string(), "127.0.0.1:0".into()];
+        args.extend(pair_filter(&pair));
+        for p in [
+            port_of(&l_idle),
+            port_of(&l_data),
+            port_of(&l_abort),
+            closed,
+        ] {
+            args.extend(["--port".to_string(), p.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut serve = Daemon::start(&args);
+        let prom = Prometheus::start(serve.metrics);
 
-    // Keepalive probes: an idle connection probed every second.
-    let idle = accept_from(&pair, &l_idle);
-    set_keepalive(&idle.0, 1, 1, 5);
-    // Retransmissions: data dropped for a while, then let through.
-    let c = accept_from(&pair, &l_data);
-    blackhole(&pair.b, Some(port_of(&l_data)));
-    (&c.0).write_all(&[7u8; 3000]).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    unblackhole(&pair.b);
-    let mut got = vec![0u8; 3000];
-    c.1.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&c.1).read_exact(&mut got).unwrap();
-    // Resets: a closed port (sent by b), over both families, and an abort (sent by a).
-    for to in [
-        format!("{}:{closed}", pair.b4),
-        format!("[{}]:{closed}", pair.b6),
-    ] {
-        let to: SocketAddr = to.parse().unwrap();
-        assert!(connect_in(&pair.a, to).is_err());
-    }
-    let r = accept_from(&pair, &l_abort);
-    set_linger_zero(&r.0);
-    drop(r);
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(idle);
-    std::thread::sleep(Duration::from_millis(300));
-    let (a1, b1) = (pair.a.counters(), pair.b.counters());
-    let end = unix_now();
+        // Keepalive probes: an idle connection probed every second.
+        let idle = accept_from(&pair, &l_idle);
+        set_keepalive(&idle.0, 1, 1, 5);
+        // Retransmissions: data dropped for a while, then let through.
+        let c = accept_from(&pair, &l_data);
+        blackhole(&pair.b, Some(port_of(&l_data)));
+        (&c.0).write_all(&[7u8; 3000]).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        unblackhole(&pair.b);
+        let mut got = vec![0u8; 3000];
+        c.1.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&c.1).read_exact(&mut got).unwrap();
+        // Resets: a closed port (sent by b), over both families, and an abort (sent by a).
+        for to in [
+            format!("{}:{closed}", pair.b4),
+            format!("[{}]:{closed}", pair.b6),
+        ] {
+            let to: SocketAddr = to.parse().unwrap();
+            assert!(connect_in(&pair.a, to).is_err());
+        }
+        let r = accept_from(&pair, &l_abort);
+        set_linger_zero(&r.0);
+        drop(r);
+        std::thread::sleep(Duration::from_millis(1000));
+        drop(idle);
+        std::thread::sleep(Duration::from_millis(300));
+        let (a1, b1) = (pair.a.counters(), pair.b.counters());
+        let end = unix_now();
 
-    // Wait for a scrape taken after the scenario ended.
-    let scraped = wait_for(Duration::from_secs(20), || {
-        prom.query("timestamp(keepalive_probes_total)")
-            .first()
-            .is_some_and(|(_, ts)| *ts > end + 0.2)
+        // Wait for a scrape taken after the scenario ended.
+        let scraped = wait_for(Duration::from_secs(20), || {
+            prom.query("timestamp(keepalive_probes_total)")
+                .first()
+                .is_some_and(|(_, ts)| *ts > end + 0.2)
+        });
+        assert!(scraped, "no scrape after the scenario");
+        let kernel = |key: &str| (a0.delta(&a1, key) + b0.delta(&b1, key)) as f64;
+        assert_eq!(prom.value("keepalive_events_lost_total"), 0.0);
+        let probes = prom.value("keepalive_probes_total");
+        let retrans = prom.value("keepalive_retransmits_total");
+        let resets = prom.value("keepalive_resets_total{direction=\"sent\"}");
+        assert!(kernel("TcpExt.TCPKeepAlive") >= 2.0, "no probes sent");
+        assert!(kernel("Tcp.RetransSegs") >= 2.0, "no retransmissions");
+        assert!(kernel("Tcp.OutRsts") >= 3.0, "too few resets");
+        assert_eq!(
+            probes,
+            kernel("TcpExt.TCPKeepAlive"),
+            "keepalive_probes_total"
+        );
+        assert_eq!(
+            retrans,
+            kernel("Tcp.RetransSegs"),
+            "keepalive_retransmits_total"
+        );
+        assert_eq!(
+            resets,
+            kernel("Tcp.OutRsts"),
+            "keepalive_resets_total{{direction=sent}}"
+        );
+        assert_eq!(prom.value("keepalive_events_lost_total"), 0.0);
+        assert_eq!(prom.value("up{job=\"keepalive\"}"), 1.0);
+        assert_eq!(
+            prom.query("keepalive_build_info")[0].0["version"],
+            env!("CARGO_PKG_VERSION")
+        );
+
+        // The exposition as plain scrapers get it passes promtool's lint.
+        let (status, text) = get(serve.metrics, "/metrics", "text/plain").unwrap();
+        assert_eq!(status, 200);
+        let mut lint = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool not installed: run `cargo xtask setup`");
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = lint.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("\nkeepalive_ring_size_bytes 4194304\n"),
+            "{text}"
+        );
+        assert_eq!(get(serve.metrics, "/healthz", "*/*").unwrap().0, 200);
+        assert_eq!(get(serve.metrics, "/readyz", "*/*").unwrap().0, 200);
+        serve.stop();
+        assert_eq!(serve.logged("stopped", "lost"), 0);
     });
-    assert!(scraped, "no scrape after the scenario");
-    let kernel = |key: &str| (a0.delta(&a1, key) + b0.delta(&b1, key)) as f64;
-    assert_eq!(prom.value("keepalive_events_lost_total"), 0.0);
-    let probes = prom.value("keepalive_probes_total");
-    let retrans = prom.value("keepalive_retransmits_total");
-    let resets = prom.value("keepalive_resets_total{direction=\"sent\"}");
-    assert!(kernel("TcpExt.TCPKeepAlive") >= 2.0, "no probes sent");
-    assert!(kernel("Tcp.RetransSegs") >= 2.0, "no retransmissions");
-    assert!(kernel("Tcp.OutRsts") >= 3.0, "too few resets");
-    assert_eq!(
-        probes,
-        kernel("TcpExt.TCPKeepAlive"),
-        "keepalive_probes_total"
-    );
-    assert_eq!(
-        retrans,
-        kernel("Tcp.RetransSegs"),
-        "keepalive_retransmits_total"
-    );
-    assert_eq!(
-        resets,
-        kernel("Tcp.OutRsts"),
-        "keepalive_resets_total{{direction=sent}}"
-    );
-    assert_eq!(prom.value("keepalive_events_lost_total"), 0.0);
-    assert_eq!(prom.value("up{job=\"keepalive\"}"), 1.0);
-    assert_eq!(
-        prom.query("keepalive_build_info")[0].0["version"],
-        env!("CARGO_PKG_VERSION")
-    );
-
-    // The exposition as plain scrapers get it passes promtool's lint.
-    let (status, text) = get(serve.metrics, "/metrics", "text/plain").unwrap();
-    assert_eq!(status, 200);
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool not installed: run `cargo xtask setup`");
-    lint.stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = lint.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("\nkeepalive_ring_size_bytes 4194304\n"),
-        "{text}"
-    );
-    assert_eq!(get(serve.metrics, "/healthz", "*/*").unwrap().0, 200);
-    assert_eq!(get(serve.metrics, "/readyz", "*/*").unwrap().0, 200);
-    serve.stop();
-    assert_eq!(serve.logged("stopped", "lost"), 0);
 }
 
 /// Every line of every file in `dir`, parsed.
@@ -518,48 +520,50 @@ fn output_symlink_is_refused_and_its_target_untouched() {
 
 #[test]
 fn record_serves_metrics_too() {
-    let pair = Pair::new("rm");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let closed = closed_port(&pair);
-    let mut args = vec!["--metrics".to_string(), addr.clone()];
-    args.extend(pair_filter(&pair));
-    args.extend(["--port".to_string(), closed.to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut mon = Monitor::start(&args);
-    let (a0, b0) = (pair.a.counters(), pair.b.counters());
-    for to in [
-        format!("{}:{closed}", pair.b4),
-        format!("[{}]:{closed}", pair.b6),
-    ] {
-        let to: SocketAddr = to.parse().unwrap();
-        assert!(connect_in(&pair.a, to).is_err());
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let (a1, b1) = (pair.a.counters(), pair.b.counters());
-    let sent = a0.delta(&a1, "Tcp.OutRsts") + b0.delta(&b1, "Tcp.OutRsts");
-    assert_eq!(sent, 2);
-    // The kernel has counted both; the engine publishes them once it has
-    // drained the ring, which a loaded machine can delay past any fixed
-    // sleep: scrape until the count is there (never above it), then the
-    // stream must hold exactly as many.
-    let line = format!("\nkeepalive_resets_total{{direction=\"sent\"}} {sent}\n");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let (status, text) = get(addr.parse().unwrap(), "/metrics", "text/plain").unwrap();
-        assert_eq!(status, 200);
-        if text.contains(&line) || std::time::Instant::now() > deadline {
-            break text;
+    exact(|| {
+        let pair = Pair::new("rm");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let closed = closed_port(&pair);
+        let mut args = vec!["--metrics".to_string(), addr.clone()];
+        args.extend(pair_filter(&pair));
+        args.extend(["--port".to_string(), closed.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut mon = Monitor::start(&args);
+        let (a0, b0) = (pair.a.counters(), pair.b.counters());
+        for to in [
+            format!("{}:{closed}", pair.b4),
+            format!("[{}]:{closed}", pair.b6),
+        ] {
+            let to: SocketAddr = to.parse().unwrap();
+            assert!(connect_in(&pair.a, to).is_err());
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(text.contains(&line), "{text}");
-    let events = mon.stop_lossless();
-    assert_eq!(
-        events.iter().filter(|e| e["event"] == "reset_sent").count() as i64,
-        sent
-    );
-    let _ = TcpStream::connect(("127.0.0.1", port)).expect_err("endpoint still up after exit");
+        std::thread::sleep(Duration::from_millis(300));
+        let (a1, b1) = (pair.a.counters(), pair.b.counters());
+        let sent = a0.delta(&a1, "Tcp.OutRsts") + b0.delta(&b1, "Tcp.OutRsts");
+        assert_eq!(sent, 2);
+        // The kernel has counted both; the engine publishes them once it has
+        // drained the ring, which a loaded machine can delay past any fixed
+        // sleep: scrape until the count is there (never above it), then the
+        // stream must hold exactly as many.
+        let line = format!("\nkeepalive_resets_total{{direction=\"sent\"}} {sent}\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let (status, text) = get(addr.parse().unwrap(), "/metrics", "text/plain").unwrap();
+            assert_eq!(status, 200);
+            if text.contains(&line) || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(text.contains(&line), "{text}");
+        let events = mon.stop_lossless();
+        assert_eq!(
+            events.iter().filter(|e| e["event"] == "reset_sent").count() as i64,
+            sent
+        );
+        let _ = TcpStream::connect(("127.0.0.1", port)).expect_err("endpoint still up after exit");
+    });
 }
 
 #[test]

@@ -211,99 +211,101 @@ fn programs_of(t: &Tmux) -> (u32, Vec<u32>) {
 
 #[test]
 fn a_silenced_peer_shows_up_dead_filters_narrow_enter_details_q_quits() {
-    require_root();
-    let pair = Pair::new("top");
-    let silenced = connect_pair(&pair, &pair.b4);
-    let other = connect_pair(&pair, &pair.b4);
-    let port = silenced.listener.local_addr().unwrap().port();
-    let other_port = other.listener.local_addr().unwrap().port();
-    let client = format!(
-        "{}:{}",
-        pair.a4,
-        silenced.client.local_addr().unwrap().port()
-    );
-    let server = format!("{}:{port}", pair.b4);
-    let other_server = format!("{}:{other_port}", pair.b4);
+    exact(|| {
+        require_root();
+        let pair = Pair::new("top");
+        let silenced = connect_pair(&pair, &pair.b4);
+        let other = connect_pair(&pair, &pair.b4);
+        let port = silenced.listener.local_addr().unwrap().port();
+        let other_port = other.listener.local_addr().unwrap().port();
+        let client = format!(
+            "{}:{}",
+            pair.a4,
+            silenced.client.local_addr().unwrap().port()
+        );
+        let server = format!("{}:{port}", pair.b4);
+        let other_server = format!("{}:{other_port}", pair.b4);
 
-    // Keepalive is on from the start (answered while the peer is alive).
-    set_keepalive(&silenced.client, 1, 1, 30);
-    let t = Tmux::start(&top_cmd(&format!("--addr {}/32", pair.b4)), 200, 50);
-    let (pid, ours) = programs_of(&t);
-    t.wait_screen("both connections", Duration::from_secs(10), |s| {
-        row(s, &client, &server).is_some() && s.contains(&other_server)
+        // Keepalive is on from the start (answered while the peer is alive).
+        set_keepalive(&silenced.client, 1, 1, 30);
+        let t = Tmux::start(&top_cmd(&format!("--addr {}/32", pair.b4)), 200, 50);
+        let (pid, ours) = programs_of(&t);
+        t.wait_screen("both connections", Duration::from_secs(10), |s| {
+            row(s, &client, &server).is_some() && s.contains(&other_server)
+        });
+
+        // Silence the server's side: the client's keepalive probes vanish.
+        let before = pair.a.counters();
+        blackhole(&pair.b, Some(port));
+        let screen = t.wait_screen("the silenced peer as dead", Duration::from_secs(10), |s| {
+            row(s, &client, &server).is_some_and(|r| r.starts_with("dead"))
+        });
+        let sent_after = before.delta(&pair.a.counters(), "TcpExt.TCPKeepAlive");
+        let line = row(&screen, &client, &server).unwrap();
+        assert!(
+            line.contains("keepalive probes unanswered"),
+            "no reason on the dead row: {line}"
+        );
+        // The PROBES column is the kernel's count of probes out (no probe was
+        // answered, so what it sent): no more than it had sent by the time the
+        // screen was read. The reason counts all but the newest, which has
+        // not had its chance yet: at least one.
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let of = words.iter().position(|&w| w == "of").unwrap();
+        let in_reason: i64 = words[of - 1].parse().unwrap();
+        assert_eq!(words[of + 1], "30", "{line}");
+        let probes_col: i64 = words[6]
+            .parse()
+            .unwrap_or_else(|_| panic!("PROBES in {line}"));
+        assert_eq!(probes_col, in_reason + 1, "{line}");
+        assert!(
+            in_reason >= 1 && probes_col <= sent_after,
+            "{in_reason} unanswered shown, the kernel sent {sent_after}: {line}"
+        );
+
+        // `/port:N` narrows the table to that connection (both its ends).
+        t.keys(&["/"]);
+        t.text(&format!("port:{port}"));
+        t.keys(&["Enter"]);
+        let screen = t.wait_screen("the table narrowed", Duration::from_secs(5), |s| {
+            !s.contains(&other_server) && s.contains(&format!("filter: port:{port}"))
+        });
+        let rows: Vec<&str> = screen
+            .lines()
+            .filter(|l| l.starts_with("dead") || l.starts_with("healthy"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{screen}");
+        assert!(rows[0].starts_with("dead"), "worst first: {screen}");
+        assert!(rows.iter().all(|r| r.contains(&server)), "{screen}");
+
+        // Enter: the dead connection's detail, with its probe timeline.
+        t.keys(&["Enter"]);
+        let screen = t.wait_screen("the probe timeline", Duration::from_secs(5), |s| {
+            s.lines().filter(|l| l.contains("keepalive probe ")).count() >= 2
+        });
+        assert!(screen.contains("DEAD"), "{screen}");
+        assert!(
+            screen.contains(&format!("{client} > {server}")),
+            "detail of the wrong connection:\n{screen}"
+        );
+
+        // q: the screen is restored and nothing stays loaded.
+        t.keys(&["q"]);
+        let quit_at = std::time::Instant::now();
+        let status = t.wait_exit(pid);
+        assert!(
+            matches!(status, Some(0) | None),
+            "top's exit status {status:?}"
+        );
+        eprintln!("top exited {:?} after q", quit_at.elapsed());
+        assert_eq!(
+            t.show("#{alternate_on}"),
+            "0",
+            "still on the alternate screen"
+        );
+        assert_unloaded(&ours);
+        unblackhole(&pair.b);
     });
-
-    // Silence the server's side: the client's keepalive probes vanish.
-    let before = pair.a.counters();
-    blackhole(&pair.b, Some(port));
-    let screen = t.wait_screen("the silenced peer as dead", Duration::from_secs(10), |s| {
-        row(s, &client, &server).is_some_and(|r| r.starts_with("dead"))
-    });
-    let sent_after = before.delta(&pair.a.counters(), "TcpExt.TCPKeepAlive");
-    let line = row(&screen, &client, &server).unwrap();
-    assert!(
-        line.contains("keepalive probes unanswered"),
-        "no reason on the dead row: {line}"
-    );
-    // The PROBES column is the kernel's count of probes out (no probe was
-    // answered, so what it sent): no more than it had sent by the time the
-    // screen was read. The reason counts all but the newest, which has
-    // not had its chance yet: at least one.
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let of = words.iter().position(|&w| w == "of").unwrap();
-    let in_reason: i64 = words[of - 1].parse().unwrap();
-    assert_eq!(words[of + 1], "30", "{line}");
-    let probes_col: i64 = words[6]
-        .parse()
-        .unwrap_or_else(|_| panic!("PROBES in {line}"));
-    assert_eq!(probes_col, in_reason + 1, "{line}");
-    assert!(
-        in_reason >= 1 && probes_col <= sent_after,
-        "{in_reason} unanswered shown, the kernel sent {sent_after}: {line}"
-    );
-
-    // `/port:N` narrows the table to that connection (both its ends).
-    t.keys(&["/"]);
-    t.text(&format!("port:{port}"));
-    t.keys(&["Enter"]);
-    let screen = t.wait_screen("the table narrowed", Duration::from_secs(5), |s| {
-        !s.contains(&other_server) && s.contains(&format!("filter: port:{port}"))
-    });
-    let rows: Vec<&str> = screen
-        .lines()
-        .filter(|l| l.starts_with("dead") || l.starts_with("healthy"))
-        .collect();
-    assert_eq!(rows.len(), 2, "{screen}");
-    assert!(rows[0].starts_with("dead"), "worst first: {screen}");
-    assert!(rows.iter().all(|r| r.contains(&server)), "{screen}");
-
-    // Enter: the dead connection's detail, with its probe timeline.
-    t.keys(&["Enter"]);
-    let screen = t.wait_screen("the probe timeline", Duration::from_secs(5), |s| {
-        s.lines().filter(|l| l.contains("keepalive probe ")).count() >= 2
-    });
-    assert!(screen.contains("DEAD"), "{screen}");
-    assert!(
-        screen.contains(&format!("{client} > {server}")),
-        "detail of the wrong connection:\n{screen}"
-    );
-
-    // q: the screen is restored and nothing stays loaded.
-    t.keys(&["q"]);
-    let quit_at = std::time::Instant::now();
-    let status = t.wait_exit(pid);
-    assert!(
-        matches!(status, Some(0) | None),
-        "top's exit status {status:?}"
-    );
-    eprintln!("top exited {:?} after q", quit_at.elapsed());
-    assert_eq!(
-        t.show("#{alternate_on}"),
-        "0",
-        "still on the alternate screen"
-    );
-    assert_unloaded(&ours);
-    unblackhole(&pair.b);
 }
 
 #[test]

@@ -200,51 +200,53 @@ fn change(r: &Value, option: &str) -> (Value, Value) {
 
 #[test]
 fn existing_and_new_connections_get_the_rule_and_probe_at_its_pace() {
-    let pair = Pair::new("tn");
-    let listener = listen(&pair.b, &format!("{}:0", pair.b4));
-    let to = listener.local_addr().unwrap();
-    let before = connect_in(&pair.a, to).unwrap();
-    let (_before_srv, _) = listener.accept().unwrap();
-    let dflt = defaults(&pair.a);
-    assert_eq!(settings(&before), dflt);
-    let dir = Dir::new();
-    let mut tune = Tune::start(&dir, &dir.policy("p.toml", &rule(to, FAST)), &[]);
-    // Applied by the walk before the ready line.
-    assert_eq!(settings(&before), fast(), "connection opened before tune");
-    let r = tune.wait_action(cookie(&before), "tuned");
-    assert_eq!(r["source"], "existing");
-    assert_eq!(r["rule"], "test");
-    assert_eq!(change(&r, "idle_s"), (dflt.idle_s.into(), 1.into()));
-    assert_eq!(change(&r, "keepalive"), (false.into(), true.into()));
-    assert_eq!(change(&r, "count"), (dflt.probes.into(), 4.into()));
+    exact(|| {
+        let pair = Pair::new("tn");
+        let listener = listen(&pair.b, &format!("{}:0", pair.b4));
+        let to = listener.local_addr().unwrap();
+        let before = connect_in(&pair.a, to).unwrap();
+        let (_before_srv, _) = listener.accept().unwrap();
+        let dflt = defaults(&pair.a);
+        assert_eq!(settings(&before), dflt);
+        let dir = Dir::new();
+        let mut tune = Tune::start(&dir, &dir.policy("p.toml", &rule(to, FAST)), &[]);
+        // Applied by the walk before the ready line.
+        assert_eq!(settings(&before), fast(), "connection opened before tune");
+        let r = tune.wait_action(cookie(&before), "tuned");
+        assert_eq!(r["source"], "existing");
+        assert_eq!(r["rule"], "test");
+        assert_eq!(change(&r, "idle_s"), (dflt.idle_s.into(), 1.into()));
+        assert_eq!(change(&r, "keepalive"), (false.into(), true.into()));
+        assert_eq!(change(&r, "count"), (dflt.probes.into(), 4.into()));
 
-    let after = connect_in(&pair.a, to).unwrap();
-    let (_after_srv, _) = listener.accept().unwrap();
-    assert_eq!(
-        settings(&after),
-        fast(),
-        "connection opened after tune started"
-    );
-    let r = tune.wait_action(cookie(&after), "tuned");
-    assert_eq!(r["source"], "new");
+        let after = connect_in(&pair.a, to).unwrap();
+        let (_after_srv, _) = listener.accept().unwrap();
+        assert_eq!(
+            settings(&after),
+            fast(),
+            "connection opened after tune started"
+        );
+        let r = tune.wait_action(cookie(&after), "tuned");
+        assert_eq!(r["source"], "new");
 
-    // Both clients (and only they: the server side's remote port is not
-    // the rule's) now send a probe every second of idleness, answered.
-    let c0 = pair.a.counters();
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(5500));
-    let secs = t0.elapsed().as_secs_f64();
-    let probes = c0.delta(&pair.a.counters(), "TcpExt.TCPKeepAlive") as f64;
-    assert!(
-        (probes - 2.0 * secs).abs() <= 3.0,
-        "{probes} probes from 2 connections in {secs:.1} s at idle 1 s"
-    );
-    assert_eq!(
-        c0.delta(&pair.b.counters(), "TcpExt.TCPKeepAlive"),
-        0,
-        "the server side matches no rule"
-    );
-    tune.stop_with(libc::SIGTERM);
+        // Both clients (and only they: the server side's remote port is not
+        // the rule's) now send a probe every second of idleness, answered.
+        let c0 = pair.a.counters();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(5500));
+        let secs = t0.elapsed().as_secs_f64();
+        let probes = c0.delta(&pair.a.counters(), "TcpExt.TCPKeepAlive") as f64;
+        assert!(
+            (probes - 2.0 * secs).abs() <= 3.0,
+            "{probes} probes from 2 connections in {secs:.1} s at idle 1 s"
+        );
+        assert_eq!(
+            c0.delta(&pair.b.counters(), "TcpExt.TCPKeepAlive"),
+            0,
+            "the server side matches no rule"
+        );
+        tune.stop_with(libc::SIGTERM);
+    });
 }
 
 #[test]
