@@ -124,6 +124,7 @@ mod tests {
 
     use super::*;
     use crate::events::comm::Comm;
+    use tcp_state::{CLOSE, ESTABLISHED, SYN_SENT};
 
     const MS: u64 = 1_000_000;
 
@@ -147,24 +148,12 @@ mod tests {
     }
 
     fn connect(o: &mut ConnectOwners, ts: u64, cookie: u64) {
-        o.fill(&mut change(
-            ts,
-            cookie,
-            tcp_state::CLOSE,
-            tcp_state::SYN_SENT,
-            Some(curl()),
-        ));
+        o.fill(&mut change(ts, cookie, CLOSE, SYN_SENT, Some(curl())));
     }
 
     /// The connection's `→ CLOSE`, which starts its last 2 seconds.
     fn close(o: &mut ConnectOwners, ts: u64, cookie: u64) {
-        o.fill(&mut change(
-            ts,
-            cookie,
-            tcp_state::ESTABLISHED,
-            tcp_state::CLOSE,
-            None,
-        ));
+        o.fill(&mut change(ts, cookie, ESTABLISHED, CLOSE, None));
     }
 
     fn curl() -> Owner {

@@ -546,6 +546,12 @@ mod tests {
         }
     }
 
+    /// `owner`'s `connect()` of socket `cookie` (its `→ SYN_SENT`) at `now`.
+    fn connect(t: &mut ConnTable, cookie: u64, owner: &Owner, now: u64) {
+        let syn_sent = state_change(cookie, TCP_CLOSE, TCP_SYN_SENT, Some(owner.clone()));
+        t.apply(&syn_sent, now);
+    }
+
     /// The engine's owner of an event without one when the table is on:
     /// the `connect()` owner, for the connection's life and after its
     /// CLOSE (the reset of an abortive close, the timeout of an abort).
@@ -553,10 +559,7 @@ mod tests {
     fn the_connect_owner_outlives_the_close_and_a_new_connect_replaces_it() {
         let mut t = ConnTable::new(10, Thresholds::default());
         let curl = owner(42, "curl");
-        t.apply(
-            &state_change(7, TCP_CLOSE, TCP_SYN_SENT, Some(curl.clone())),
-            1,
-        );
+        connect(&mut t, 7, &curl, 1);
         t.apply(&state_change(7, TCP_SYN_SENT, TCP_ESTABLISHED, None), 2);
         assert_eq!(t.first_owner(7), Some(&curl));
         t.apply(&state_change(7, TCP_ESTABLISHED, TCP_CLOSE, None), 3);
@@ -564,10 +567,7 @@ mod tests {
         assert_eq!(t.first_owner(7), Some(&curl), "kept after CLOSE");
         // The same socket connects again, from another process.
         let wget = owner(43, "wget");
-        t.apply(
-            &state_change(7, TCP_CLOSE, TCP_SYN_SENT, Some(wget.clone())),
-            5,
-        );
+        connect(&mut t, 7, &wget, 5);
         assert_eq!(t.first_owner(7), Some(&wget));
         assert_eq!(t.len(), 1, "live again");
     }
@@ -578,10 +578,7 @@ mod tests {
     fn a_refresh_replaces_owners_only_when_it_looked_them_up() {
         let mut t = ConnTable::new(10, Thresholds::default());
         let curl = owner(42, "curl");
-        t.apply(
-            &state_change(7, TCP_CLOSE, TCP_SYN_SENT, Some(curl.clone())),
-            1,
-        );
+        connect(&mut t, 7, &curl, 1);
         let walk = |t: &mut ConnTable, owners: Option<Owners>, now: u64| {
             let mut pass = Walked::default();
             t.refresh_row(
