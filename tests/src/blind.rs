@@ -12,6 +12,7 @@
 //! happened; a failure without one is the monitor's and stands.
 
 use std::fs;
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -143,20 +144,40 @@ pub fn exact(test: impl Fn()) {
         match result {
             Ok(()) => return,
             Err(panic) if hidden.is_empty() || attempt == ATTEMPTS => resume_unwind(panic),
-            Err(_) => eprintln!(
-                "blind: attempt {attempt} failed while the kernel ran {} hooked tracepoint(s) \
-                 on top of PID 1's threads, where no BPF program runs on this VM \
-                 (docs/events.md); running the test again:\n{}",
-                hidden.len(),
-                hidden.join("\n")
-            ),
+            // Straight to the process's stderr, not the test's captured
+            // output: a retry shows in every log, the passing runs' too.
+            Err(_) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "blind: attempt {attempt} failed while the kernel ran {} hooked \
+                     tracepoint(s) on top of PID 1's threads, where no BPF program runs on \
+                     this VM (docs/events.md); running the test again:\n{}",
+                    hidden.len(),
+                    hidden.join("\n")
+                );
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::task_of;
+    use super::{exact, task_of};
+
+    /// A failure with no hidden run (or after the last attempt) stands:
+    /// `exact` never turns a failing test into a passing one by itself.
+    #[test]
+    #[should_panic(expected = "the monitor's own miss")]
+    fn a_failure_is_reported() {
+        exact(|| panic!("the monitor's own miss"));
+    }
+
+    #[test]
+    fn a_pass_is_one_run() {
+        let runs = std::cell::Cell::new(0);
+        exact(|| runs.set(runs.get() + 1));
+        assert_eq!(runs.get(), 1);
+    }
 
     #[test]
     fn task_of_reads_the_thread_id_with_dashes_in_the_name() {
