@@ -62,7 +62,11 @@ impl HiddenRuns {
         fs::create_dir(&dir)
             .unwrap_or_else(|e| panic!("creating tracefs instance {}: {e}", dir.display()));
         let runs = HiddenRuns { dir };
-        runs.write("buffer_size_kb", "2048");
+        // Only what runs on top of PID 1's threads is recorded: everything
+        // else would fill the buffer (a churn elsewhere on the machine
+        // overwrites it in seconds) and say nothing.
+        runs.write("set_event_pid", &pid1_threads().join(" "));
+        runs.write("buffer_size_kb", "1024");
         for e in EVENTS {
             runs.write(&format!("events/{e}/enable"), "1");
         }
@@ -78,8 +82,33 @@ impl HiddenRuns {
             .unwrap_or_else(|e| panic!("writing {value:?} to {}: {e}", path.display()));
     }
 
-    /// The recorded lines that ran on top of a thread of PID 1: hook runs
-    /// no BPF program saw on the test VM.
+    /// Copies what the instance recorded next to the test's temporary
+    /// files, for the failure's post-mortem (which task each hooked
+    /// tracepoint ran on top of).
+    fn keep_trace(&self) {
+        let overrun = self.overrun();
+        if overrun > 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "blind: the trace buffer dropped {overrun} line(s): hidden runs may be missing"
+            );
+        }
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let to = std::env::temp_dir().join(format!("{name}.trace"));
+        match fs::copy(self.dir.join("trace"), &to) {
+            Ok(_) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "blind: the hooked tracepoints of the failed run, with the task each ran on top of: {}",
+                    to.display()
+                );
+            }
+            Err(e) => eprintln!("blind: keeping the trace in {}: {e}", to.display()),
+        }
+    }
+
+    /// The recorded lines (all on top of a thread of PID 1): hook runs no
+    /// BPF program saw on the test VM.
     pub fn hidden(&self) -> Vec<String> {
         let text = fs::read_to_string(self.dir.join("trace")).unwrap_or_default();
         text.lines()
@@ -87,6 +116,22 @@ impl HiddenRuns {
             .filter(|l| task_of(l).is_some_and(is_pid1_thread))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Lines the instance's buffer dropped (it keeps the newest): a hidden
+    /// run may be among them.
+    fn overrun(&self) -> u64 {
+        (0..64)
+            .map_while(|cpu| {
+                fs::read_to_string(self.dir.join(format!("per_cpu/cpu{cpu}/stats"))).ok()
+            })
+            .filter_map(|stats| {
+                stats
+                    .lines()
+                    .find_map(|l| l.strip_prefix("overrun:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
     }
 }
 
@@ -128,6 +173,16 @@ fn task_of(line: &str) -> Option<u32> {
     task.rsplit_once('-')?.1.parse().ok()
 }
 
+/// The thread ids of PID 1 now.
+fn pid1_threads() -> Vec<String> {
+    fs::read_dir("/proc/1/task")
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn is_pid1_thread(tid: u32) -> bool {
     PathBuf::from(format!("/proc/1/task/{tid}")).exists()
 }
@@ -140,10 +195,14 @@ pub fn exact(test: impl Fn()) {
         let watch = HiddenRuns::watch();
         let result = catch_unwind(AssertUnwindSafe(&test));
         let hidden = watch.as_ref().map(HiddenRuns::hidden).unwrap_or_default();
-        drop(watch);
         match result {
             Ok(()) => return,
-            Err(panic) if hidden.is_empty() || attempt == ATTEMPTS => resume_unwind(panic),
+            Err(panic) if hidden.is_empty() || attempt == ATTEMPTS => {
+                if let Some(w) = &watch {
+                    w.keep_trace();
+                }
+                resume_unwind(panic)
+            }
             // Straight to the process's stderr, not the test's captured
             // output: a retry shows in every log, the passing runs' too.
             Err(_) => {
