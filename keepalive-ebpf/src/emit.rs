@@ -14,7 +14,6 @@ use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Words in a [`RawEvent`].
 const EVENT_WORDS: usize = core::mem::size_of::<RawEvent>() / 8;
@@ -64,8 +63,9 @@ fn copy_event(dst: *mut RawEvent, ev: &RawEvent) {
 /// (a constant to the verifier, which keeps only one of [`emit`]'s paths).
 #[inline(always)]
 fn has_filters() -> bool {
-    let c = config();
-    c.ports[0] != 0 || c.n_cidrs != 0
+    // SAFETY: a field of the configuration static.
+    let first_port = unsafe { read_volatile(&raw const crate::maps::CONFIG.ports[0]) };
+    first_port != 0 || conf!(n_cidrs) != 0
 }
 
 /// Kernel-side port and address filters; userspace applies the rest.
@@ -144,7 +144,7 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
         }
     }
     let ev: *mut RawEvent = match slot.as_mut() {
-        Some(s) => zeroed_event(s, kind, cookie),
+        Some((s, _)) => zeroed_event(s, kind, cookie),
         None => zeroed_event(&mut stack, kind, cookie),
     };
     // SAFETY: `ev` is the slot or the stack event, whole and initialised;
@@ -152,44 +152,41 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     let ev = unsafe { &mut *ev };
     fill(ev);
     add_stored_owner(ev, trusted_sk);
-    if let Some(s) = slot {
-        stamp_and_submit(s);
+    if let Some((s, n)) = slot {
+        stamp_and_submit(s, n);
         return;
     }
     if !passes_filters(ev) {
         return;
     }
-    if let Some(mut s) = reserve_counted() {
+    if let Some((mut s, n)) = reserve_counted() {
         copy_event(s.as_mut_ptr(), ev);
-        stamp_and_submit(s);
+        stamp_and_submit(s, n);
     }
 }
 
-/// A ring slot for one event, the event counted as emitted, and as
-/// dropped when the ring is full (so emitted == written + lost).
+/// A ring slot for one event and this CPU's count of emitted events,
+/// the event counted as emitted, and as dropped when the ring is full
+/// (so emitted == written + lost).
 #[inline(always)]
-fn reserve_counted() -> Option<RingBufEntry<RawEvent>> {
-    bump(&EMITTED);
+fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, u64)> {
+    let n = bump(&EMITTED);
     let slot = EVENTS.reserve::<RawEvent>(0);
     if slot.is_none() {
         bump(&DROPS);
     }
-    slot
+    slot.map(|s| (s, n))
 }
 
-/// Timestamps the event in `slot` and hands it to the reader.
+/// Timestamps the event in `slot`, the `n`th this CPU emitted, and hands
+/// it to the reader.
 #[inline(always)]
-fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>) {
+fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>, n: u64) {
     // SAFETY: helper without arguments; the slot holds a whole event.
     unsafe { (*slot.as_mut_ptr()).ts_ns = bpf_ktime_get_ns() };
-    // A wakeup per event costs an IPI; wake the reader only when
-    // enough has piled up (it polls on a timer for the rest).
-    // Only the record that crosses the threshold wakes it, so a
-    // lagging reader is not woken once per event.
-    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let threshold = conf!(wakeup_bytes) as u64;
-    let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
-    let flags = if avail >= threshold && avail < threshold + size {
+    // A wakeup per event costs an IPI; wake the reader once per batch
+    // of events from this CPU (it polls on a timer for the rest).
+    let flags = if n & conf!(wakeup_mask) as u64 == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
