@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use keepalive::events::{Detail, Event, Owner};
 use keepalive::output::Clock;
 use keepalive::table::verdict::{Dead, Orphaned, Unprotected, Verdict};
-use keepalive::table::{Conn, Keepalive, TCP_CLOSE_WAIT, TCP_ESTABLISHED, Timer, TimerKind};
+use keepalive::table::{
+    Conn, ConnId, Keepalive, TCP_CLOSE_WAIT, TCP_ESTABLISHED, Timer, TimerKind,
+};
 use keepalive::top::app::{App, Key};
 use keepalive::top::model::{Host, Model, Update};
 use keepalive::top::ui::{Theme, draw};
@@ -25,26 +27,28 @@ const NS: u64 = 1_000_000_000;
 fn row(i: u64) -> (Conn, Verdict) {
     let v6 = i.is_multiple_of(7);
     let conn = Conn {
-        cookie: i + 1,
-        netns: 4026531840,
-        saddr: Some(if v6 {
-            format!("fd00::{:x}", i % 65000 + 1).parse().unwrap()
-        } else {
-            format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
-                .parse()
-                .unwrap()
-        }),
-        sport: 1024 + (i % 60000) as u16,
-        daddr: Some(if v6 {
-            "fd00::ffff".parse().unwrap()
-        } else {
-            format!("10.200.{}.{}", i % 13, i % 251).parse().unwrap()
-        }),
-        dport: [443, 5432, 6379, 8080, 9000][(i % 5) as usize],
-        state: if i % 50 == 1 {
-            TCP_CLOSE_WAIT
-        } else {
-            TCP_ESTABLISHED
+        id: ConnId {
+            cookie: i + 1,
+            netns: 4026531840,
+            saddr: Some(if v6 {
+                format!("fd00::{:x}", i % 65000 + 1).parse().unwrap()
+            } else {
+                format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+                    .parse()
+                    .unwrap()
+            }),
+            sport: 1024 + (i % 60000) as u16,
+            daddr: Some(if v6 {
+                "fd00::ffff".parse().unwrap()
+            } else {
+                format!("10.200.{}.{}", i % 13, i % 251).parse().unwrap()
+            }),
+            dport: [443, 5432, 6379, 8080, 9000][(i % 5) as usize],
+            state: if i % 50 == 1 {
+                TCP_CLOSE_WAIT
+            } else {
+                TCP_ESTABLISHED
+            },
         },
         full: true,
         ino: 100_000 + i,
@@ -169,13 +173,13 @@ fn main() {
         let (c, _) = &rows[(i * 7919 % n) as usize];
         model.apply(Update::Event(Event {
             ts_mono_ns: t0 + i * 1_000_000,
-            cookie: c.cookie,
-            netns: c.netns,
-            saddr: c.saddr.unwrap(),
-            sport: c.sport,
-            daddr: c.daddr.unwrap(),
-            dport: c.dport,
-            state: c.state,
+            cookie: c.id.cookie,
+            netns: c.id.netns,
+            saddr: c.id.saddr.unwrap(),
+            sport: c.id.sport,
+            daddr: c.id.daddr.unwrap(),
+            dport: c.id.dport,
+            state: c.id.state,
             owner: c.owners.first().cloned(),
             detail: Detail::KeepaliveProbe {
                 probe: (i % 5) as u32 + 1,

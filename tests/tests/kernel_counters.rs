@@ -56,6 +56,33 @@ fn read_err(s: &TcpStream, limit: Duration) -> std::io::Error {
     }
 }
 
+/// Every event of connection `ck` carries the ports `s` had when it was
+/// connected (issue 8: the kernel releases the local port before
+/// `→ CLOSE`, and timeouts and resets come after it), except the
+/// `→ SYN_SENT` of connect(), which the kernel reports before it picks
+/// the local port.
+fn assert_real_ports(events: &[Value], ck: u64, (local, peer): (u16, u16)) {
+    let ours: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["cookie"] == ck && e["new_state"] != "SYN_SENT")
+        .collect();
+    assert!(!ours.is_empty(), "no events of cookie {ck}");
+    for e in ours {
+        assert!(
+            e["sport"] == local && e["dport"] == peer,
+            "an event without its real ports {local} > {peer}: {e:#}"
+        );
+    }
+}
+
+/// The local and peer ports of a connected socket.
+fn ports(s: &TcpStream) -> (u16, u16) {
+    (
+        s.local_addr().unwrap().port(),
+        s.peer_addr().unwrap().port(),
+    )
+}
+
 #[test]
 fn keepalive_probes_to_a_live_peer_match_tcpext_tcpkeepalive() {
     let pair = Pair::new("kp");
@@ -189,7 +216,7 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
     let pair = Pair::new("sp");
     let mut mon = Monitor::start(&PAIR_ONLY);
     let c = connect_pair(&pair, &pair.b4);
-    let ck = cookie(&c.client);
+    let (ck, client_ports) = (cookie(&c.client), ports(&c.client));
     let a0 = pair.a.counters();
     // Silence first: `nft` can take over a second under load, and a probe
     // answered before the rule is in makes the count restart ([1, 1, 2, 3]).
@@ -238,6 +265,8 @@ fn silent_peer_gets_numbered_probes_then_a_keepalive_timeout() {
         ours.iter().all(|e| e["pid"] == std::process::id()),
         "{ours:#?}"
     );
+    // And its real ports: the probes, the reset and the timeout too.
+    assert_real_ports(&events, ck, client_ports);
 }
 
 #[test]
@@ -410,6 +439,7 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
     let c = connect_pair(&pair, &pair.b4);
     set_linger_zero(&c.client);
     let (client_ck, server_ck) = (cookie(&c.client), cookie(&c.server));
+    let client_ports = ports(&c.client);
     drop(c.client);
     std::thread::sleep(Duration::from_millis(200));
     let (a1, b1) = (pair.a.counters(), pair.b.counters());
@@ -446,8 +476,10 @@ fn resets_match_outrsts_per_namespace_with_matching_receives() {
     assert_eq!(sent_a.len(), 1);
     assert_eq!(sent_a[0]["cookie"], client_ck);
     assert!(sent_a[0]["reason"].is_string());
-    // Reported after the client's CLOSE, with the owner of its connect().
+    // Reported after the client's CLOSE, with the owner of its connect()
+    // and its real ports.
     assert_eq!(sent_a[0]["pid"], std::process::id(), "{sent_a:#?}");
+    assert_real_ports(&events, client_ck, client_ports);
 
     let recv_a = of_kind(&events, na, "reset_received");
     assert_eq!(recv_a.len(), 2, "{recv_a:#?}");
@@ -471,6 +503,7 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
     set_user_timeout(&ut.client, 1500);
     let rto = connect_pair(&pair, &pair.b4);
     let (ut_ck, rto_ck) = (cookie(&ut.client), cookie(&rto.client));
+    let (ut_ports, rto_ports) = (ports(&ut.client), ports(&rto.client));
     blackhole(&pair.b, None);
     (&ut.client).write_all(b"hello").unwrap();
     (&rto.client).write_all(b"hello").unwrap();
@@ -502,6 +535,9 @@ fn rto_deaths_report_user_timeout_or_retransmission() {
             .all(|e| e["pid"] == std::process::id()),
         "{timeouts:#?} {retransmits:#?}"
     );
+    // And their real ports.
+    assert_real_ports(&events, ut_ck, ut_ports);
+    assert_real_ports(&events, rto_ck, rto_ports);
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn wanted(row: &Row, opts: &SnapshotOptions) -> bool {
     let c = &row.conn;
     // Listeners, TIME_WAIT and request sockets only with --all; orphans
     // always (a FIN_WAIT2 orphan may be a minisock).
-    if !opts.all && !c.kernel_orphan && (!c.full || c.state == TCP_LISTEN) {
+    if !opts.all && !c.kernel_orphan && (!c.full || c.id.state == TCP_LISTEN) {
         return false;
     }
     if !opts.verdicts.is_empty() && !opts.verdicts.contains(&row.verdict.kind()) {

@@ -532,7 +532,7 @@ impl Engine {
         walk.finish(owners, now, |ch, kept| {
             changes.push(if kept {
                 Change::Kept {
-                    cookie: ch.conn.cookie,
+                    cookie: ch.conn.id.cookie,
                     old: ch.old,
                     new: ch.new,
                 }

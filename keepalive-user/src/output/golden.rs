@@ -10,7 +10,7 @@ use keepalive_common::ConnStats;
 use crate::events::{Detail, Event, Owner, TimeoutCause};
 use crate::table::conn_table::VerdictChange;
 use crate::table::verdict::{Dead, Orphaned, Unprotected, Verdict};
-use crate::table::{Conn, Keepalive, Timer, TimerKind};
+use crate::table::{Conn, ConnId, Keepalive, Timer, TimerKind};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/records.jsonl");
 
@@ -126,13 +126,15 @@ pub(crate) fn fixture_events() -> Vec<Event> {
 
 pub(crate) fn fixture_conns() -> Vec<(Conn, Verdict)> {
     let base = Conn {
-        cookie: 77,
-        netns: 4026531840,
-        saddr: Some("10.0.0.1".parse().unwrap()),
-        sport: 50000,
-        daddr: Some("10.0.0.2".parse().unwrap()),
-        dport: 443,
-        state: 1,
+        id: ConnId {
+            cookie: 77,
+            netns: 4026531840,
+            saddr: Some("10.0.0.1".parse().unwrap()),
+            sport: 50000,
+            daddr: Some("10.0.0.2".parse().unwrap()),
+            dport: 443,
+            state: 1,
+        },
         ino: 12345,
         kernel_orphan: false,
         owners: vec![
@@ -179,14 +181,14 @@ pub(crate) fn fixture_conns() -> Vec<(Conn, Verdict)> {
         full: true,
     };
     let mut v6 = base.clone();
-    v6.cookie = 78;
-    v6.saddr = Some("fd00::1".parse().unwrap());
-    v6.daddr = None;
+    v6.id.cookie = 78;
+    v6.id.saddr = Some("fd00::1".parse().unwrap());
+    v6.id.daddr = None;
     v6.owners.clear();
     v6.kernel_orphan = true;
     v6.timer = None;
     v6.stats = None;
-    v6.state = 5;
+    v6.id.state = 5;
     vec![
         (
             base.clone(),

@@ -15,6 +15,7 @@ use super::Clock;
 use super::addr::{AddrOut, push_addr};
 use crate::clock::Rfc3339;
 use crate::events::{Detail, Event, Kind, Owner, state_name};
+use crate::table::ConnId;
 use crate::table::conn_table::VerdictChange;
 use crate::table::walk::Row;
 
@@ -211,29 +212,24 @@ impl<'a> ObjectWriter<'a> {
 pub struct ConnIdentityOut<'a> {
     pub ts: Rfc3339,
     pub ts_mono_ns: u64,
-    pub cookie: u64,
-    pub netns: u32,
-    /// `null` when unknown.
-    pub saddr: Option<IpAddr>,
-    pub sport: u16,
-    pub daddr: Option<IpAddr>,
-    pub dport: u16,
-    pub state: &'static str,
+    /// Addresses `null` when unknown.
+    pub id: ConnId,
     pub pid: Option<u32>,
     pub comm: Option<&'a str>,
 }
 
 impl ConnIdentityOut<'_> {
     fn write_fields(&self, w: &mut ObjectWriter<'_>) -> io::Result<()> {
+        let id = &self.id;
         w.plain(key!("ts"), self.ts.as_bytes())?;
         w.uint(key!("ts_mono_ns"), self.ts_mono_ns)?;
-        w.uint(key!("cookie"), self.cookie)?;
-        w.uint(key!("netns"), self.netns)?;
-        w.addr(key!("saddr"), self.saddr)?;
-        w.uint(key!("sport"), self.sport)?;
-        w.addr(key!("daddr"), self.daddr)?;
-        w.uint(key!("dport"), self.dport)?;
-        w.plain(key!("state"), self.state.as_bytes())?;
+        w.uint(key!("cookie"), id.cookie)?;
+        w.uint(key!("netns"), id.netns)?;
+        w.addr(key!("saddr"), id.saddr)?;
+        w.uint(key!("sport"), id.sport)?;
+        w.addr(key!("daddr"), id.daddr)?;
+        w.uint(key!("dport"), id.dport)?;
+        w.plain(key!("state"), state_name(id.state).as_bytes())?;
         w.opt_uint(key!("pid"), self.pid)?;
         w.opt_text(key!("comm"), self.comm)
     }
@@ -269,13 +265,7 @@ impl<'a> EventOut<'a> {
             id: ConnIdentityOut {
                 ts: clock.rfc3339_display(e.ts_mono_ns),
                 ts_mono_ns: e.ts_mono_ns,
-                cookie: e.cookie,
-                netns: e.netns,
-                saddr: Some(e.saddr),
-                sport: e.sport,
-                daddr: Some(e.daddr),
-                dport: e.dport,
-                state: state_name(e.state),
+                id: ConnId::of_event(e),
                 pid: e.owner.as_ref().map(|o| o.pid),
                 comm: e.owner.as_ref().map(|o| o.comm.as_str()),
             },
@@ -339,13 +329,7 @@ impl<'a> VerdictOut<'a> {
             id: ConnIdentityOut {
                 ts: clock.rfc3339_display(mono_ns),
                 ts_mono_ns: mono_ns,
-                cookie: c.cookie,
-                netns: c.netns,
-                saddr: c.saddr,
-                sport: c.sport,
-                daddr: c.daddr,
-                dport: c.dport,
-                state: state_name(c.state),
+                id: c.id,
                 pid: owner.map(|o| o.pid),
                 comm: owner.map(|o| o.comm.as_str()),
             },
@@ -461,13 +445,13 @@ impl<'a> RowOut<'a> {
         let c = &row.conn;
         RowOut {
             v: SCHEMA_VERSION,
-            cookie: c.cookie,
-            netns: c.netns,
-            saddr: c.saddr.map(AddrOut),
-            sport: c.sport,
-            daddr: c.daddr.map(AddrOut),
-            dport: c.dport,
-            state: state_name(c.state),
+            cookie: c.id.cookie,
+            netns: c.id.netns,
+            saddr: c.id.saddr.map(AddrOut),
+            sport: c.id.sport,
+            daddr: c.id.daddr.map(AddrOut),
+            dport: c.id.dport,
+            state: state_name(c.id.state),
             verdict: row.verdict.name(),
             reason_code: row.verdict.reason_code(),
             reason: row.verdict.reason(),

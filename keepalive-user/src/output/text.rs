@@ -95,10 +95,10 @@ pub fn verdict_text(ch: &VerdictChange, mono_ns: u64, clock: &Clock) -> String {
         "{} {:<15} {} > {} {} cookie={} {} -> {}: {}",
         clock.rfc3339(mono_ns),
         "verdict",
-        endpoint(c.saddr, c.sport),
-        endpoint(c.daddr, c.dport),
-        state_name(c.state),
-        c.cookie,
+        endpoint(c.id.saddr, c.id.sport),
+        endpoint(c.id.daddr, c.id.dport),
+        state_name(c.id.state),
+        c.id.cookie,
         ch.old.name(),
         ch.new.name(),
         ch.new.reason()
@@ -145,15 +145,15 @@ pub fn table_lines(rows: &[&Row]) -> Vec<String> {
         out.push(format!(
             "{:<11} {:<11} {:<45} {:<45} {:<18} {:<16} {:>6} {:>5} {:>8} {:<20} {}",
             row.verdict.name(),
-            state_name(c.state),
-            endpoint(c.saddr, c.sport),
-            endpoint(c.daddr, c.dport),
+            state_name(c.id.state),
+            endpoint(c.id.saddr, c.id.sport),
+            endpoint(c.id.daddr, c.id.dport),
             owner,
             ka,
             c.probes_out,
             c.total_retrans,
             // Listeners and minisocks have no traffic stamps.
-            if c.full && c.state != crate::table::TCP_LISTEN {
+            if c.full && c.id.state != crate::table::TCP_LISTEN {
                 format!("{}s", c.idle_ms() / 1000)
             } else {
                 "-".to_string()

@@ -19,7 +19,7 @@ use keepalive_common::ConnStats;
 
 use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
-use super::{Conn, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
+use super::{Conn, ConnId, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
 use crate::events::{Detail, Event, Owner};
 
 /// How long a closed connection stays resolvable for late events.
@@ -232,7 +232,7 @@ impl ConnTable {
     /// judged in [`ConnTable::refresh_end`], after the owners are read:
     /// the walk keeps no copy of its rows (8 bytes a row).
     pub fn refresh_row(&mut self, pass: &mut Walked, mut conn: Conn, now_ns: u64) {
-        let cookie = conn.cookie;
+        let cookie = conn.id.cookie;
         if cookie == 0 || (!conn.full && !conn.kernel_orphan) {
             return;
         }
@@ -348,13 +348,7 @@ impl ConnTable {
     /// What an event alone tells of its connection.
     fn conn_from_event(ev: &Event) -> Conn {
         Conn {
-            cookie: ev.cookie,
-            netns: ev.netns,
-            saddr: Some(ev.saddr),
-            sport: ev.sport,
-            daddr: Some(ev.daddr),
-            dport: ev.dport,
-            state: ev.state,
+            id: ConnId::of_event(ev),
             owners: ev.owner.iter().cloned().collect(),
             full: true,
             ..Conn::default()
@@ -435,10 +429,10 @@ impl ConnTable {
         }
         match &ev.detail {
             Detail::StateChange { new, .. } => {
-                c.state = *new;
+                c.id.state = *new;
                 if *new == TCP_ESTABLISHED {
-                    c.sport = ev.sport;
-                    c.saddr = Some(ev.saddr);
+                    c.id.sport = ev.sport;
+                    c.id.saddr = Some(ev.saddr);
                 }
             }
             Detail::KeepaliveProbe { probe } => {
@@ -485,8 +479,11 @@ mod tests {
 
     fn conn(cookie: u64) -> Conn {
         Conn {
-            cookie,
-            state: TCP_ESTABLISHED,
+            id: ConnId {
+                cookie,
+                state: TCP_ESTABLISHED,
+                ..ConnId::default()
+            },
             full: true,
             ino: cookie,
             owners: vec![Owner {
@@ -665,7 +662,7 @@ mod tests {
         conns[3_999].keepalive.idle_ms = 30_000;
         let ch = t.refresh(conns.clone(), 10_000_000_000);
         assert_eq!(ch.len(), 1, "{ch:?}");
-        assert_eq!((ch[0].conn.cookie, ch[0].new.name()), (4_000, "healthy"));
+        assert_eq!((ch[0].conn.id.cookie, ch[0].new.name()), (4_000, "healthy"));
         assert!(t.refresh(conns, 11_000_000_000).is_empty());
         // Closed connections are forgotten beyond the cap too.
         t.refresh(walk(50), 12_000_000_000);
@@ -758,7 +755,7 @@ mod tests {
         let shared: Owners = conn(1).owners.into();
         let walk = (1..=3).map(|c| {
             let mut c = conn(c);
-            (c.saddr, c.daddr) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+            (c.id.saddr, c.id.daddr) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
             (c, Some(shared.clone()))
         });
         t.refresh_with(walk, 0, |_, _| {});

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use keepalive_common::{ConnStats, SockRecord, sock_flags};
 
-use crate::events::{AF_INET6, Owner, TimeoutCause};
+use crate::events::{AF_INET6, Event, Owner, TimeoutCause};
 
 /// A map keyed by socket cookie, as the per-event path keeps them: hashed
 /// with foldhash instead of std's SipHash, which cost more than the rest of
@@ -62,16 +62,42 @@ pub struct Keepalive {
     pub probes: u32,
 }
 
-/// One TCP connection (or listener) and everything known about it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Conn {
+/// Which connection a record is about: the fields every record of one
+/// (events, verdicts, `tuned` records, rows) starts with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnId {
+    /// The socket cookie: stable for the socket's life, the table's key.
     pub cookie: u64,
+    /// Inode of the socket's network namespace.
     pub netns: u32,
+    /// `None` when unknown.
     pub saddr: Option<IpAddr>,
     pub sport: u16,
     pub daddr: Option<IpAddr>,
     pub dport: u16,
+    /// TCP state (`tcp_state`).
     pub state: u32,
+}
+
+impl ConnId {
+    /// The connection an event is about, as the event has it.
+    pub fn of_event(ev: &Event) -> ConnId {
+        ConnId {
+            cookie: ev.cookie,
+            netns: ev.netns,
+            saddr: Some(ev.saddr),
+            sport: ev.sport,
+            daddr: Some(ev.daddr),
+            dport: ev.dport,
+            state: ev.state,
+        }
+    }
+}
+
+/// One TCP connection (or listener) and everything known about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub id: ConnId,
     /// Socket inode (what /proc/PID/fd links to); 0 for orphans.
     pub ino: u64,
     /// The process closed it; the kernel still holds it.
@@ -188,13 +214,15 @@ impl Conn {
             }
         });
         let mut conn = Conn {
-            cookie: r.cookie,
-            netns: r.netns,
-            saddr: Some(addr(r.family, &r.saddr)),
-            sport: r.sport,
-            daddr: Some(addr(r.family, &r.daddr)),
-            dport: r.dport,
-            state: r.state as u32,
+            id: ConnId {
+                cookie: r.cookie,
+                netns: r.netns,
+                saddr: Some(addr(r.family, &r.saddr)),
+                sport: r.sport,
+                daddr: Some(addr(r.family, &r.daddr)),
+                dport: r.dport,
+                state: r.state as u32,
+            },
             ino: r.ino,
             // A timewait minisock in FIN_WAIT2 is an orphan too.
             kernel_orphan: r.flags & sock_flags::ORPHAN != 0,
@@ -226,13 +254,7 @@ impl Conn {
             // TIME_WAIT and request sockets are smaller structs: only the
             // tuple and state mean anything.
             conn = Conn {
-                cookie: conn.cookie,
-                netns: conn.netns,
-                saddr: conn.saddr,
-                sport: conn.sport,
-                daddr: conn.daddr,
-                dport: conn.dport,
-                state: conn.state,
+                id: conn.id,
                 kernel_orphan: conn.kernel_orphan,
                 ..Conn::default()
             };
@@ -256,10 +278,10 @@ pub trait MatchesConn {
 impl MatchesConn for crate::events::filter::Filter {
     fn matches_conn(&self, c: &Conn) -> bool {
         self.matches_tuple(
-            c.sport,
-            c.dport,
-            c.saddr,
-            c.daddr,
+            c.id.sport,
+            c.id.dport,
+            c.id.saddr,
+            c.id.daddr,
             c.owners.iter().map(|o| o.pid),
         )
     }
@@ -331,7 +353,7 @@ mod tests {
                 fires_in_ms: 1_000
             })
         );
-        assert_eq!(c.saddr.unwrap().to_string(), "198.18.0.1");
+        assert_eq!(c.id.saddr.unwrap().to_string(), "198.18.0.1");
     }
 
     #[test]

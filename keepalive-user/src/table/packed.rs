@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use keepalive_common::ConnStats;
 
-use super::{Conn, Keepalive, Timer, TimerKind};
+use super::{Conn, ConnId, Keepalive, Timer, TimerKind};
 use crate::events::{Owner, TimeoutCause};
 
 /// A connection, narrowed; the cookie is the table's key.
@@ -122,10 +122,10 @@ impl Narrow {
         Some(Narrow {
             owners,
             stats: c.stats.map(Box::new),
-            netns: c.netns,
+            netns: c.id.netns,
             ino: n(c.ino)?,
-            saddr: v4(c.saddr)?,
-            daddr: v4(c.daddr)?,
+            saddr: v4(c.id.saddr)?,
+            daddr: v4(c.id.daddr)?,
             keepalive_idle_ms: n(c.keepalive.idle_ms)?,
             keepalive_intvl_ms: n(c.keepalive.intvl_ms)?,
             total_retrans: c.total_retrans,
@@ -140,9 +140,9 @@ impl Narrow {
                 Some(t) => i32::try_from(t.fires_in_ms).ok()?,
                 None => 0,
             },
-            sport: c.sport,
-            dport: c.dport,
-            state: b(c.state)?,
+            sport: c.id.sport,
+            dport: c.id.dport,
+            state: b(c.id.state)?,
             probes_out: b(c.probes_out)?,
             retransmits: b(c.retransmits)?,
             backoff: b(c.backoff)?,
@@ -162,13 +162,15 @@ impl Narrow {
 
     fn conn(&self, cookie: u64) -> Conn {
         Conn {
-            cookie,
-            netns: self.netns,
-            saddr: Some(IpAddr::V4(Ipv4Addr::from_bits(self.saddr))),
-            sport: self.sport,
-            daddr: Some(IpAddr::V4(Ipv4Addr::from_bits(self.daddr))),
-            dport: self.dport,
-            state: self.state.into(),
+            id: ConnId {
+                cookie,
+                netns: self.netns,
+                saddr: Some(IpAddr::V4(Ipv4Addr::from_bits(self.saddr))),
+                sport: self.sport,
+                daddr: Some(IpAddr::V4(Ipv4Addr::from_bits(self.daddr))),
+                dport: self.dport,
+                state: self.state.into(),
+            },
             ino: self.ino.into(),
             kernel_orphan: self.flags & FLAG_ORPHAN != 0,
             owners: self.owners.as_deref().cloned().unwrap_or_default(),
@@ -224,7 +226,7 @@ impl Packed {
         match self {
             Packed::Narrow(n) => n.conn(cookie),
             Packed::Whole(c) => Conn {
-                cookie,
+                id: ConnId { cookie, ..c.id },
                 ..(**c).clone()
             },
         }
@@ -304,7 +306,7 @@ mod tests {
             timed_out in 0u8..4,
         ) -> Conn {
             Conn {
-                cookie, netns, saddr, sport, daddr, dport, state,
+                id: ConnId { cookie, netns, saddr, sport, daddr, dport, state },
                 ino, kernel_orphan,
                 owners: (0..owners as u32).map(owner).collect(),
                 keepalive: Keepalive { enabled, idle_ms, intvl_ms, probes },
@@ -329,7 +331,7 @@ mod tests {
         #[test]
         fn every_conn_comes_back_exactly(c in conn()) {
             let p = Packed::new(&c, None);
-            prop_assert_eq!(p.conn(c.cookie), c.clone());
+            prop_assert_eq!(p.conn(c.id.cookie), c.clone());
             prop_assert_eq!(p.first_owner(), c.owners.first());
         }
     }
@@ -337,8 +339,11 @@ mod tests {
     #[test]
     fn a_usual_connection_is_narrow_and_small() {
         let c = Conn {
-            saddr: Some("10.0.0.1".parse().unwrap()),
-            daddr: Some("10.0.0.2".parse().unwrap()),
+            id: ConnId {
+                saddr: Some("10.0.0.1".parse().unwrap()),
+                daddr: Some("10.0.0.2".parse().unwrap()),
+                ..ConnId::default()
+            },
             owners: vec![owner(7)],
             ..Conn::default()
         };

@@ -282,30 +282,30 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
             return Verdict::Dead(Dead::RetransmitBackoff {
                 retransmits: c.retransmits,
                 // Before the handshake the kernel's last-ACK stamp is 0.
-                since_last_ack_ms: (c.state != TCP_SYN_SENT).then_some(c.last_ack_ms),
+                since_last_ack_ms: (c.id.state != TCP_SYN_SENT).then_some(c.last_ack_ms),
                 gives_up_in_ms: retransmit_gives_up_in(c, timer.fires_in_ms),
             });
         }
     }
     if c.kernel_orphan
         && matches!(
-            c.state,
+            c.id.state,
             TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
         )
     {
         return Verdict::Orphaned(Orphaned::Kernel {
-            state: c.state,
-            waiting_for: waiting_for(c.state),
+            state: c.id.state,
+            waiting_for: waiting_for(c.id.state),
             idle_ms: c.idle_ms(),
         });
     }
     // A bare FIN does not move the last-data stamp, but it is an ACK and
     // moves the last-ACK one: the peer closed at most this long ago.
     let since_fin = c.last_recv_ms.min(c.last_ack_ms);
-    if c.state == TCP_CLOSE_WAIT && since_fin >= t.close_wait_ms {
+    if c.id.state == TCP_CLOSE_WAIT && since_fin >= t.close_wait_ms {
         return Verdict::Orphaned(Orphaned::CloseWaitLeak { idle_ms: since_fin });
     }
-    if c.state == TCP_ESTABLISHED
+    if c.id.state == TCP_ESTABLISHED
         && t.owners_known
         && c.full
         && !c.kernel_orphan
@@ -316,7 +316,7 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
             idle_ms: c.idle_ms(),
         });
     }
-    if c.state == TCP_ESTABLISHED && c.full && c.idle_ms() >= t.idle_ms {
+    if c.id.state == TCP_ESTABLISHED && c.full && c.idle_ms() >= t.idle_ms {
         if !c.keepalive.enabled {
             return Verdict::Unprotected(Unprotected::KeepaliveOff {
                 idle_ms: c.idle_ms(),
@@ -337,12 +337,15 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
 mod tests {
     use super::*;
     use crate::events::Owner;
-    use crate::table::{Keepalive, Timer};
+    use crate::table::{ConnId, Keepalive, Timer};
 
     fn established() -> Conn {
         Conn {
-            cookie: 1,
-            state: TCP_ESTABLISHED,
+            id: ConnId {
+                cookie: 1,
+                state: TCP_ESTABLISHED,
+                ..ConnId::default()
+            },
             full: true,
             ino: 100,
             owners: vec![Owner {
@@ -441,7 +444,7 @@ mod tests {
     #[test]
     fn unanswered_syns_do_not_claim_a_last_ack() {
         let mut c = established();
-        c.state = TCP_SYN_SENT;
+        c.id.state = TCP_SYN_SENT;
         c.timer = Some(Timer {
             kind: TimerKind::Retransmit,
             fires_in_ms: 800,
@@ -519,7 +522,7 @@ mod tests {
         c.owners.clear();
         c.kernel_orphan = true;
         c.ino = 0;
-        c.state = TCP_FIN_WAIT2;
+        c.id.state = TCP_FIN_WAIT2;
         let v = judge(&c, &t());
         assert_eq!(v.reason_code(), "kernel_orphan");
         assert!(
@@ -527,14 +530,14 @@ mod tests {
             "{}",
             v.reason()
         );
-        c.state = TCP_LAST_ACK;
+        c.id.state = TCP_LAST_ACK;
         assert!(judge(&c, &t()).reason().contains("acknowledge our FIN"));
     }
 
     #[test]
     fn close_wait_leak_boundary() {
         let mut c = established();
-        c.state = TCP_CLOSE_WAIT;
+        c.id.state = TCP_CLOSE_WAIT;
         c.last_recv_ms = 59_999;
         c.last_ack_ms = 59_999;
         assert_eq!(judge(&c, &t()), Verdict::Healthy);
@@ -550,7 +553,7 @@ mod tests {
     fn close_wait_counts_from_the_fin_not_the_last_data() {
         // Idle for ten minutes, then the peer's bare FIN a second ago.
         let mut c = established();
-        c.state = TCP_CLOSE_WAIT;
+        c.id.state = TCP_CLOSE_WAIT;
         c.last_recv_ms = 600_000;
         c.last_ack_ms = 1_000;
         assert_eq!(judge(&c, &t()), Verdict::Healthy);

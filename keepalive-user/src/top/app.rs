@@ -88,11 +88,11 @@ pub fn find_item(m: &Model, cookie: u64) -> Option<Item<'_>> {
 fn subject<'a>(row: &'a Row, words: &'a [&'a str]) -> Subject<'a> {
     let c = &row.conn;
     Subject {
-        saddr: c.saddr,
-        sport: c.sport,
-        daddr: c.daddr,
-        dport: c.dport,
-        state: c.state,
+        saddr: c.id.saddr,
+        sport: c.id.sport,
+        daddr: c.id.daddr,
+        dport: c.id.dport,
+        state: c.id.state,
         owners: &c.owners,
         verdict: Some(row.verdict.name()),
         words,
@@ -175,7 +175,7 @@ impl App {
 
     /// Whether a live row passes the filter (listeners only on request).
     pub fn visible(&self, row: &Row) -> bool {
-        if row.conn.state == TCP_LISTEN && !self.query.wants_state(TCP_LISTEN) {
+        if row.conn.id.state == TCP_LISTEN && !self.query.wants_state(TCP_LISTEN) {
             return false;
         }
         let words = [row.verdict.reason_code()];
@@ -232,7 +232,7 @@ impl App {
                 .rows
                 .values()
                 .filter(|r| self.visible(r))
-                .map(|r| (sort_key(key, r, &owner_rank), r.conn.cookie))
+                .map(|r| (sort_key(key, r, &owner_rank), r.conn.id.cookie))
                 .collect();
             rows.sort_unstable();
             if self.reverse {
@@ -246,7 +246,7 @@ impl App {
                         .iter()
                         .rev()
                         .filter(|c| self.visible(&c.row))
-                        .map(|c| c.row.conn.cookie),
+                        .map(|c| c.row.conn.id.cookie),
                 );
             }
             (order, live_shown)

@@ -31,7 +31,7 @@ fn model() -> Model {
     c.probes_out = 2;
     rows.push((c, dead(9_000)));
     let mut c = conn(3, 5432);
-    c.state = TCP_CLOSE_WAIT;
+    c.id.state = TCP_CLOSE_WAIT;
     c.owners = vec![Owner {
         pid: 7,
         comm: "postgres".into(),
@@ -60,8 +60,8 @@ fn model() -> Model {
     c.last_send_ms = 9_000;
     rows.push((c, Verdict::Healthy));
     let mut c = conn(7, 0);
-    c.state = TCP_LISTEN;
-    c.sport = 8080;
+    c.id.state = TCP_LISTEN;
+    c.id.sport = 8080;
     rows.push((c, Verdict::Healthy));
     m.apply(Update::Started {
         rows,
@@ -168,7 +168,7 @@ fn selection_follows_its_connection_across_updates() {
         rows: m
             .rows
             .values()
-            .filter(|r| r.conn.cookie != 3)
+            .filter(|r| r.conn.id.cookie != 3)
             .map(|r| (r.conn.clone(), r.verdict.clone()))
             .collect(),
     });

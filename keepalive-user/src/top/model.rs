@@ -266,7 +266,7 @@ impl Model {
         let horizon = self.now_ns.saturating_sub(CLOSED_KEEP_NS);
         while self.closed.front().is_some_and(|c| c.closed_ns < horizon) {
             if let Some(c) = self.closed.pop_front() {
-                self.forget_timeline(c.row.conn.cookie);
+                self.forget_timeline(c.row.conn.id.cookie);
             }
         }
     }
@@ -292,7 +292,7 @@ impl Model {
             Update::Table { rows } => self.replace_rows(rows),
             Update::Rows(rows) => {
                 for (conn, verdict) in rows {
-                    self.rows.insert(conn.cookie, Row { conn, verdict });
+                    self.rows.insert(conn.id.cookie, Row { conn, verdict });
                 }
             }
             Update::Event(ev) => self.event(ev),
@@ -345,7 +345,7 @@ impl Model {
         match t.action {
             Action::Tuned | Action::DryRun | Action::Enforced | Action::AppKept => {
                 self.tuned.insert(
-                    t.cookie,
+                    t.id.cookie,
                     TunedBy {
                         rule: t.rule.clone(),
                         action: t.action,
@@ -353,24 +353,24 @@ impl Model {
                 );
             }
             Action::Restored => {
-                self.tuned.remove(&t.cookie);
+                self.tuned.remove(&t.id.cookie);
             }
             _ => {}
         }
-        let conn = match (t.saddr, t.daddr) {
+        let conn = match (t.id.saddr, t.id.daddr) {
             (Some(saddr), Some(daddr)) => Some(LogConn {
                 saddr,
-                sport: t.sport,
+                sport: t.id.sport,
                 daddr,
-                dport: t.dport,
-                state: t.state,
+                dport: t.id.dport,
+                state: t.id.state,
                 owners: t.owner.iter().cloned().collect(),
             }),
             _ => None,
         };
         self.push_log(LogEntry {
             ts_ns: t.ts_mono_ns,
-            cookie: t.cookie,
+            cookie: t.id.cookie,
             conn,
             what: "tuned",
             text: tuned_summary(&t),
@@ -383,7 +383,7 @@ impl Model {
     fn replace_rows(&mut self, rows: Vec<(Conn, Verdict)>) {
         let mut fresh: HashMap<u64, Row> = HashMap::with_capacity(rows.len());
         for (conn, verdict) in rows {
-            fresh.insert(conn.cookie, Row { conn, verdict });
+            fresh.insert(conn.id.cookie, Row { conn, verdict });
         }
         let old = std::mem::replace(&mut self.rows, fresh);
         let now = self.now_ns;
@@ -392,14 +392,14 @@ impl Model {
             .filter(|(cookie, _)| !self.rows.contains_key(cookie))
             .map(|(_, r)| r)
             .collect();
-        gone.sort_by_key(|r| r.conn.cookie);
+        gone.sort_by_key(|r| r.conn.id.cookie);
         for row in gone {
             let ending = self.ending_of(&row).unwrap_or(Ending::Vanished);
             self.push_closed(row, ending, now);
         }
         // Timelines of connections neither live nor recently closed go.
         let closed: std::collections::HashSet<u64> =
-            self.closed.iter().map(|c| c.row.conn.cookie).collect();
+            self.closed.iter().map(|c| c.row.conn.id.cookie).collect();
         self.timelines
             .retain(|c, _| self.rows.contains_key(c) || closed.contains(c));
     }
@@ -412,7 +412,7 @@ impl Model {
         });
         while self.closed.len() > CLOSED_CAP {
             if let Some(c) = self.closed.pop_front() {
-                self.forget_timeline(c.row.conn.cookie);
+                self.forget_timeline(c.row.conn.id.cookie);
             }
         }
     }
@@ -426,7 +426,7 @@ impl Model {
                 probes_out: row.conn.probes_out,
             });
         }
-        let t = self.timelines.get(&row.conn.cookie)?;
+        let t = self.timelines.get(&row.conn.id.cookie)?;
         t.iter().rev().find_map(|m| match m.kind {
             Kind::ResetReceived => Some(Ending::ResetReceived),
             Kind::ResetSent => Some(Ending::ResetSent { reason: None }),
@@ -524,7 +524,7 @@ impl Model {
                     .closed
                     .iter_mut()
                     .rev()
-                    .find(|c| c.row.conn.cookie == ev.cookie)
+                    .find(|c| c.row.conn.id.cookie == ev.cookie)
                 {
                     c.ending = ending;
                 } else if let Some(row) = self.rows.get_mut(&ev.cookie) {
@@ -537,7 +537,7 @@ impl Model {
                     .closed
                     .iter_mut()
                     .rev()
-                    .find(|c| c.row.conn.cookie == ev.cookie)
+                    .find(|c| c.row.conn.id.cookie == ev.cookie)
                     && matches!(c.ending, Ending::Closed { .. } | Ending::Vanished)
                 {
                     c.ending = match &ev.detail {
@@ -562,14 +562,14 @@ impl Model {
         );
         self.push_log(LogEntry {
             ts_ns: mono_ns,
-            cookie: c.cookie,
-            conn: match (c.saddr, c.daddr) {
+            cookie: c.id.cookie,
+            conn: match (c.id.saddr, c.id.daddr) {
                 (Some(saddr), Some(daddr)) => Some(LogConn {
                     saddr,
-                    sport: c.sport,
+                    sport: c.id.sport,
                     daddr,
-                    dport: c.dport,
-                    state: c.state,
+                    dport: c.id.dport,
+                    state: c.id.state,
                     owners: c.owners.clone(),
                 }),
                 _ => None,
@@ -580,7 +580,7 @@ impl Model {
             verdict: Some(ch.new.name()),
         });
         self.push_moment(
-            c.cookie,
+            c.id.cookie,
             Moment {
                 ts_ns: mono_ns,
                 kind: Kind::Verdict,
@@ -591,17 +591,17 @@ impl Model {
             conn: ch.conn,
             verdict: ch.new,
         };
-        if let Some(r) = self.rows.get_mut(&row.conn.cookie) {
+        if let Some(r) = self.rows.get_mut(&row.conn.id.cookie) {
             *r = row;
         } else if let Some(c) = self
             .closed
             .iter_mut()
             .rev()
-            .find(|c| c.row.conn.cookie == row.conn.cookie)
+            .find(|c| c.row.conn.id.cookie == row.conn.id.cookie)
         {
             c.row.verdict = row.verdict;
         } else {
-            self.rows.insert(row.conn.cookie, row);
+            self.rows.insert(row.conn.id.cookie, row);
         }
     }
 
@@ -609,7 +609,7 @@ impl Model {
         self.closed
             .iter()
             .rev()
-            .find(|c| c.row.conn.cookie == cookie)
+            .find(|c| c.row.conn.id.cookie == cookie)
     }
 
     /// Live connections by verdict: dead, orphaned, unprotected, healthy.

@@ -2,17 +2,19 @@
 
 use super::*;
 use crate::table::verdict::Dead;
-use crate::table::{Keepalive, TCP_ESTABLISHED};
+use crate::table::{ConnId, Keepalive, TCP_ESTABLISHED};
 
 pub fn conn(cookie: u64, dport: u16) -> Conn {
     Conn {
-        cookie,
-        netns: 4026531840,
-        saddr: Some("198.18.7.1".parse().unwrap()),
-        sport: 40000 + cookie as u16,
-        daddr: Some("198.18.7.2".parse().unwrap()),
-        dport,
-        state: TCP_ESTABLISHED,
+        id: ConnId {
+            cookie,
+            netns: 4026531840,
+            saddr: Some("198.18.7.1".parse().unwrap()),
+            sport: 40000 + cookie as u16,
+            daddr: Some("198.18.7.2".parse().unwrap()),
+            dport,
+            state: TCP_ESTABLISHED,
+        },
         full: true,
         ino: cookie,
         owners: vec![Owner {
@@ -34,11 +36,11 @@ pub fn event(cookie: u64, ts_s: u64, detail: Detail) -> Event {
     Event {
         ts_mono_ns: ts_s * NS,
         cookie,
-        netns: c.netns,
-        saddr: c.saddr.unwrap(),
-        sport: c.sport,
-        daddr: c.daddr.unwrap(),
-        dport: c.dport,
+        netns: c.id.netns,
+        saddr: c.id.saddr.unwrap(),
+        sport: c.id.sport,
+        daddr: c.id.daddr.unwrap(),
+        dport: c.id.dport,
         state: TCP_ESTABLISHED,
         owner: None,
         detail,

@@ -172,7 +172,7 @@ fn timer(c: &Conn) -> String {
 }
 
 fn idle(c: &Conn) -> String {
-    if c.full && c.state != TCP_LISTEN {
+    if c.full && c.id.state != TCP_LISTEN {
         dur(c.idle_ms())
     } else {
         "-".into()
@@ -266,7 +266,7 @@ fn draw_header(f: &mut Frame, area: Rect, m: &Model, live: &Model, paused: bool,
         l1.push(sep());
         l1.push(Span::styled(" STOPPED ", theme.alert()));
     }
-    let n = m.by_verdict(|r| r.conn.state != TCP_LISTEN);
+    let n = m.by_verdict(|r| r.conn.id.state != TCP_LISTEN);
     let total: usize = n.iter().sum();
     let mut l2 = vec![Span::styled(
         format!("{total} connections: "),
@@ -287,7 +287,7 @@ fn draw_header(f: &mut Frame, area: Rect, m: &Model, live: &Model, paused: bool,
     let closed = m
         .closed
         .iter()
-        .filter(|c| c.row.conn.state != TCP_LISTEN)
+        .filter(|c| c.row.conn.id.state != TCP_LISTEN)
         .count();
     l2.push(Span::raw(format!("closed {closed}")));
     l2.push(sep());

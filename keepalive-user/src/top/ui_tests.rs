@@ -13,24 +13,26 @@ use crate::events::{Detail, Event, Owner, TimeoutCause};
 use crate::output::Clock;
 use crate::table::conn_table::VerdictChange;
 use crate::table::verdict::{Dead, Orphaned, Unprotected, Verdict};
-use crate::table::{Conn, Keepalive, TCP_CLOSE_WAIT, TCP_ESTABLISHED, Timer, TimerKind};
+use crate::table::{Conn, ConnId, Keepalive, TCP_CLOSE_WAIT, TCP_ESTABLISHED, Timer, TimerKind};
 
 const NS: u64 = 1_000_000_000;
 const T0: u64 = 1_000 * NS;
 
 fn conn(cookie: u64, peer: &str, dport: u16, comm: &str) -> Conn {
     Conn {
-        cookie,
-        netns: 4026531840,
-        saddr: Some(if peer.contains(':') {
-            "fd00:ca:7::1".parse().unwrap()
-        } else {
-            "10.0.0.5".parse().unwrap()
-        }),
-        sport: 50_000 + cookie as u16,
-        daddr: Some(peer.parse().unwrap()),
-        dport,
-        state: TCP_ESTABLISHED,
+        id: ConnId {
+            cookie,
+            netns: 4026531840,
+            saddr: Some(if peer.contains(':') {
+                "fd00:ca:7::1".parse().unwrap()
+            } else {
+                "10.0.0.5".parse().unwrap()
+            }),
+            sport: 50_000 + cookie as u16,
+            daddr: Some(peer.parse().unwrap()),
+            dport,
+            state: TCP_ESTABLISHED,
+        },
         full: true,
         ino: 9000 + cookie,
         owners: vec![Owner {
@@ -55,13 +57,13 @@ fn conn(cookie: u64, peer: &str, dport: u16, comm: &str) -> Conn {
 fn ev(c: &Conn, ts: u64, detail: Detail) -> Event {
     Event {
         ts_mono_ns: ts,
-        cookie: c.cookie,
-        netns: c.netns,
-        saddr: c.saddr.unwrap(),
-        sport: c.sport,
-        daddr: c.daddr.unwrap(),
-        dport: c.dport,
-        state: c.state,
+        cookie: c.id.cookie,
+        netns: c.id.netns,
+        saddr: c.id.saddr.unwrap(),
+        sport: c.id.sport,
+        daddr: c.id.daddr.unwrap(),
+        dport: c.id.dport,
+        state: c.id.state,
         owner: c.owners.first().cloned(),
         detail,
     }
@@ -121,7 +123,7 @@ fn model(lost: u64) -> Model {
         }),
     ));
     let mut leak = conn(3, "10.0.4.8", 8080, "java");
-    leak.state = TCP_CLOSE_WAIT;
+    leak.id.state = TCP_CLOSE_WAIT;
     leak.keepalive.enabled = false;
     rows.push((
         leak,
@@ -419,13 +421,7 @@ fn tuned_model() -> Model {
         let c = m.rows[&cookie].conn.clone();
         Update::Tuned(Box::new(Tuned {
             ts_mono_ns: T0 + 60 * NS,
-            cookie,
-            netns: c.netns,
-            saddr: c.saddr,
-            sport: c.sport,
-            daddr: c.daddr,
-            dport: c.dport,
-            state: c.state,
+            id: ConnId { cookie, ..c.id },
             owner: c.owners.first().cloned(),
             action,
             source: Source::Existing,

@@ -31,6 +31,7 @@ use crate::events::Event;
 use crate::kernel::loader;
 use crate::monitor::{Consumer, Counters, Ctx, Flow};
 use crate::output::Clock;
+use crate::table::ConnId;
 use crate::table::conn_table::{ConnTable, VerdictChange};
 use adaptive::{Evidence, Learner};
 use keepalive_common::tune::DestKey;
@@ -136,39 +137,6 @@ pub trait TunedSink {
     fn policy(&mut self, n: &PolicyNotice, mono_ns: u64, clock: &Clock) -> Result<Flow>;
 }
 
-/// Who a socket is, as last reported.
-#[derive(Clone, Debug)]
-struct Ident {
-    netns: u32,
-    saddr: Option<std::net::IpAddr>,
-    sport: u16,
-    daddr: Option<std::net::IpAddr>,
-    dport: u16,
-    state: u32,
-}
-
-impl Ident {
-    fn of(t: &Tuned) -> Ident {
-        Ident {
-            netns: t.netns,
-            saddr: t.saddr,
-            sport: t.sport,
-            daddr: t.daddr,
-            dport: t.dport,
-            state: t.state,
-        }
-    }
-
-    fn fill(&self, t: &mut Tuned) {
-        t.netns = self.netns;
-        t.saddr = self.saddr;
-        t.sport = self.sport;
-        t.daddr = self.daddr;
-        t.dport = self.dport;
-        t.state = self.state;
-    }
-}
-
 /// Totals for the closing line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TuneCounts {
@@ -196,7 +164,7 @@ pub struct Tuner<C> {
     rule_of: HashMap<u64, String>,
     /// The identity of each socket we reported, for the setsockopt hook's
     /// reports (which carry only the cookie).
-    idents: HashMap<u64, Ident>,
+    idents: HashMap<u64, ConnId>,
     /// Connections under adaptive rules, watched for evidence.
     watched: HashMap<u64, Watched>,
     /// One learner per (rule, destination).
@@ -293,11 +261,11 @@ impl<C: Consumer + TunedSink> Tuner<C> {
                 self.watch_adaptive(&t, r.rule);
             }
             if t.source == report::Source::Application {
-                if let Some(id) = self.idents.get(&t.cookie) {
-                    id.fill(&mut t);
+                if let Some(id) = self.idents.get(&t.id.cookie) {
+                    t.id = *id;
                 }
             } else {
-                self.idents.insert(t.cookie, Ident::of(&t));
+                self.idents.insert(t.id.cookie, t.id);
             }
             let c = &mut self.counts;
             match t.action {
@@ -316,10 +284,10 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             }
             match t.action {
                 Action::Tuned | Action::DryRun | Action::Enforced => {
-                    self.rule_of.insert(t.cookie, t.rule.clone());
+                    self.rule_of.insert(t.id.cookie, t.rule.clone());
                 }
                 Action::Restored => {
-                    self.rule_of.remove(&t.cookie);
+                    self.rule_of.remove(&t.id.cookie);
                 }
                 _ => {}
             }
@@ -342,7 +310,7 @@ impl<C: Consumer + TunedSink> Tuner<C> {
         let Some(a) = rule.adaptive else {
             return;
         };
-        let Some(daddr) = t.daddr else {
+        let Some(daddr) = t.id.daddr else {
             return;
         };
         let changed = |option: &str| {
@@ -358,10 +326,10 @@ impl<C: Consumer + TunedSink> Tuner<C> {
             .or_else(|| changed("interval_s"))
             .unwrap_or(75);
         self.watched.insert(
-            t.cookie,
+            t.id.cookie,
             Watched {
                 rule: idx,
-                dest: dest_key(daddr, t.dport),
+                dest: dest_key(daddr, t.id.dport),
                 watch: evidence::Watch::new(idle_s, interval_s),
                 tuned: t.clone(),
             },

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::events::{AF_INET, AF_INET6, Owner, state_name};
 use crate::output::json::{ConnIdentityOut, JsonRecord, key, write_conn_record};
 use crate::output::{Clock, endpoint};
+use crate::table::ConnId;
 
 /// What happened to a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -86,13 +87,7 @@ pub struct Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tuned {
     pub ts_mono_ns: u64,
-    pub cookie: u64,
-    pub netns: u32,
-    pub saddr: Option<IpAddr>,
-    pub sport: u16,
-    pub daddr: Option<IpAddr>,
-    pub dport: u16,
-    pub state: u32,
+    pub id: ConnId,
     pub owner: Option<Owner>,
     pub action: Action,
     pub source: Source,
@@ -229,13 +224,15 @@ pub fn decode(r: &TuneReport, rule_name: impl Fn(usize) -> Option<String>) -> Op
     }
     Some(Tuned {
         ts_mono_ns: r.ts_ns,
-        cookie: r.cookie,
-        netns: r.netns,
-        saddr: addr(r.family, &r.saddr),
-        sport: r.sport,
-        daddr: addr(r.family, &r.daddr),
-        dport: r.dport,
-        state: r.state as u32,
+        id: ConnId {
+            cookie: r.cookie,
+            netns: r.netns,
+            saddr: addr(r.family, &r.saddr),
+            sport: r.sport,
+            daddr: addr(r.family, &r.daddr),
+            dport: r.dport,
+            state: r.state as u32,
+        },
         owner,
         action,
         source,
@@ -263,13 +260,7 @@ impl<'a> TunedOut<'a> {
             id: ConnIdentityOut {
                 ts: clock.rfc3339_display(t.ts_mono_ns),
                 ts_mono_ns: t.ts_mono_ns,
-                cookie: t.cookie,
-                netns: t.netns,
-                saddr: t.saddr,
-                sport: t.sport,
-                daddr: t.daddr,
-                dport: t.dport,
-                state: state_name(t.state),
+                id: t.id,
                 pid: t.owner.as_ref().map(|o| o.pid).filter(|p| *p != 0),
                 comm: t.owner.as_ref().map(|o| o.comm.as_str()),
             },
@@ -367,10 +358,10 @@ pub fn tuned_text(t: &Tuned, clock: &Clock) -> String {
         "{} {:<15} {} > {} {} cookie={} {}",
         clock.rfc3339(t.ts_mono_ns),
         "tuned",
-        endpoint(t.saddr, t.sport),
-        endpoint(t.daddr, t.dport),
-        state_name(t.state),
-        t.cookie,
+        endpoint(t.id.saddr, t.id.sport),
+        endpoint(t.id.daddr, t.id.dport),
+        state_name(t.id.state),
+        t.id.cookie,
         tuned_summary(t),
     );
     if let Some(o) = &t.owner {
@@ -546,13 +537,15 @@ mod tests {
     fn tuned_record_bytes_are_the_schema() {
         let mut t = Tuned {
             ts_mono_ns: 1_001_234_567,
-            cookie: 9,
-            netns: 4026531840,
-            saddr: Some("10.0.0.1".parse().unwrap()),
-            sport: 40000,
-            daddr: Some("fd00::2".parse().unwrap()),
-            dport: 5432,
-            state: 1,
+            id: ConnId {
+                cookie: 9,
+                netns: 4026531840,
+                saddr: Some("10.0.0.1".parse().unwrap()),
+                sport: 40000,
+                daddr: Some("fd00::2".parse().unwrap()),
+                dport: 5432,
+                state: 1,
+            },
             owner: Some(Owner {
                 pid: 77,
                 comm: "pg \"x\"".into(),
@@ -587,7 +580,7 @@ mod tests {
             pid: 0,
             comm: "x".into(),
         });
-        t.daddr = None;
+        t.id.daddr = None;
         t.evidence = None;
         t.action = Action::Tuned;
         assert_eq!(

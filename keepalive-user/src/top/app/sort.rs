@@ -111,9 +111,9 @@ pub(super) fn sort_key(
             .first()
             .and_then(|o| owner_rank.get(&(o.comm.as_str(), o.pid)))
             .map_or(u128::MAX, |&r| u128::from(r)),
-        SortKey::Peer => ip_key(c.daddr),
-        SortKey::Local => ip_key(c.saddr),
-        SortKey::State => u128::from(state_rank(c.state)),
+        SortKey::Peer => ip_key(c.id.daddr),
+        SortKey::Local => ip_key(c.id.saddr),
+        SortKey::State => u128::from(state_rank(c.id.state)),
         SortKey::Timer => c.timer.map_or(u128::MAX, |t| {
             (i128::from(t.fires_in_ms) - i128::from(i64::MIN)) as u128
         }),
@@ -121,15 +121,15 @@ pub(super) fn sort_key(
     let secondary = match key {
         SortKey::Peer | SortKey::Local => {
             u64::from(if key == SortKey::Peer {
-                c.dport
+                c.id.dport
             } else {
-                c.sport
+                c.id.sport
             }) << 48
                 | w >> 16
         }
         _ => w,
     };
-    (primary, secondary, c.cookie)
+    (primary, secondary, c.id.cookie)
 }
 
 /// Position of a state's name in alphabetical order.

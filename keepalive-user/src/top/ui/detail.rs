@@ -41,9 +41,9 @@ pub(super) fn draw_detail(
     let sev = row.verdict.severity();
     let title = format!(
         " {} > {}  cookie {} ",
-        endpoint(c.saddr, c.sport),
-        endpoint(c.daddr, c.dport),
-        c.cookie
+        endpoint(c.id.saddr, c.id.sport),
+        endpoint(c.id.daddr, c.id.dport),
+        c.id.cookie
     );
     let block = Block::default()
         .borders(Borders::TOP)
@@ -71,11 +71,11 @@ pub(super) fn draw_detail(
                 "state",
                 match item {
                     Item::Closed(_) => "CLOSED".into(),
-                    Item::Live(_) => state_name(c.state).into(),
+                    Item::Live(_) => state_name(c.id.state).into(),
                 },
             ),
             ("owner", owner(&c.owners, c.kernel_orphan)),
-            ("netns", c.netns.to_string()),
+            ("netns", c.id.netns.to_string()),
             ("inode", c.ino.to_string()),
         ],
     ));
@@ -111,7 +111,7 @@ pub(super) fn draw_detail(
             &[(
                 "tuned by rule",
                 m.tuned
-                    .get(&c.cookie)
+                    .get(&c.id.cookie)
                     .map_or_else(|| "-".into(), TunedBy::describe),
             )],
         ));

@@ -29,20 +29,20 @@ fn columns(m: &Model) -> Vec<Col> {
             right: false,
             text: |i, _| match i {
                 Item::Closed(_) => "CLOSED".into(),
-                Item::Live(r) => state_name(r.conn.state).into(),
+                Item::Live(r) => state_name(r.conn.id.state).into(),
             },
         },
         Col {
             title: "LOCAL",
             keep: 6,
             right: false,
-            text: |i, _| endpoint(i.row().conn.saddr, i.row().conn.sport),
+            text: |i, _| endpoint(i.row().conn.id.saddr, i.row().conn.id.sport),
         },
         Col {
             title: "PEER",
             keep: 1,
             right: false,
-            text: |i, _| endpoint(i.row().conn.daddr, i.row().conn.dport),
+            text: |i, _| endpoint(i.row().conn.id.daddr, i.row().conn.id.dport),
         },
         Col {
             title: "OWNER",
@@ -90,7 +90,7 @@ fn columns(m: &Model) -> Vec<Col> {
                 right: false,
                 text: |i, m| {
                     m.tuned
-                        .get(&i.row().conn.cookie)
+                        .get(&i.row().conn.id.cookie)
                         .map_or_else(|| "-".into(), TunedBy::describe)
                 },
             },
