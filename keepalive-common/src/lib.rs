@@ -350,13 +350,9 @@ pub struct Config {
     pub n_cidrs: u32,
     /// `tcp_retransmit_skb` passes the transmit result (kernels >= 6.12).
     pub retransmit_has_err: u32,
-    /// Wake the reader with the events a CPU emits whose per-CPU count
-    /// `n` has `n & wakeup_mask == 0` (one in `wakeup_mask + 1`; a power
-    /// of two minus one); it also polls on a short timer. Saves a wakeup
-    /// (an IPI) per event, and the decision is two instructions on a
-    /// count the programs keep anyway (a query of the ring's fill level
-    /// per event cost a helper call).
-    pub wakeup_mask: u32,
+    /// Wake the reader only once this many bytes wait in the ring; it
+    /// also polls on a short timer. Saves a wakeup (an IPI) per event.
+    pub wakeup_bytes: u32,
     /// 1: keep each connecting process on its socket (socket storage,
     /// map `OWNERS`) for consumers that need owners inside the kernel
     /// (`tune`'s policy matching by process name). 0: the `→ SYN_SENT`

@@ -14,6 +14,7 @@ use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Words in a [`RawEvent`].
 const EVENT_WORDS: usize = core::mem::size_of::<RawEvent>() / 8;
@@ -144,7 +145,7 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
         }
     }
     let ev: *mut RawEvent = match slot.as_mut() {
-        Some((s, _)) => zeroed_event(s, kind, cookie),
+        Some(s) => zeroed_event(s, kind, cookie),
         None => zeroed_event(&mut stack, kind, cookie),
     };
     // SAFETY: `ev` is the slot or the stack event, whole and initialised;
@@ -152,41 +153,47 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     let ev = unsafe { &mut *ev };
     fill(ev);
     add_stored_owner(ev, trusted_sk);
-    if let Some((s, n)) = slot {
-        stamp_and_submit(s, n);
+    if let Some(s) = slot {
+        stamp_and_submit(s);
         return;
     }
     if !passes_filters(ev) {
         return;
     }
-    if let Some((mut s, n)) = reserve_counted() {
+    if let Some(mut s) = reserve_counted() {
         copy_event(s.as_mut_ptr(), ev);
-        stamp_and_submit(s, n);
+        stamp_and_submit(s);
     }
 }
 
-/// A ring slot for one event and this CPU's count of emitted events,
-/// the event counted as emitted, and as dropped when the ring is full
-/// (so emitted == written + lost).
+/// A ring slot for one event, the event counted as emitted, and as
+/// dropped when the ring is full (so emitted == written + lost).
 #[inline(always)]
-fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, u64)> {
-    let n = bump(&EMITTED);
+fn reserve_counted() -> Option<RingBufEntry<RawEvent>> {
+    bump(&EMITTED);
     let slot = EVENTS.reserve::<RawEvent>(0);
     if slot.is_none() {
         bump(&DROPS);
     }
-    slot.map(|s| (s, n))
+    slot
 }
 
-/// Timestamps the event in `slot`, the `n`th this CPU emitted, and hands
-/// it to the reader.
+/// Timestamps the event in `slot` and hands it to the reader.
 #[inline(always)]
-fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>, n: u64) {
+fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>) {
     // SAFETY: helper without arguments; the slot holds a whole event.
     unsafe { (*slot.as_mut_ptr()).ts_ns = bpf_ktime_get_ns() };
-    // A wakeup per event costs an IPI; wake the reader once per batch
-    // of events from this CPU (it polls on a timer for the rest).
-    let flags = if n & conf!(wakeup_mask) as u64 == 0 {
+    // A wakeup per event costs an IPI; wake the reader only when
+    // enough has piled up (it polls on a timer for the rest).
+    // Only the record that crosses the threshold wakes it, so a
+    // lagging reader is not woken once per event: a wakeup every N
+    // events instead (from the EMITTED count, saving this query, ~7 ns)
+    // made `ka_state` 2-3x dearer with a small ring (docs/benchmarks.md
+    // §11), each wakeup being an IPI whether the reader sleeps or not.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let threshold = conf!(wakeup_bytes) as u64;
+    let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
+    let flags = if avail >= threshold && avail < threshold + size {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

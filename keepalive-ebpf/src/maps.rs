@@ -201,18 +201,12 @@ pub fn wanted(k: u8) -> bool {
     conf!(event_mask) & (1u32 << k) != 0
 }
 
-/// Adds one to a per-CPU counter; returns its new value (0 if the slot
-/// is missing, which a one-entry array's slot 0 never is).
+/// Adds one to a per-CPU counter.
 #[inline(always)]
-pub fn bump(counter: &PerCpuArray<u64>) -> u64 {
-    match counter.get_ptr_mut(0) {
+pub fn bump(counter: &PerCpuArray<u64>) {
+    if let Some(p) = counter.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        Some(p) => unsafe {
-            let n = *p + 1;
-            *p = n;
-            n
-        },
-        None => 0,
+        unsafe { *p += 1 };
     }
 }
 

@@ -126,7 +126,7 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
         }
     }
     filter.apply_to_kernel(&mut config);
-    config.wakeup_mask = wakeup_mask(DEFAULT_RING_BYTES, possible_cpus());
+    config.wakeup_bytes = DEFAULT_WAKEUP_BYTES;
     Ok(KernelInfo {
         config,
         reset_reasons,
@@ -144,25 +144,7 @@ pub fn ensure_object() -> Result<()> {
 
 /// Default ring buffer size (must match the eBPF object's EVENTS map).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
-
-/// [`Config::wakeup_mask`] for a ring of `ring_bytes` written by `cpus`
-/// CPUs: the reader is woken about every sixteenth of the ring (each CPU
-/// wakes it once per its share of that, rounded down to a power of two;
-/// every event when that share is below two events).
-pub fn wakeup_mask(ring_bytes: u32, cpus: u32) -> u32 {
-    let record = (size_of::<keepalive_common::RawEvent>() + 8).next_multiple_of(8) as u32;
-    let per_cpu = ring_bytes / 16 / record / cpus.max(1);
-    if per_cpu < 2 {
-        0
-    } else {
-        (1u32 << per_cpu.ilog2()) - 1
-    }
-}
-
-/// CPUs that may run the programs (each counts its events on its own).
-fn possible_cpus() -> u32 {
-    aya::util::nr_cpus().map_or(1, |n| n as u32)
-}
+const DEFAULT_WAKEUP_BYTES: u32 = DEFAULT_RING_BYTES / 16;
 /// How often the reader drains the ring without being woken.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -197,7 +179,7 @@ pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
     raise_memlock();
     let mut config = *config;
     if let Some(size) = ring_size {
-        config.wakeup_mask = wakeup_mask(size, possible_cpus());
+        config.wakeup_bytes = size / 16;
     }
     let config = &config;
     let btf = aya_btf()?;
@@ -458,23 +440,4 @@ fn raise_memlock() {
     };
     // SAFETY: valid rlimit pointer; failure only matters on old kernels.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::wakeup_mask;
-
-    #[test]
-    fn wakeup_every_sixteenth_of_the_ring_split_over_cpus() {
-        // 4 MiB / 16 = 256 KiB = 2520 records of 104 bytes; 1260 per CPU
-        // of two, rounded down to 1024.
-        assert_eq!(wakeup_mask(1 << 22, 2), 1023);
-        assert_eq!(wakeup_mask(1 << 22, 1), 2047);
-        assert_eq!(wakeup_mask(1 << 22, 0), 2047);
-        // 64 KiB / 16 = 39 records, 19 per CPU of two -> 16.
-        assert_eq!(wakeup_mask(1 << 16, 2), 15);
-        // Tiny rings and many CPUs: every event wakes the reader.
-        assert_eq!(wakeup_mask(4096, 2), 0);
-        assert_eq!(wakeup_mask(1 << 16, 64), 0);
-    }
 }

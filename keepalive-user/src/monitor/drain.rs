@@ -85,8 +85,8 @@ pub(super) struct Drain {
 
 impl Drain {
     /// Starts reading `ring`, waking up when the kernel says so and at
-    /// least every `poll_every` (the kernel wakes readers only once per
-    /// batch of events, `Config::wakeup_mask`).
+    /// least every `poll_every` (the kernel wakes readers only once its
+    /// wakeup threshold of bytes is queued).
     pub(super) fn start(
         ring: RingBuf<MapData>,
         chunks: usize,
