@@ -119,6 +119,11 @@ enum Command {
         /// Write to FILE instead of stdout.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Also serve Prometheus metrics on ADDR while tuning (as
+        /// `record --metrics`, `keepalive_tuned_total` included;
+        /// `--metrics` alone: 127.0.0.1:9977).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_ADDR)]
+        metrics: Option<String>,
         #[command(flatten)]
         tune: TuneArgs,
     },
@@ -574,11 +579,13 @@ fn main() -> ExitCode {
             policy,
             format,
             output,
+            metrics,
             tune,
         } => keepalive::commands::tune::run(keepalive::commands::tune::TuneCommand {
             tune: tune.options(policy),
             format,
             output,
+            metrics,
         })
         .map(|()| true),
         Command::Check => keepalive::commands::check::run(),

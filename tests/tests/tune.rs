@@ -247,6 +247,47 @@ fn existing_and_new_connections_get_the_rule_and_probe_at_its_pace() {
     tune.stop_with(libc::SIGTERM);
 }
 
+/// `tune --metrics`: a real scrape of its endpoint counts every `tuned`
+/// record it wrote, by rule and action, and reports it ready.
+#[test]
+fn tune_metrics_count_every_tuned_record() {
+    let pair = Pair::new("tm");
+    let listener = listen(&pair.b, &format!("{}:0", pair.b4));
+    let to = listener.local_addr().unwrap();
+    let before = connect_in(&pair.a, to).unwrap();
+    let (_before_srv, _) = listener.accept().unwrap();
+    let dir = Dir::new();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", http::free_port()).parse().unwrap();
+    let policy = dir.policy("p.toml", &rule(to, FAST));
+    let mut tune = Tune::start(&dir, &policy, &["--metrics", &addr.to_string()]);
+    tune.wait_action(cookie(&before), "tuned");
+    let after = connect_in(&pair.a, to).unwrap();
+    let (_after_srv, _) = listener.accept().unwrap();
+    tune.wait_action(cookie(&after), "tuned");
+
+    let (status, text) = http::get(addr, "/metrics", "text/plain").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(http::get(addr, "/readyz", "*/*").unwrap().0, 200);
+    tune.stop_with(libc::SIGTERM);
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let written = |action: &str| {
+        tune.records()
+            .iter()
+            .filter(|r| r["event"] == "tuned" && r["rule"] == "test" && r["action"] == action)
+            .count() as f64
+    };
+    assert_eq!(written("tuned"), 2.0, "{:?}", tune.records());
+    assert_eq!(
+        sample("keepalive_tuned_total{rule=\"test\",action=\"tuned\"}"),
+        written("tuned"),
+        "{text}"
+    );
+}
+
 #[test]
 fn non_matching_untouched_and_dry_run_reports_the_same_changes() {
     let pair = Pair::new("td");

@@ -73,6 +73,8 @@ pub struct LineSink {
     events: bool,
     /// What the start line on stderr says the monitor is doing.
     doing: &'static str,
+    /// Where `tuned` records are counted too (`--metrics` with a policy).
+    tuned_metrics: Option<Arc<Metrics>>,
 }
 
 impl LineSink {
@@ -92,7 +94,15 @@ impl LineSink {
             table_dump,
             events: true,
             doing: "recording",
+            tuned_metrics: None,
         }
+    }
+
+    /// Also counts the `tuned` records written in `metrics`
+    /// (`keepalive_tuned_total`), when there are metrics.
+    pub fn counting_tuned(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.tuned_metrics = metrics;
+        self
     }
 
     /// The sink of `tune`: only `tuned`, `policy` and `lost` records.
@@ -147,6 +157,9 @@ impl LineSink {
 
 impl TunedSink for LineSink {
     fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
+        if let Some(m) = &self.tuned_metrics {
+            count_tuned(m, t)?;
+        }
         Ok(match self.format {
             Format::Json => self.write_json(&TunedOut::new(t, clock)),
             Format::Text => self.write_text(&tuned_text(t, clock)),
@@ -364,6 +377,50 @@ impl RecordOptions {
     }
 }
 
+/// Counts one `tuned` record in `keepalive_tuned_total{rule, action}`.
+pub(crate) fn count_tuned(metrics: &Metrics, t: &Tuned) -> Result<()> {
+    let action = serde_json::to_value(t.action)?;
+    metrics.tuned(&t.rule, action.as_str().unwrap_or("unknown"));
+    Ok(())
+}
+
+/// The `--metrics` of `record` and `tune`: the address bound now (so one
+/// in use stops us before anything is attached) and the metrics served
+/// there once the engine runs.
+pub(crate) struct MetricsEndpoint {
+    listener: std::net::TcpListener,
+    pub metrics: Arc<Metrics>,
+}
+
+impl MetricsEndpoint {
+    pub fn bind(addr: Option<&str>) -> Result<Option<MetricsEndpoint>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        Ok(Some(MetricsEndpoint {
+            listener: http::bind(addr)?,
+            metrics: Arc::new(Metrics::new(&LabelOptions::default())),
+        }))
+    }
+}
+
+/// Runs the engine with `main`, and with the metrics of `endpoint` (if
+/// any) counted from the same stream and served while it runs.
+pub(crate) fn run_metered(
+    opts: MonitorOptions,
+    main: &mut dyn Consumer,
+    endpoint: Option<MetricsEndpoint>,
+) -> Result<()> {
+    let Some(MetricsEndpoint { listener, metrics }) = endpoint else {
+        monitor::run(opts, main)?;
+        return Ok(());
+    };
+    let _server = http::spawn(listener, metrics.clone())?;
+    let mut counting = MetricsConsumer::new(metrics, LabelOptions::default(), &opts.filter);
+    monitor::run(opts, &mut Fanout(vec![main, &mut counting]))?;
+    Ok(())
+}
+
 pub fn run(opts: RecordOptions) -> Result<()> {
     opts.validate()?;
     // A bad policy is refused before anything runs or is created.
@@ -372,8 +429,7 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .as_ref()
         .map(|t| load_policy(&t.policy_path))
         .transpose()?;
-    // An address in use stops us before anything is attached.
-    let listener = opts.metrics.as_deref().map(http::bind).transpose()?;
+    let endpoint = MetricsEndpoint::bind(opts.metrics.as_deref())?;
     let out = open_output(&opts.output)?;
     // Opened now, so a bad path fails before anything is attached.
     let table_dump = opts
@@ -382,27 +438,14 @@ pub fn run(opts: RecordOptions) -> Result<()> {
         .map(|p| LineFile::create(p, FileOptions::default()))
         .transpose()?;
     let monitor_opts = opts.monitor_options();
-    let sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump);
+    let sink = LineSink::new(out, opts.format, opts.filter.clone(), table_dump)
+        .counting_tuned(endpoint.as_ref().map(|e| e.metrics.clone()));
     // The tuner wraps the sink: its `tuned` records go into the same stream.
     let mut main: Box<dyn SinkConsumer> = match (opts.tune, loaded) {
         (Some(tune), Some(loaded)) => Box::new(Tuner::new(sink, tune, loaded)),
         _ => Box::new(sink),
     };
-    match listener {
-        Some(listener) => {
-            let labels = LabelOptions::default();
-            let metrics = Arc::new(Metrics::new(&labels));
-            let _server = http::spawn(listener, metrics.clone())?;
-            let mut counting = MetricsConsumer::new(metrics, labels, &opts.filter);
-            monitor::run(
-                monitor_opts,
-                &mut Fanout(vec![main.as_consumer(), &mut counting]),
-            )?;
-        }
-        None => {
-            monitor::run(monitor_opts, main.as_consumer())?;
-        }
-    }
+    run_metered(monitor_opts, main.as_consumer(), endpoint)?;
     match main.sink().take_error() {
         Some(e) => Err(e.into()),
         None => Ok(()),

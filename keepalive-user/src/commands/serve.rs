@@ -257,9 +257,7 @@ impl Consumer for ServeCore {
 
 impl TunedSink for ServeCore {
     fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
-        let action = serde_json::to_value(t.action)?;
-        self.metrics
-            .tuned(&t.rule, action.as_str().unwrap_or("unknown"));
+        super::record::count_tuned(&self.metrics, t)?;
         match self.file.as_mut() {
             Some(f) => f.write(&TunedOut::new(t, clock)),
             None => Ok(Flow::Continue),

@@ -278,7 +278,10 @@ struct Engine {
     ebpf: Option<aya::Ebpf>,
     maps: KernelMaps,
     table: Option<ConnTable>,
-    connect_owners: ConnectOwners,
+    /// Owners of connections by cookie, learned at `connect()`, when there
+    /// is no table (which learns and keeps them itself, closed connections
+    /// included, as tombstones).
+    connect_owners: Option<ConnectOwners>,
     reasons: ResetReasons,
     clock: Clock,
     counters: Counters,
@@ -319,9 +322,12 @@ impl Engine {
             self.counters.undecoded += 1;
             return Ok(Flow::Continue);
         };
-        self.connect_owners.fill(&mut ev);
-        // Connections opened before the monitor started: the table knows
-        // their owners from the walk.
+        if let Some(owners) = self.connect_owners.as_mut() {
+            owners.fill(&mut ev);
+        }
+        // The table knows the `connect()` owner (from the `→ SYN_SENT`
+        // record), and the holders of connections opened before the
+        // monitor started from the walk.
         if ev.owner.is_none()
             && let Some(o) = self.table.as_ref().and_then(|t| t.first_owner(ev.cookie))
         {
@@ -625,8 +631,8 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     let engine = Engine {
         ebpf: Some(ebpf),
         maps,
+        connect_owners: table.is_none().then(|| ConnectOwners::new(opts.max_conns)),
         table,
-        connect_owners: ConnectOwners::new(opts.max_conns),
         reasons: info.reset_reasons,
         clock: Clock::now(),
         counters: Counters::default(),

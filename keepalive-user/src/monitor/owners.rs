@@ -3,7 +3,8 @@
 //! `→ SYN_SENT` state change only (it runs in the connecting process), and
 //! the engine puts it on every later event of that connection, which
 //! saves the kernel socket storage (an allocation per connection) and a
-//! lookup per event.
+//! lookup per event. Only without a connection table (`--refresh 0`): the
+//! table learns the same owner from the same record and keeps it as long.
 
 use std::collections::VecDeque;
 
@@ -123,6 +124,7 @@ mod tests {
 
     use super::*;
     use crate::events::comm::Comm;
+    use tcp_state::{CLOSE, ESTABLISHED, SYN_SENT};
 
     const MS: u64 = 1_000_000;
 
@@ -146,13 +148,12 @@ mod tests {
     }
 
     fn connect(o: &mut ConnectOwners, ts: u64, cookie: u64) {
-        o.fill(&mut change(
-            ts,
-            cookie,
-            tcp_state::CLOSE,
-            tcp_state::SYN_SENT,
-            Some(curl()),
-        ));
+        o.fill(&mut change(ts, cookie, CLOSE, SYN_SENT, Some(curl())));
+    }
+
+    /// The connection's `→ CLOSE`, which starts its last 2 seconds.
+    fn close(o: &mut ConnectOwners, ts: u64, cookie: u64) {
+        o.fill(&mut change(ts, cookie, ESTABLISHED, CLOSE, None));
     }
 
     fn curl() -> Owner {
@@ -218,13 +219,7 @@ mod tests {
     fn events_after_close_get_it_a_short_while() {
         let mut o = ConnectOwners::new(16);
         connect(&mut o, MS, 7);
-        o.fill(&mut change(
-            10 * MS,
-            7,
-            tcp_state::ESTABLISHED,
-            tcp_state::CLOSE,
-            None,
-        ));
+        close(&mut o, 10 * MS, 7);
         // A close with SO_LINGER 0 reports its reset after CLOSE.
         let mut rst = event(
             10 * MS + 5,
@@ -262,13 +257,7 @@ mod tests {
     fn a_socket_that_connects_again_is_open_again() {
         let mut o = ConnectOwners::new(16);
         connect(&mut o, MS, 7);
-        o.fill(&mut change(
-            2 * MS,
-            7,
-            tcp_state::SYN_SENT,
-            tcp_state::CLOSE,
-            None,
-        ));
+        close(&mut o, 2 * MS, 7);
         // Same socket (same cookie), connected again by another process.
         o.fill(&mut change(
             3 * MS,
@@ -297,13 +286,7 @@ mod tests {
         // and `cap` open.
         for cookie in 10..100 {
             connect(&mut o, MS, cookie);
-            o.fill(&mut change(
-                MS,
-                cookie,
-                tcp_state::SYN_SENT,
-                tcp_state::CLOSE,
-                None,
-            ));
+            close(&mut o, MS, cookie);
             assert!(o.closed.len() <= 2 && o.len() <= 4, "{}", o.len());
         }
         let mut last = event(MS, 99, Detail::ResetReceived, None);

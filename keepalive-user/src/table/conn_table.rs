@@ -19,7 +19,9 @@ use keepalive_common::ConnStats;
 
 use super::packed::{Owners, Packed};
 use super::verdict::{Thresholds, Verdict, judge};
-use super::{Conn, ConnId, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, Timer, TimerKind};
+use super::{
+    Conn, ConnId, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT, Timer, TimerKind,
+};
 use crate::events::{Detail, Event, Owner};
 
 /// How long a closed connection stays resolvable for late events.
@@ -221,7 +223,7 @@ impl ConnTable {
         }
         self.refresh_end(
             pass,
-            |ino| by_ino.get(&ino).cloned().flatten(),
+            Some(|ino| by_ino.get(&ino).cloned().flatten()),
             now_ns,
             changed,
         );
@@ -275,26 +277,25 @@ impl ConnTable {
 
     /// A refresh, second pass, after the walk: `owners` gives the holders
     /// of a socket inode (read after the walk, so every socket walked has
-    /// its owner in /proc by then). Judges every row in walk order, each
-    /// change to `changed` as in [`ConnTable::refresh_with`]; connections
-    /// the walk did not find have closed.
+    /// its owner in /proc by then; `None`: not looked up, so the owners
+    /// known stay, the `connect()` owners events bring included). Judges
+    /// every row in walk order, each change to `changed` as in
+    /// [`ConnTable::refresh_with`]; connections the walk did not find have
+    /// closed.
     pub fn refresh_end(
         &mut self,
         pass: Walked,
-        owners: impl Fn(u64) -> Option<Owners>,
+        owners: Option<impl Fn(u64) -> Option<Owners>>,
         now_ns: u64,
         mut changed: impl FnMut(VerdictChange, bool),
     ) {
         let t = self.thresholds;
         let with_owners = |mut conn: Conn| {
-            let shared = if conn.ino != 0 {
-                owners(conn.ino)
-            } else {
-                None
+            let Some(owners) = owners.as_ref().filter(|_| conn.ino != 0) else {
+                return (conn, None);
             };
-            if conn.ino != 0 {
-                conn.owners = shared.as_deref().cloned().unwrap_or_default();
-            }
+            let shared = owners(conn.ino);
+            conn.owners = shared.as_deref().cloned().unwrap_or_default();
             (conn, shared)
         };
         let mut seen = Vec::with_capacity(pass.order.len());
@@ -361,6 +362,11 @@ impl ConnTable {
             return None;
         }
         let t = self.thresholds;
+        // A closed socket that connects again (after a disconnect, with the
+        // same cookie) is a new connection, with the owner of this connect().
+        if matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT) {
+            self.tombstones.remove(&ev.cookie);
+        }
         if !self.live.contains_key(&ev.cookie) {
             if let Some((e, _)) = self.tombstones.get_mut(&ev.cookie) {
                 // Closed, or a walk no longer finds it. The kernel reports
@@ -524,6 +530,73 @@ mod tests {
                 user_timeout_ms: 0,
             },
         )
+    }
+
+    fn state_change(cookie: u64, old: u32, new: u32, owner: Option<Owner>) -> Event {
+        Event {
+            owner,
+            ..event(cookie, Detail::StateChange { old, new })
+        }
+    }
+
+    fn owner(pid: u32, comm: &str) -> Owner {
+        Owner {
+            pid,
+            comm: comm.into(),
+        }
+    }
+
+    /// `owner`'s `connect()` of socket `cookie` (its `→ SYN_SENT`) at `now`.
+    fn connect(t: &mut ConnTable, cookie: u64, owner: &Owner, now: u64) {
+        let syn_sent = state_change(cookie, TCP_CLOSE, TCP_SYN_SENT, Some(owner.clone()));
+        t.apply(&syn_sent, now);
+    }
+
+    /// The engine's owner of an event without one when the table is on:
+    /// the `connect()` owner, for the connection's life and after its
+    /// CLOSE (the reset of an abortive close, the timeout of an abort).
+    #[test]
+    fn the_connect_owner_outlives_the_close_and_a_new_connect_replaces_it() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        let curl = owner(42, "curl");
+        connect(&mut t, 7, &curl, 1);
+        t.apply(&state_change(7, TCP_SYN_SENT, TCP_ESTABLISHED, None), 2);
+        assert_eq!(t.first_owner(7), Some(&curl));
+        t.apply(&state_change(7, TCP_ESTABLISHED, TCP_CLOSE, None), 3);
+        t.apply(&keepalive_timeout(7), 4);
+        assert_eq!(t.first_owner(7), Some(&curl), "kept after CLOSE");
+        // The same socket connects again, from another process.
+        let wget = owner(43, "wget");
+        connect(&mut t, 7, &wget, 5);
+        assert_eq!(t.first_owner(7), Some(&wget));
+        assert_eq!(t.len(), 1, "live again");
+    }
+
+    /// Without an owner look-up (`--no-owners`) a refresh keeps the owners
+    /// events brought; with one, the holders found replace them.
+    #[test]
+    fn a_refresh_replaces_owners_only_when_it_looked_them_up() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        let curl = owner(42, "curl");
+        connect(&mut t, 7, &curl, 1);
+        let walk = |t: &mut ConnTable, owners: Option<Owners>, now: u64| {
+            let mut pass = Walked::default();
+            t.refresh_row(
+                &mut pass,
+                Conn {
+                    owners: Vec::new(),
+                    ..conn(7)
+                },
+                now,
+            );
+            let looked_up = owners.map(|o| move |_| Some(o.clone()));
+            t.refresh_end(pass, looked_up, now, |_, _| {});
+        };
+        walk(&mut t, None, 2);
+        assert_eq!(t.first_owner(7), Some(&curl));
+        let holder = owner(44, "sshd");
+        walk(&mut t, Some(Owners::new(vec![holder.clone()])), 3);
+        assert_eq!(t.first_owner(7), Some(&holder));
     }
 
     #[test]

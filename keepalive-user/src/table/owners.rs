@@ -47,15 +47,22 @@ pub fn scan() -> HashMap<u64, Vec<Owner>> {
 
 /// Socket inode -> the processes that hold it, each list shared by every
 /// socket with the same holders (usually: one list per process), so a
-/// socket costs a few bytes however many there are.
+/// socket costs a few bytes however many there are. The default is no
+/// look-up at all (`--no-owners`), which is not evidence of no owner.
 #[derive(Default)]
 pub struct SharedOwners {
     /// (inode, index in `lists`), sorted by inode.
     by_ino: Vec<(u64, u32)>,
     lists: Vec<Owners>,
+    /// The holders were looked up (a socket not listed has none).
+    scanned: bool,
 }
 
 impl SharedOwners {
+    pub fn scanned(&self) -> bool {
+        self.scanned
+    }
+
     pub fn get(&self, ino: u64) -> Option<&Owners> {
         let i = self.by_ino.binary_search_by_key(&ino, |&(i, _)| i).ok()?;
         self.lists.get(self.by_ino[i].1 as usize)
@@ -173,7 +180,11 @@ impl Holders {
             };
             by_ino.push((run[0].0, list));
         }
-        SharedOwners { by_ino, lists }
+        SharedOwners {
+            by_ino,
+            lists,
+            scanned: true,
+        }
     }
 }
 

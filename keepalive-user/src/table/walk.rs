@@ -178,8 +178,8 @@ impl<'a> TableWalk<'a> {
         now_ns: u64,
         changed: impl FnMut(VerdictChange, bool),
     ) {
-        self.table
-            .refresh_end(self.pass, |ino| owners.get(ino).cloned(), now_ns, changed);
+        let lookup = owners.scanned().then_some(|ino| owners.get(ino).cloned());
+        self.table.refresh_end(self.pass, lookup, now_ns, changed);
     }
 }
 

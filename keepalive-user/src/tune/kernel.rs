@@ -13,7 +13,7 @@ use std::fs::File;
 use anyhow::{Context, Result, anyhow};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, ProgramArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockopt, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockopt, Program, ProgramError, SockOps};
 use aya_log::EbpfLogger;
 use keepalive_common::TASK_COMM_LEN;
 use keepalive_common::tune::{
@@ -36,6 +36,28 @@ pub struct TuneKernel {
     pub config: TuneConfig,
     /// Where cgroup v2 is mounted (rules' cgroup paths are below it).
     pub cgroup_root: std::path::PathBuf,
+}
+
+/// Program `name` of the object as its type `P`, loaded with `load` (the
+/// verifier's summary when it refuses; the load logged with its size).
+fn loaded<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+) -> Result<&'a mut P>
+where
+    for<'b> &'b mut P: TryFrom<&'b mut Program, Error = ProgramError>,
+{
+    fn program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut Program> {
+        ebpf.program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+    }
+    let t0 = std::time::Instant::now();
+    load(program(ebpf, name)?.try_into()?)
+        .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
+        .with_context(|| format!("loading the {name} program"))?;
+    loader::log_loaded(name, t0, ebpf.program(name).and_then(|p| p.info().ok()));
+    Ok(program(ebpf, name)?.try_into()?)
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -74,36 +96,17 @@ impl TuneKernel {
         k.logger = failure_loggers(ebpf);
         let cg = File::open(&k.cgroup_root)
             .with_context(|| format!("opening the cgroup v2 root {}", k.cgroup_root.display()))?;
-        let prog: &mut SockOps = ebpf
-            .program_mut(names::SOCKOPS)
-            .ok_or_else(|| anyhow!("program {} missing", names::SOCKOPS))?
-            .try_into()?;
-        let t0 = std::time::Instant::now();
-        prog.load()
-            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
-            .context("loading the sock_ops program")?;
-        loader::log_loaded(names::SOCKOPS, t0, prog.info().ok());
+        let root = k.cgroup_root.display();
         // A BPF link (kernels >= 5.7) always coexists with other programs
         // on the cgroup; its attach flags must be 0 (`Single`).
-        prog.attach(&cg, CgroupAttachMode::Single)
+        loaded(ebpf, names::SOCKOPS, SockOps::load)?
+            .attach(&cg, CgroupAttachMode::Single)
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("attaching sock_ops to {}", k.cgroup_root.display()))?;
-        let prog: &mut CgroupSockopt = ebpf
-            .program_mut(names::SETSOCKOPT)
-            .ok_or_else(|| anyhow!("program {} missing", names::SETSOCKOPT))?
-            .try_into()?;
-        let t0 = std::time::Instant::now();
-        prog.load()
-            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))
-            .context("loading the cgroup/setsockopt program")?;
-        loader::log_loaded(names::SETSOCKOPT, t0, prog.info().ok());
-        // A BPF link (kernels >= 5.7) always coexists with other programs
-        // on the cgroup; its attach flags must be 0 (`Single`).
-        prog.attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching sock_ops to {root}"))?;
+        loaded(ebpf, names::SETSOCKOPT, CgroupSockopt::load)?
+            .attach(&cg, CgroupAttachMode::Single)
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| {
-                format!("attaching cgroup/setsockopt to {}", k.cgroup_root.display())
-            })?;
+            .with_context(|| format!("attaching cgroup/setsockopt to {root}"))?;
         Ok(k)
     }
 
@@ -227,15 +230,9 @@ impl log::Log for KernelLog {
 /// built without them), tuning goes on without and says so at debug level.
 fn failure_loggers(ebpf: &mut Ebpf) -> Option<(EbpfLogger<KernelLog>, [ProgramArray<MapData>; 2])> {
     let installed = (|| -> Result<[ProgramArray<MapData>; 2]> {
-        let prog: &mut SockOps = ebpf
-            .program_mut(names::LOG_SOCKOPS)
-            .ok_or_else(|| anyhow!("program {} missing", names::LOG_SOCKOPS))?
-            .try_into()?;
-        let t0 = std::time::Instant::now();
-        prog.load()
-            .map_err(|e| anyhow!("{}", loader::verifier_summary(&e)))?;
-        loader::log_loaded(names::LOG_SOCKOPS, t0, prog.info().ok());
-        let fd = prog.fd()?.try_clone()?;
+        let fd = loaded(ebpf, names::LOG_SOCKOPS, SockOps::load)?
+            .fd()?
+            .try_clone()?;
         let mut for_sockops: ProgramArray<MapData> = take(ebpf, names::TUNE_LOG_SOCKOPS)?;
         for_sockops.set(0, &fd, 0)?;
         let prog = loader::loaded_iter(ebpf, names::LOG_ITER, "tcp")?;
