@@ -64,9 +64,8 @@ fn copy_event(dst: *mut RawEvent, ev: &RawEvent) {
 /// (a constant to the verifier, which keeps only one of [`emit`]'s paths).
 #[inline(always)]
 fn has_filters() -> bool {
-    // SAFETY: a field of the configuration static.
-    let first_port = unsafe { read_volatile(&raw const crate::maps::CONFIG.ports[0]) };
-    first_port != 0 || conf!(n_cidrs) != 0
+    let c = config();
+    c.ports[0] != 0 || c.n_cidrs != 0
 }
 
 /// Kernel-side port and address filters; userspace applies the rest.
@@ -186,10 +185,7 @@ fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>) {
     // A wakeup per event costs an IPI; wake the reader only when
     // enough has piled up (it polls on a timer for the rest).
     // Only the record that crosses the threshold wakes it, so a
-    // lagging reader is not woken once per event: a wakeup every N
-    // events instead (from the EMITTED count, saving this query, ~7 ns)
-    // made `ka_state` 2-3x dearer with a small ring (docs/benchmarks.md
-    // §11), each wakeup being an IPI whether the reader sleeps or not.
+    // lagging reader is not woken once per event.
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
     let threshold = conf!(wakeup_bytes) as u64;
     let size = (core::mem::size_of::<RawEvent>() + 8) as u64;

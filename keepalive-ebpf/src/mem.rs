@@ -130,16 +130,8 @@ fn keep_released_port(ev: &mut RawEvent, sk: *const u8) {
 }
 
 /// The socket's cookie, assigned on first use.
-///
-/// Once assigned a cookie never changes, so it is read from the socket
-/// (one load) and the helper, which assigns it, is called only while it
-/// is still 0: on a connection's first event.
 #[inline(always)]
 pub fn cookie_of(sk: *const u8) -> u64 {
-    let cookie = load::<u64>(sk, conf!(offsets.skc_cookie));
-    if cookie != 0 {
-        return cookie;
-    }
     // SAFETY: `sk` is a trusted BTF pointer from the tracepoint arguments.
     unsafe { bpf_get_socket_cookie(sk as *mut _) }
 }
