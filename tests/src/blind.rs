@@ -15,12 +15,14 @@ use std::fs;
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// The tracepoints the monitor hooks (keepalive-user/src/kernel/loader.rs),
-/// as tracefs event directories, the timer's filtered to socket timers.
+/// as tracefs event directories; `timer_expire_entry` is added apart, with
+/// a filter on [`SOCKET_TIMERS`].
 const EVENTS: [&str; 6] = [
     "tcp/tcp_retransmit_skb",
     "tcp/tcp_retransmit_synack",
@@ -40,18 +42,30 @@ const SOCKET_TIMERS: [&str; 3] = [
 /// Attempts of [`exact`] before a failure stands whatever ftrace saw.
 const ATTEMPTS: u32 = 3;
 
-/// A tracefs instance recording the hooked tracepoints while it lives.
+/// A tracefs instance recording the hooked tracepoints that run on top of
+/// PID 1's threads, while it lives.
 pub struct HiddenRuns {
     dir: PathBuf,
 }
 
 impl HiddenRuns {
     /// Starts recording; `None` (and a note on stderr) when tracefs is not
-    /// mounted, in which case no failure is excused.
+    /// mounted or PID 1's threads cannot be listed, in which case no
+    /// failure is excused.
     pub fn watch() -> Option<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         if !PathBuf::from(TRACEFS).join("instances").is_dir() {
-            eprintln!("blind: {TRACEFS} not mounted: no hidden hook run can be told apart");
+            say(format_args!(
+                "{TRACEFS} not mounted: no hidden hook run can be told apart"
+            ));
+            return None;
+        }
+        // An empty pid list would record every task.
+        let pid1 = pid1_threads();
+        if pid1.is_empty() {
+            say(format_args!(
+                "PID 1's threads not readable: no hidden hook run can be told apart"
+            ));
             return None;
         }
         let dir = PathBuf::from(TRACEFS).join("instances").join(format!(
@@ -65,13 +79,15 @@ impl HiddenRuns {
         // Only what runs on top of PID 1's threads is recorded: everything
         // else would fill the buffer (a churn elsewhere on the machine
         // overwrites it in seconds) and say nothing.
-        runs.write("set_event_pid", &pid1_threads().join(" "));
+        runs.write("set_event_pid", &pid1.join(" "));
         runs.write("buffer_size_kb", "1024");
         for e in EVENTS {
             runs.write(&format!("events/{e}/enable"), "1");
         }
-        let filter = socket_timer_filter();
-        runs.write("events/timer/timer_expire_entry/filter", &filter);
+        runs.write(
+            "events/timer/timer_expire_entry/filter",
+            socket_timer_filter(),
+        );
         runs.write("events/timer/timer_expire_entry/enable", "1");
         Some(runs)
     }
@@ -88,32 +104,27 @@ impl HiddenRuns {
     fn keep_trace(&self) {
         let overrun = self.overrun();
         if overrun > 0 {
-            let _ = writeln!(
-                std::io::stderr(),
-                "blind: the trace buffer dropped {overrun} line(s): hidden runs may be missing"
-            );
+            say(format_args!(
+                "the trace buffer dropped {overrun} line(s): hidden runs may be missing"
+            ));
         }
         let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
         let to = std::env::temp_dir().join(format!("{name}.trace"));
         match fs::copy(self.dir.join("trace"), &to) {
-            Ok(_) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "blind: the hooked tracepoints of the failed run, with the task each ran on top of: {}",
-                    to.display()
-                );
-            }
-            Err(e) => eprintln!("blind: keeping the trace in {}: {e}", to.display()),
+            Ok(_) => say(format_args!(
+                "the hooked tracepoints of the failed run on top of PID 1's threads: {}",
+                to.display()
+            )),
+            Err(e) => say(format_args!("keeping the trace in {}: {e}", to.display())),
         }
     }
 
-    /// The recorded lines (all on top of a thread of PID 1): hook runs no
-    /// BPF program saw on the test VM.
+    /// The recorded lines (`set_event_pid` keeps only PID 1's threads):
+    /// hook runs no BPF program saw on the test VM.
     pub fn hidden(&self) -> Vec<String> {
         let text = fs::read_to_string(self.dir.join("trace")).unwrap_or_default();
         text.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter(|l| task_of(l).is_some_and(is_pid1_thread))
             .map(str::to_owned)
             .collect()
     }
@@ -141,13 +152,19 @@ impl Drop for HiddenRuns {
         let _ = fs::write(self.dir.join("tracing_on"), "0");
         let _ = fs::write(self.dir.join("events/enable"), "0");
         if let Err(e) = fs::remove_dir(&self.dir) {
-            eprintln!("blind: removing {}: {e}", self.dir.display());
+            say(format_args!("removing {}: {e}", self.dir.display()));
         }
     }
 }
 
-/// `function == 0x...` for the socket timers, from /proc/kallsyms.
-fn socket_timer_filter() -> String {
+/// `function == 0x...` for the socket timers, from /proc/kallsyms (read
+/// once per test process).
+fn socket_timer_filter() -> &'static str {
+    static FILTER: OnceLock<String> = OnceLock::new();
+    FILTER.get_or_init(read_socket_timer_filter)
+}
+
+fn read_socket_timer_filter() -> String {
     let syms = fs::read_to_string("/proc/kallsyms").expect("reading /proc/kallsyms");
     let addrs: Vec<String> = syms
         .lines()
@@ -167,12 +184,6 @@ fn socket_timer_filter() -> String {
     addrs.join(" || ")
 }
 
-/// The thread id of a trace line (`  comm-TID   [CPU] flags ts: ...`).
-fn task_of(line: &str) -> Option<u32> {
-    let task = line[..line.find(" [")?].trim();
-    task.rsplit_once('-')?.1.parse().ok()
-}
-
 /// The thread ids of PID 1 now.
 fn pid1_threads() -> Vec<String> {
     fs::read_dir("/proc/1/task")
@@ -183,8 +194,10 @@ fn pid1_threads() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn is_pid1_thread(tid: u32) -> bool {
-    PathBuf::from(format!("/proc/1/task/{tid}")).exists()
+/// A line straight to the process's stderr, not the test's captured
+/// output: what `exact` excused shows in every log, passing runs' too.
+fn say(msg: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "blind: {msg}");
 }
 
 /// Runs `test`; when it fails while the kernel hid hook runs from every
@@ -203,25 +216,20 @@ pub fn exact(test: impl Fn()) {
                 }
                 resume_unwind(panic)
             }
-            // Straight to the process's stderr, not the test's captured
-            // output: a retry shows in every log, the passing runs' too.
-            Err(_) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "blind: attempt {attempt} failed while the kernel ran {} hooked \
-                     tracepoint(s) on top of PID 1's threads, where no BPF program runs on \
-                     this VM (docs/events.md); running the test again:\n{}",
-                    hidden.len(),
-                    hidden.join("\n")
-                );
-            }
+            Err(_) => say(format_args!(
+                "attempt {attempt} failed while the kernel ran {} hooked tracepoint(s) on top \
+                 of PID 1's threads, where no BPF program runs on this VM (docs/events.md); \
+                 running the test again:\n{}",
+                hidden.len(),
+                hidden.join("\n")
+            )),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{exact, task_of};
+    use super::exact;
 
     /// A failure with no hidden run (or after the last attempt) stands:
     /// `exact` never turns a failing test into a passing one by itself.
@@ -236,13 +244,5 @@ mod tests {
         let runs = std::cell::Cell::new(0);
         exact(|| runs.set(runs.get() + 1));
         assert_eq!(runs.get(), 1);
-    }
-
-    #[test]
-    fn task_of_reads_the_thread_id_with_dashes_in_the_name() {
-        let l = "   tokio-rt-worker-75      [001] ..s2.  12.5: timer_expire_entry: timer=0";
-        assert_eq!(task_of(l), Some(75));
-        assert_eq!(task_of("  <idle>-0  [000] ..s1. 1.0: x"), Some(0));
-        assert_eq!(task_of("no task here"), None);
     }
 }
