@@ -158,7 +158,7 @@ impl LineSink {
 impl TunedSink for LineSink {
     fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
         if let Some(m) = &self.tuned_metrics {
-            count_tuned(m, t)?;
+            m.tuned(&t.rule, t.action.name());
         }
         Ok(match self.format {
             Format::Json => self.write_json(&TunedOut::new(t, clock)),
@@ -375,13 +375,6 @@ impl RecordOptions {
         }
         Ok(())
     }
-}
-
-/// Counts one `tuned` record in `keepalive_tuned_total{rule, action}`.
-pub(crate) fn count_tuned(metrics: &Metrics, t: &Tuned) -> Result<()> {
-    let action = serde_json::to_value(t.action)?;
-    metrics.tuned(&t.rule, action.as_str().unwrap_or("unknown"));
-    Ok(())
 }
 
 /// The `--metrics` of `record` and `tune`: the address bound now (so one

@@ -257,7 +257,7 @@ impl Consumer for ServeCore {
 
 impl TunedSink for ServeCore {
     fn tuned(&mut self, t: &Tuned, clock: &Clock) -> Result<Flow> {
-        super::record::count_tuned(&self.metrics, t)?;
+        self.metrics.tuned(&t.rule, t.action.name());
         match self.file.as_mut() {
             Some(f) => f.write(&TunedOut::new(t, clock)),
             None => Ok(Flow::Continue),
