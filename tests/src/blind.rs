@@ -108,6 +108,10 @@ impl HiddenRuns {
                 "the trace buffer dropped {overrun} line(s): hidden runs may be missing"
             ));
         }
+        // Nothing recorded: nothing to look at later, no file left behind.
+        if overrun == 0 && self.hidden().is_empty() {
+            return;
+        }
         let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
         let to = std::env::temp_dir().join(format!("{name}.trace"));
         match fs::copy(self.dir.join("trace"), &to) {
