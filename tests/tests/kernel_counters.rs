@@ -42,7 +42,7 @@
 //!
 //! So every test here runs inside `exact()` (tests/src/blind.rs): a tracefs
 //! instance records the hooked tracepoints that run on top of PID 1's
-//! threads, and a test that fails while one did runs again (at most 3
+//! threads, and a test that fails while one did runs again (at most 5
 //! times, the hidden trace lines written to stderr); any other failure
 //! stands. The proof of this form, 2026-11-26 07:43-08:02 UTC, main
 //! d5dcab5 (kernel side as 861e19f), the loop above with `stress-ng --cpu
@@ -52,7 +52,11 @@
 //! on top of PID 1's thread 75: run 10, the live peer's keepalive timer
 //! expiries; runs 22 and 26, the retransmission test's write-timer
 //! retransmissions of its own pair (198.18.33.1 and 198.18.54.1, one of
-//! them the `connect()` to the closed port 9).
+//! them the `connect()` to the closed port 9). A second loop at 08:29-08:41
+//! on 51c9093 (3 attempts then): 19 of 20. Four runs retried a test after
+//! hidden runs on threads 75 and 68; in run 14 the live-peer probe test
+//! had a hidden keepalive expiry (and one probe short) in all 3 attempts,
+//! so `exact()` now allows 5.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
