@@ -418,7 +418,10 @@ pub struct TimerFrame {
 
 /// Names of the maps, shared so both sides agree.
 pub mod maps {
+    /// Each CPU's event ring (they share the name).
     pub const EVENTS: &str = "EVENTS";
+    /// The array of the event rings, indexed by CPU.
+    pub const EVENT_RINGS: &str = "EVENT_RINGS";
     pub const DROPS: &str = "DROPS";
     pub const EMITTED: &str = "EMITTED";
     pub const OWNERS: &str = "OWNERS";

@@ -1,15 +1,18 @@
 //! Event emission: the kernel-side filters, the owner, and the write to
-//! the ring buffer, with every event counted as emitted or dropped.
+//! this CPU's event ring, with every event counted as emitted or dropped.
 
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_ringbuf_query},
+    maps::ring_buf::RingBufEntry,
+};
 use keepalive_common::{
     Offsets, Owner, RawEvent, TASK_COMM_LEN,
     filter::{addrs_match, ports_match},
 };
 
-use crate::maps::{DROPS, EMITTED, EVENTS, bump, config, owner_ptr, owner_storage};
+use crate::maps::{DROPS, EMITTED, EVENT_RINGS, EventRing, bump, config, owner_ptr, owner_storage};
 use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -144,7 +147,7 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
         }
     }
     let ev: *mut RawEvent = match slot.as_mut() {
-        Some(s) => zeroed_event(s, kind, cookie),
+        Some((s, _)) => zeroed_event(s, kind, cookie),
         None => zeroed_event(&mut stack, kind, cookie),
     };
     // SAFETY: `ev` is the slot or the stack event, whole and initialised;
@@ -152,25 +155,31 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     let ev = unsafe { &mut *ev };
     fill(ev);
     add_stored_owner(ev, trusted_sk);
-    if let Some(s) = slot {
-        stamp_and_submit(s);
+    if let Some((s, ring)) = slot {
+        stamp_and_submit(s, ring);
         return;
     }
     if !passes_filters(ev) {
         return;
     }
-    if let Some(mut s) = reserve_counted() {
+    if let Some((mut s, ring)) = reserve_counted() {
         copy_event(s.as_mut_ptr(), ev);
-        stamp_and_submit(s);
+        stamp_and_submit(s, ring);
     }
 }
 
-/// A ring slot for one event, the event counted as emitted, and as
-/// dropped when the ring is full (so emitted == written + lost).
+/// A slot for one event in this CPU's ring (and the ring), the event
+/// counted as emitted, and as dropped when the ring is full or the CPU
+/// has none (one brought online after the daemon started), so emitted ==
+/// written + lost.
 #[inline(always)]
-fn reserve_counted() -> Option<RingBufEntry<RawEvent>> {
+fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, &'static EventRing)> {
     bump(&EMITTED);
-    let slot = EVENTS.reserve::<RawEvent>(0);
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let slot = EVENT_RINGS
+        .get(cpu)
+        .and_then(|ring| Some((ring.reserve(0)?, ring)));
     if slot.is_none() {
         bump(&DROPS);
     }
@@ -179,14 +188,20 @@ fn reserve_counted() -> Option<RingBufEntry<RawEvent>> {
 
 /// Timestamps the event in `slot` and hands it to the reader.
 #[inline(always)]
-fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>) {
+fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>, ring: &EventRing) {
     // SAFETY: helper without arguments; the slot holds a whole event.
     unsafe { (*slot.as_mut_ptr()).ts_ns = bpf_ktime_get_ns() };
     // A wakeup per event costs an IPI; wake the reader only when
-    // enough has piled up (it polls on a timer for the rest).
-    // Only the record that crosses the threshold wakes it, so a
+    // enough has piled up in this ring (it polls on a timer for the
+    // rest). Only the record that crosses the threshold wakes it, so a
     // lagging reader is not woken once per event.
-    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    // SAFETY: the ring is a map the outer array handed out.
+    let avail = unsafe {
+        bpf_ringbuf_query(
+            core::ptr::from_ref(ring).cast_mut().cast(),
+            BPF_RB_AVAIL_DATA,
+        )
+    };
     let threshold = conf!(wakeup_bytes) as u64;
     let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
     let flags = if avail >= threshold && avail < threshold + size {

@@ -1,15 +1,18 @@
-//! The programs' configuration and maps: the ring buffer, loss counters,
-//! per-connection counters, socket-storage owners and per-CPU scratch.
+//! The programs' configuration and maps: the per-CPU event rings, loss
+//! counters, per-connection counters, socket-storage owners and per-CPU
+//! scratch.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    btf_maps::SkStorage,
+    btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf, SkStorage},
     helpers::generated::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_sk_storage_get},
     macros::{btf_map, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray},
 };
-use keepalive_common::{Config, ConnStats, Offsets, Owner, SockRecord, TASK_COMM_LEN, TimerFrame};
+use keepalive_common::{
+    Config, ConnStats, Offsets, Owner, RawEvent, SockRecord, TASK_COMM_LEN, TimerFrame,
+};
 
 /// Filled in by the daemon (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
@@ -43,8 +46,17 @@ pub fn conf_field<T: Copy>(field: *const T) -> T {
     unsafe { read_volatile(field) }
 }
 
-#[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// One CPU's event ring. The size here is only the template the kernel
+/// checks inner maps against (it does not compare ring sizes): the daemon
+/// creates each CPU's ring with the size it chose.
+pub type EventRing = BtfRingBuf<RawEvent, { 1 << 16 }>;
+
+/// This CPU's event ring, at its CPU number (the daemon sizes the array
+/// to the possible CPUs and fills the slots of the online ones). A ring
+/// per CPU: programs on two CPUs never take turns at one ring's lock and
+/// producer position, which cost about half of a shared ring's price.
+#[btf_map]
+pub static EVENT_RINGS: ArrayOfMaps<EventRing, 1> = ArrayOfMaps::new();
 
 /// Events that did not fit in the ring buffer, per CPU.
 #[map]

@@ -77,8 +77,9 @@ enum Command {
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
-        /// Ring buffer size in bytes (a power of two from 4096 to 256 MiB;
-        /// default 4 MiB).
+        /// Bytes of the event ring buffers, all CPUs together (a power of two
+        /// from 4096 to 256 MiB; default 4 MiB): each online CPU gets an
+        /// equal share, at least a page.
         #[arg(long, value_name = "BYTES")]
         ring_size: Option<u32>,
         /// Re-read every connection from the kernel this often (100ms to
@@ -220,7 +221,7 @@ struct ServeArgs {
     events: Vec<Kind>,
     #[command(flatten)]
     conn_filter: ConnFilterArgs,
-    /// Ring buffer size in bytes (power of two, >= 4096; default 4 MiB).
+    /// Bytes of the per-CPU event rings together (power of two, >= 4096; default 4 MiB).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     ring_size: Option<u32>,
     /// Re-read every connection this often (verdict gauges) [default: 5s]; 0: never.

@@ -142,7 +142,8 @@ pub fn ensure_object() -> Result<()> {
     Ok(())
 }
 
-/// Default ring buffer size (must match the eBPF object's EVENTS map).
+/// Default bytes of the event rings, all CPUs together
+/// ([`super::event_rings`] splits them).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
 const DEFAULT_WAKEUP_BYTES: u32 = DEFAULT_RING_BYTES / 16;
 /// How often the reader drains the ring without being woken.
@@ -166,29 +167,32 @@ pub fn aya_btf() -> Result<Arc<aya::Btf>> {
 /// Map sizes chosen at load time.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sizes {
-    /// Ring buffer bytes (default [`DEFAULT_RING_BYTES`]).
-    pub ring: Option<u32>,
+    /// Bytes of each CPU's event ring ([`super::event_rings::RingPlan`]),
+    /// which sets the programs' wakeup threshold; `None` when no rings are
+    /// read (the rings themselves are created after the load).
+    pub ring_each: Option<u32>,
     /// Connections whose counters the kernel keeps (default 65536).
     pub stats: Option<u32>,
 }
 
 /// Loads the object with `config` and map sizes.
 pub fn load(config: &Config, sizes: Sizes) -> Result<Ebpf> {
-    let ring_size = sizes.ring;
     ensure_object()?;
     raise_memlock();
     let mut config = *config;
-    if let Some(size) = ring_size {
+    if let Some(size) = sizes.ring_each {
+        // A ring wakes its reader when it is 1/16 full.
         config.wakeup_bytes = size / 16;
     }
+    // A slot for every CPU number the kernel may use (the possible CPUs
+    // are numbered from 0 without gaps, as for per-CPU maps).
+    let cpu_slots = aya::util::nr_cpus().map_err(|(path, e)| anyhow!("reading {path}: {e}"))?;
     let config = &config;
     let btf = aya_btf()?;
     let mut loader = EbpfLoader::new();
     loader.btf(Some(&btf));
     loader.override_global("CONFIG", config, true);
-    if let Some(size) = ring_size {
-        loader.map_max_entries(keepalive_common::maps::EVENTS, size);
-    }
+    loader.map_max_entries(keepalive_common::maps::EVENT_RINGS, cpu_slots.max(1) as u32);
     if let Some(n) = sizes.stats {
         loader.map_max_entries(keepalive_common::maps::STATS, n.max(1));
     }

@@ -2,6 +2,7 @@
 //! addresses, privileges, and loading/attaching the eBPF programs.
 
 pub mod btf;
+pub mod event_rings;
 pub mod loader;
 pub mod netns;
 pub mod privileges;

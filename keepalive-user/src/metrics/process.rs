@@ -1,6 +1,6 @@
 //! The monitor's own cost, read on each scrape: CPU seconds and resident
-//! memory from /proc/self, and how full the event ring buffer is, read
-//! from the ring's producer and consumer positions (the pages the kernel
+//! memory from /proc/self, and how full the per-CPU event rings are, read
+//! from each ring's producer and consumer positions (the pages the kernel
 //! shares with its reader).
 
 use std::sync::Mutex;
@@ -70,10 +70,13 @@ impl RingFill {
         })
     }
 
-    /// Finds this process's own event ring (the `EVENTS` ring buffer map
-    /// among our open fds) and maps its positions.
-    pub fn find_own() -> Option<RingFill> {
-        let dir = std::fs::read_dir("/proc/self/fdinfo").ok()?;
+    /// Finds this process's own event rings (the `EVENTS` ring buffer maps,
+    /// one per CPU, among our open fds) and maps their positions.
+    pub fn find_own() -> Vec<RingFill> {
+        let mut rings = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+            return rings;
+        };
         for entry in dir.flatten() {
             let Ok(text) = std::fs::read_to_string(entry.path()) else {
                 continue;
@@ -95,10 +98,10 @@ impl RingFill {
                 continue;
             };
             if named && let Ok(r) = RingFill::map(fd, size) {
-                return Some(r);
+                rings.push(r);
             }
         }
-        None
+        rings
     }
 
     /// Bytes written by the kernel and not yet consumed.
@@ -160,12 +163,13 @@ pub fn self_usage() -> Option<(f64, u64)> {
 /// Process metrics computed on each scrape.
 #[derive(Debug, Default)]
 pub struct ProcessCollector {
-    pub ring: Mutex<Option<RingFill>>,
+    /// Every CPU's event ring.
+    pub ring: Mutex<Vec<RingFill>>,
 }
 
 impl ProcessCollector {
-    /// Starts reporting the fill of this process's event ring (call once
-    /// the monitor has loaded it).
+    /// Starts reporting the fill of this process's event rings (call once
+    /// the monitor has created them).
     pub fn watch_own_ring(&self) {
         if let Ok(mut r) = self.ring.lock() {
             *r = RingFill::find_own();
@@ -191,20 +195,23 @@ impl Collector for ProcessCollector {
                 g.metric_type(),
             )?)?;
         }
-        if let Ok(ring) = self.ring.lock()
-            && let Some(ring) = ring.as_ref()
+        if let Ok(rings) = self.ring.lock()
+            && !rings.is_empty()
         {
-            let g = ConstGauge::new(ring.ratio());
+            // The fullest ring: a CPU loses events when its own ring is full,
+            // whatever the others hold.
+            let fullest = rings.iter().map(RingFill::ratio).fold(0.0, f64::max);
+            let g = ConstGauge::new(fullest);
             g.encode(encoder.encode_descriptor(
                 "keepalive_ring_fill_ratio",
-                "Fraction of the event ring buffer written and not yet read.",
+                "Fraction of the fullest per-CPU event ring written and not yet read.",
                 None,
                 g.metric_type(),
             )?)?;
-            let g = ConstGauge::new(ring.size as i64);
+            let g = ConstGauge::new(rings.iter().map(|r| r.size as i64).sum::<i64>());
             g.encode(encoder.encode_descriptor(
                 "keepalive_ring_size_bytes",
-                "Size of the event ring buffer.",
+                "Size of the event ring buffers, all CPUs together.",
                 None,
                 g.metric_type(),
             )?)?;

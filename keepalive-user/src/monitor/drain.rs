@@ -1,25 +1,30 @@
-//! The ring buffer's reader: a thread of its own that copies the kernel's
-//! event records out of the ring into chunks for the engine, so the ring
-//! keeps draining while the engine walks the sockets, judges, writes or
-//! waits for a CPU.
+//! The event rings' reader: a thread of its own that copies the kernel's
+//! event records out of the per-CPU rings, merges them back into time
+//! order ([`super::merge`]) and hands them to the engine in chunks, so the
+//! rings keep draining while the engine walks the sockets, judges, writes
+//! or waits for a CPU.
 //!
-//! The kernel drops an event only when its ring is full. Copying a record
-//! out costs a fraction of handling it, so with a reader of its own the
-//! ring stays near empty and the backlog waits in this process instead.
-//! That backlog is bounded: at most [`queue_chunks`] chunks of [`CHUNK`]
-//! records (about as many bytes as the kernel's ring, at least two
-//! chunks) wait for the engine. When they are all taken the thread stops
-//! reading, the ring fills, and the kernel counts what it cannot queue,
-//! as it did before: no loss is silent, memory stays bounded. Chunks are
-//! handed back after use, so the reader allocates only until it has as
-//! many as the queue holds.
+//! The kernel drops an event only when its CPU's ring is full. Copying a
+//! record out costs a fraction of handling it, so with a reader of its own
+//! the rings stay near empty and the backlog waits in this process
+//! instead. That backlog is bounded: at most [`queue_chunks`] chunks of
+//! [`CHUNK`] records (about as many bytes as the kernel's rings, at least
+//! two chunks) wait for the engine, and a pass reads at most a ring's
+//! worth from each ring. When the chunks are all taken the thread stops
+//! reading, the rings fill, and the kernel counts what it cannot queue:
+//! no loss is silent, memory stays bounded. Chunks are handed back after
+//! use, so the reader allocates only until it has as many as the queue
+//! holds.
 //!
-//! A walk of the sockets must see the table after every event queued
-//! before it: [`Drain::flush`] asks the thread to read the ring empty and
-//! answer with a marker after the last record, and the engine applies
-//! everything up to the marker before it walks.
+//! Records reach the engine in `ts_ns` order, each held until every ring
+//! was read [`MARGIN_NS`] past it: a record waits at most a poll interval
+//! and the margin, where one ring made it wait at most the interval. A walk of the sockets must see the table after every event
+//! queued before it: [`Drain::flush`] asks the thread to read every ring
+//! empty and answer with a marker after the last record stamped before
+//! the flush, and the engine applies everything up to the marker before
+//! it walks. [`Drain::finish`] releases everything.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -32,18 +37,21 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd, poll};
 use tokio::sync::mpsc;
 
 use super::kernel_maps;
+use super::merge::{MARGIN_NS, Merge};
+use crate::output::Clock;
 
 /// Records per chunk (96 KiB of events): the thread sends a chunk when it
-/// is full or when the ring reads empty.
+/// is full or when a pass has released all it can.
 pub(super) const CHUNK: usize = 1024;
 
-/// Chunks that may wait for the engine: as many bytes as the kernel's ring
-/// of `ring_bytes`, and at least two (one filling while one waits).
+/// Chunks that may wait for the engine: as many bytes as the kernel's rings
+/// of `ring_bytes` together, and at least two (one filling while one
+/// waits).
 pub(super) fn queue_chunks(ring_bytes: usize) -> usize {
     (ring_bytes / (CHUNK * size_of::<RawEvent>())).max(2)
 }
 
-/// Records copied out of the ring, in the kernel's order.
+/// Records copied out of the rings, in the kernel's time order.
 pub(super) struct Chunk {
     pub events: Vec<RawEvent>,
     /// Records too short to be a [`RawEvent`] (received, not decodable).
@@ -53,7 +61,7 @@ pub(super) struct Chunk {
 /// What the thread sends the engine.
 pub(super) enum Msg {
     Records(Chunk),
-    /// Every record the ring held when the flush was asked came before.
+    /// Every record the rings held when the flush was asked came before.
     Flushed,
 }
 
@@ -61,7 +69,8 @@ pub(super) enum Msg {
 struct Requests {
     /// Flushes asked so far; the thread answers each with [`Msg::Flushed`].
     flushes: AtomicU64,
-    /// The programs are detached: read the ring empty once more and stop.
+    /// The programs are detached: read the rings empty once more, release
+    /// everything held and stop.
     finish: AtomicBool,
     /// Wakes the thread out of its poll.
     wake: OwnedFd,
@@ -84,11 +93,13 @@ pub(super) struct Drain {
 }
 
 impl Drain {
-    /// Starts reading `ring`, waking up when the kernel says so and at
-    /// least every `poll_every` (the kernel wakes readers only once its
-    /// wakeup threshold of bytes is queued).
+    /// Starts reading `rings` (one per CPU that has one, `ring_bytes_each`
+    /// bytes each), waking up when the kernel says so and at least every
+    /// `poll_every` (the kernel wakes readers only once a ring's wakeup
+    /// threshold of bytes is queued).
     pub(super) fn start(
-        ring: RingBuf<MapData>,
+        rings: Vec<RingBuf<MapData>>,
+        ring_bytes_each: u32,
         chunks: usize,
         poll_every: Duration,
     ) -> Result<Drain> {
@@ -107,10 +118,14 @@ impl Drain {
                 let requests = Arc::clone(&requests);
                 move || {
                     let mut reader = Reader {
-                        ring,
+                        merge: Merge::new(rings.len(), MARGIN_NS),
+                        rings,
+                        per_pass: ring_records(ring_bytes_each),
                         tx,
                         spares,
+                        spare: None,
                         requests,
+                        short: 0,
                     };
                     reader.run(poll_every)
                 }
@@ -147,16 +162,16 @@ impl Drain {
         let _ = self.spare.send(chunk.events);
     }
 
-    /// Asks for every record the ring holds now; the answer is a
+    /// Asks for every record the rings hold now; the answer is a
     /// [`Msg::Flushed`] after the last of them.
     pub(super) fn flush(&self) {
         self.requests.flushes.fetch_add(1, Ordering::Release);
         self.requests.wake();
     }
 
-    /// The programs are detached (the ring no longer grows): the thread
-    /// reads it empty, whatever the queue's bound, and stops;
-    /// [`Drain::recv`] returns the rest, then `None`.
+    /// The programs are detached (the rings no longer grow): the thread
+    /// reads them empty, whatever the queue's bound, releases everything
+    /// and stops; [`Drain::recv`] returns the rest, then `None`.
     pub(super) fn finish(&self) {
         self.requests.finish.store(true, Ordering::Release);
         self.requests.wake();
@@ -186,10 +201,17 @@ impl Drop for Drain {
 
 /// The thread's side.
 struct Reader {
-    ring: RingBuf<MapData>,
+    rings: Vec<RingBuf<MapData>>,
+    /// Most records a pass reads from one ring.
+    per_pass: usize,
+    merge: Merge,
     tx: mpsc::Sender<Msg>,
     spares: std::sync::mpsc::Receiver<Vec<RawEvent>>,
+    /// A chunk's vector a pass had nothing to send in.
+    spare: Option<Vec<RawEvent>>,
     requests: Arc<Requests>,
+    /// Records too short to decode, read and not yet reported.
+    short: u64,
 }
 
 /// The engine stopped taking messages: nothing more to do.
@@ -197,15 +219,29 @@ struct Gone;
 
 impl Reader {
     fn run(&mut self, poll_every: Duration) -> Result<()> {
-        let timeout = Timespec::try_from(poll_every).context("the ring poll interval")?;
         let mut answered = 0u64;
         loop {
-            // Read the requests before the ring: a flush asked from here on
-            // is answered after this reading of the ring, or the next.
+            // Read the requests before the rings: a flush asked from here
+            // on is answered after this reading of the rings, or the next.
             let finish = self.requests.finish.load(Ordering::Acquire);
             let flushes = self.requests.flushes.load(Ordering::Acquire);
-            if self.read_all().is_err() {
+            let pass_ns = Clock::mono_now_ns();
+            let read_empty = self.read_pass(pass_ns);
+            // A flush takes every record stamped before it was asked
+            // (before this pass), a finish everything, once the rings read
+            // empty; otherwise what every ring was read past, the margin
+            // back.
+            let upto = match (read_empty, finish, flushes > answered) {
+                (true, true, _) => u64::MAX,
+                (true, false, true) => pass_ns.max(self.merge.watermark()),
+                _ => self.merge.watermark(),
+            };
+            if self.send_released(upto).is_err() {
                 return Ok(());
+            }
+            if !read_empty {
+                // A ring held more than a pass takes: read on at once.
+                continue;
             }
             if flushes > answered {
                 answered = flushes;
@@ -216,44 +252,80 @@ impl Reader {
             if finish {
                 return Ok(());
             }
-            let ring = self.ring.as_fd();
-            let mut fds = [
-                PollFd::new(&ring, PollFlags::IN),
-                PollFd::new(&self.requests.wake, PollFlags::IN),
-            ];
-            match poll(&mut fds, Some(&timeout)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e).context("polling the ring buffer"),
-            }
-            if !fds[1].revents().is_empty() {
-                let mut count = [0u8; 8];
-                // Resets the counter; EAGAIN (nothing to read) is fine.
-                let _ = rustix::io::read(&self.requests.wake, &mut count);
-            }
+            self.wait(poll_every)?;
         }
     }
 
-    /// Copies every record the ring holds into chunks and sends them. A
-    /// send waits while the queue is full: the ring then fills and the
-    /// kernel counts what it cannot queue.
-    fn read_all(&mut self) -> Result<(), Gone> {
-        loop {
-            let mut chunk = Chunk {
-                events: self
-                    .spares
-                    .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK)),
-                short: 0,
-            };
-            while chunk.events.len() < CHUNK {
-                let Some(item) = self.ring.next() else { break };
+    /// Sleeps until a ring's wakeup, a request, or `poll_every`. Held
+    /// records wait for the next pass like the rest: waking for each one
+    /// due would wake the engine (and its writes) a thousand times a
+    /// second under load, for a few milliseconds less delay.
+    fn wait(&mut self, poll_every: Duration) -> Result<()> {
+        let timeout = Timespec::try_from(poll_every).context("the ring poll interval")?;
+        let mut fds: Vec<PollFd> = self
+            .rings
+            .iter()
+            .map(|r| PollFd::new(r, PollFlags::IN))
+            .collect();
+        fds.push(PollFd::new(&self.requests.wake, PollFlags::IN));
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e).context("polling the event rings"),
+        }
+        if fds.last().is_some_and(|f| !f.revents().is_empty()) {
+            let mut count = [0u8; 8];
+            // Resets the counter; EAGAIN (nothing to read) is fine.
+            let _ = rustix::io::read(&self.requests.wake, &mut count);
+        }
+        Ok(())
+    }
+
+    /// Copies at most a ring's worth of records out of each ring into the
+    /// merge; true when every ring read empty (the merge then knows each
+    /// was read past `pass_ns`).
+    fn read_pass(&mut self, pass_ns: u64) -> bool {
+        let mut all_empty = true;
+        for (i, ring) in self.rings.iter_mut().enumerate() {
+            let mut taken = 0;
+            let mut empty = false;
+            while taken < self.per_pass {
+                let Some(item) = ring.next() else {
+                    empty = true;
+                    break;
+                };
+                taken += 1;
                 match kernel_maps::parse(&item) {
-                    Some(ev) => chunk.events.push(ev),
-                    None => chunk.short += 1,
+                    Some(ev) => self.merge.push(i, ev),
+                    None => self.short += 1,
                 }
             }
+            if empty {
+                self.merge.read_empty(i, pass_ns);
+            } else {
+                all_empty = false;
+            }
+        }
+        all_empty
+    }
+
+    /// Sends the held records stamped up to `upto`, in chunks, with the
+    /// short records read so far. A send waits while the queue is full:
+    /// the rings then fill and the kernel counts what it cannot queue.
+    fn send_released(&mut self, upto: u64) -> Result<(), Gone> {
+        loop {
+            let events = self.spare.take().unwrap_or_else(|| {
+                self.spares
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK))
+            });
+            let mut chunk = Chunk {
+                events,
+                short: std::mem::take(&mut self.short),
+            };
+            self.merge.release(upto, &mut chunk.events, CHUNK);
             let full = chunk.events.len() == CHUNK;
             if chunk.events.is_empty() && chunk.short == 0 {
+                self.spare = Some(chunk.events);
                 return Ok(());
             }
             self.tx
@@ -264,6 +336,12 @@ impl Reader {
             }
         }
     }
+}
+
+/// Most records a ring of `bytes` holds (every record is at least a
+/// header and a [`RawEvent`]): a pass reads no more than that from it.
+fn ring_records(bytes: u32) -> usize {
+    bytes as usize / (size_of::<RawEvent>() + 8) + 1
 }
 
 #[cfg(test)]

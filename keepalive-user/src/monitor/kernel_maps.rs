@@ -1,8 +1,9 @@
-//! The monitor's maps in the kernel: the event ring, the per-CPU emit and
-//! drop counters, and the per-connection counters.
+//! The monitor's maps in the kernel: the per-CPU emit and drop counters
+//! and the per-connection counters (the event rings are
+//! [`crate::kernel::event_rings`]), and the decoding of a ring record.
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use keepalive_common::{ConnStats, RawEvent, maps};
 
 pub(super) struct KernelMaps {
@@ -23,16 +24,14 @@ fn sum(counter: &PerCpuArray<MapData, u64>) -> u64 {
 impl KernelMaps {
     /// Takes the maps out of the object, so they stay readable after the
     /// programs are detached.
-    pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<(KernelMaps, RingBuf<MapData>)> {
-        let ring = RingBuf::try_from(take(ebpf, maps::EVENTS)?).context("the event ring")?;
-        let maps = KernelMaps {
+    pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<KernelMaps> {
+        Ok(KernelMaps {
             drops: PerCpuArray::try_from(take(ebpf, maps::DROPS)?).context("the drop counters")?,
             emitted: PerCpuArray::try_from(take(ebpf, maps::EMITTED)?)
                 .context("the emit counters")?,
             stats: BpfHashMap::try_from(take(ebpf, maps::STATS)?)
                 .context("the per-connection counters")?,
-        };
-        Ok((maps, ring))
+        })
     }
 
     /// Events the kernel could not queue, on every CPU.

@@ -1,11 +1,11 @@
 //! The monitor engine: loads and attaches the eBPF programs, drains the
-//! ring buffer, keeps the connection table, refreshes it from the kernel,
+//! per-CPU event rings, keeps the connection table, refreshes it from the kernel,
 //! accounts for every lost event and handles signals. What it learns goes
 //! to a [`Consumer`] (`record`'s line sink, `top`, `tune`, `serve`), so
 //! every command sees the same stream, judged by the same table.
 //!
 //! The engine runs on the calling thread in its own current-thread tokio
-//! runtime. The ring is read beside it by a thread of its own ([`drain`]),
+//! runtime. The rings are read beside it by a thread of its own ([`drain`]),
 //! so a walk of the sockets or a descheduled engine does not make the
 //! kernel drop events. A consumer that needs to render or serve at its own pace (a
 //! TUI, an HTTP endpoint) copies what it needs and does the slow work on
@@ -14,6 +14,7 @@
 mod drain;
 mod heap;
 mod kernel_maps;
+mod merge;
 mod owners;
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::events::filter::Filter;
 use crate::events::{Event, Kind, ResetReasons, decode};
+use crate::kernel::event_rings::{self, RingPlan};
 use crate::kernel::{check_privileges, loader, privileges};
 use crate::output::Clock;
 use crate::table::conn_table::{ConnTable, VerdictChange};
@@ -43,7 +45,8 @@ pub struct MonitorOptions {
     /// Filters applied in the kernel (ports, CIDRs, kinds); pids are
     /// matched by consumers, since owners are known only in userspace.
     pub filter: Filter,
-    /// Ring buffer size in bytes; `None`: the default.
+    /// Bytes of the event rings, all CPUs together ([`event_rings`] splits
+    /// them); `None`: the default.
     pub ring_size: Option<u32>,
     /// How often the connection table is re-read from the kernel; `None`
     /// turns the table (and verdict changes) off.
@@ -60,7 +63,8 @@ pub struct MonitorOptions {
 /// host, and the verdicts move in seconds.
 pub const MIN_REFRESH: Duration = Duration::from_millis(100);
 pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
-/// Ring buffer sizes accepted (a power of two in between).
+/// `--ring-size` values accepted (a power of two in between): the total
+/// of the per-CPU rings.
 pub const MIN_RING_SIZE: u32 = 4096;
 pub const MAX_RING_SIZE: u32 = 256 << 20;
 /// Most connections the table (and the kernel's counter map) may hold:
@@ -598,14 +602,17 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
     // The kernel's BTF, held until the consumers have attached what they
     // attach; then it is freed (it is most of an idle monitor's memory).
     let btf = loader::aya_btf()?;
+    let plan = RingPlan::for_host(opts.ring_size.unwrap_or(loader::DEFAULT_RING_BYTES))?;
     let mut ebpf = loader::load(
         &info.config,
         loader::Sizes {
-            ring: opts.ring_size,
+            ring_each: Some(plan.bytes_each),
             // The kernel keeps counters for as many connections as the table.
             stats: Some(u32::try_from(opts.max_conns).unwrap_or(u32::MAX)),
         },
     )?;
+    // Before any hook runs, so no event finds its CPU without a ring.
+    let rings = event_rings::create(&mut ebpf, &plan)?;
     let mut table = opts
         .refresh
         .map(|_| ConnTable::new(opts.max_conns, opts.thresholds));
@@ -627,7 +634,7 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
             first.get_or_insert(*r);
         })?,
     };
-    let (maps, ring) = KernelMaps::take(&mut ebpf)?;
+    let maps = KernelMaps::take(&mut ebpf)?;
     let engine = Engine {
         ebpf: Some(ebpf),
         maps,
@@ -646,12 +653,13 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    rt.block_on(event_loop(engine, ring, opts, consumer, btf))
+    rt.block_on(event_loop(engine, rings, plan, opts, consumer, btf))
 }
 
 async fn event_loop(
     mut engine: Engine,
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+    plan: RingPlan,
     opts: MonitorOptions,
     consumer: &mut dyn Consumer,
     btf: std::sync::Arc<aya::Btf>,
@@ -679,11 +687,15 @@ async fn event_loop(
     let kept = privileges::drop_all_but(privileges::steady_state(walks))?;
     tracing::debug!(kept = ?privileges::names(kept), "capabilities dropped after attach");
     // Started after the drop, so the reader has no more capabilities than
-    // the engine (they are per thread). Records wait in the kernel's ring
+    // the engine (they are per thread). Records wait in the kernel's rings
     // until then, as they did before the reader existed. The queue holds
-    // about as many bytes as the ring (drain::queue_chunks).
-    let ring_bytes = opts.ring_size.unwrap_or(loader::DEFAULT_RING_BYTES) as usize;
-    let mut drain = Drain::start(ring, drain::queue_chunks(ring_bytes), loader::POLL_INTERVAL)?;
+    // about as many bytes as the rings (drain::queue_chunks).
+    let mut drain = Drain::start(
+        rings,
+        plan.bytes_each,
+        drain::queue_chunks(plan.total()),
+        loader::POLL_INTERVAL,
+    )?;
     // A chunk the consumer stopped in the middle of, and where.
     let mut unfinished = None;
     while flow == Flow::Continue {

@@ -193,7 +193,7 @@ pub fn collect(thresholds: &Thresholds) -> Result<Vec<Row>> {
     let mut ebpf = loader::load(
         &info.config,
         loader::Sizes {
-            ring: Some(4096),
+            ring_each: None,
             stats: Some(1),
         },
     )?;
