@@ -77,6 +77,12 @@ enum Command {
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
+        /// Only state changes into STATE (repeatable; close, established,
+        /// close_wait, fin_wait1...): filtered in the kernel, so the others
+        /// cost no ring space. `--to-state close` is one line per
+        /// connection end. Other kinds are not affected.
+        #[arg(long = "to-state", value_name = "STATE", value_parser = parse_tcp_state)]
+        to_states: Vec<u32>,
         /// Ring buffer size in bytes (a power of two from 4096 to 256 MiB;
         /// default 4 MiB).
         #[arg(long, value_name = "BYTES")]
@@ -339,6 +345,7 @@ impl ConnFilterArgs {
             cidrs: self.addr,
             pids: self.pid,
             kinds: kinds.into_iter().collect(),
+            to_states: Default::default(),
         }
     }
 }
@@ -387,6 +394,10 @@ impl ThresholdArgs {
             .transpose()?;
         config::thresholds(&self.flags(), file.as_ref())
     }
+}
+
+fn parse_tcp_state(s: &str) -> Result<u32, String> {
+    keepalive::events::filter::parse_tcp_state(s).map_err(|e| format!("{e:#}"))
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -517,6 +528,7 @@ fn main() -> ExitCode {
             output,
             conn_filter,
             events,
+            to_states,
             ring_size,
             refresh,
             max_conns,
@@ -530,7 +542,10 @@ fn main() -> ExitCode {
                 metrics,
                 format,
                 output,
-                filter: conn_filter.filter(events),
+                filter: Filter {
+                    to_states: to_states.into_iter().collect(),
+                    ..conn_filter.filter(events)
+                },
                 ring_size,
                 refresh: (!refresh.is_zero()).then_some(refresh),
                 max_conns,
