@@ -57,6 +57,17 @@
 //! hidden runs on threads 75 and 68; in run 14 the live-peer probe test
 //! had a hidden keepalive expiry (and one probe short) in all 3 attempts,
 //! so `exact()` now allows 5.
+//!
+//! Session 6, 2026-11-26, the same loop (frozen copies of the binaries,
+//! `KEEPALIVE_BIN` pointing at the copy) with `stress-ng --cpu 1`
+//! throughout and a helper's builds and tests on the machine part of the
+//! time: main a692413 (5 attempts), 08:53-09:12 UTC, **30 of 30** with no
+//! retry at all; 895e550 (the cookie read from the socket, `--to-state`
+//! and its test here), 09:12-09:31 UTC, **30 of 30**, four runs retrying
+//! one or two tests (5 attempts retried in all: the live-peer probes, a
+//! write-timer retransmission of the retransmission test, the SYN-ACK test
+//! twice, an RTO death), each after ftrace showed the missing hook run on
+//! top of PID 1's thread 75.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
