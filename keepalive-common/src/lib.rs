@@ -359,6 +359,11 @@ pub struct Config {
     /// event carries the process and userspace remembers it by cookie;
     /// no storage is created (no allocation per connection).
     pub owner_storage: u32,
+    /// Bit `1 << state` set: emit the state changes into that state (when
+    /// [`kind::STATE_CHANGE`] is wanted at all); 0: into every state. A
+    /// `→ SYN_SENT` is emitted whatever this says: it carries the owner.
+    pub state_mask: u32,
+    pub _pad: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
     pub tune: TuneOffsets,
@@ -451,8 +456,8 @@ const _: () = {
     // The timer hooks' first test reads these three: one cache line.
     assert!(offset_of!(Config, write_timer_fn) == 8);
     assert!(offset_of!(Config, offsets) + offset_of!(Offsets, timer_function) == 16);
-    assert!(offset_of!(Config, cidrs) == 120);
-    assert!(size_of::<Config>() == 304 && align_of::<Config>() == 8);
+    assert!(offset_of!(Config, cidrs) == 128);
+    assert!(size_of::<Config>() == 312 && align_of::<Config>() == 8);
     assert!(size_of::<TuneOffsets>() == 16);
 };
 

@@ -213,6 +213,14 @@ pub fn wanted(k: u8) -> bool {
     conf!(event_mask) & (1u32 << k) != 0
 }
 
+/// True when a consumer asked for state changes into `state`
+/// ([`Config::state_mask`]; the caller checks the kind).
+#[inline(always)]
+pub fn wanted_state(state: u32) -> bool {
+    let mask = conf!(state_mask);
+    mask == 0 || mask & (1u32 << (state & 31)) != 0
+}
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn bump(counter: &PerCpuArray<u64>) {

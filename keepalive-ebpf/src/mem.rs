@@ -130,8 +130,18 @@ fn keep_released_port(ev: &mut RawEvent, sk: *const u8) {
 }
 
 /// The socket's cookie, assigned on first use.
+///
+/// Once assigned a cookie never changes (`sock_gen_cookie` sets it once,
+/// with a compare-and-swap), so it is read from the socket, one load, and
+/// the helper that assigns it is called only while it is still 0: on a
+/// socket's first event (of a churned connection's ten state changes, the
+/// client's `→ SYN_SENT` and the accepted socket's first).
 #[inline(always)]
 pub fn cookie_of(sk: *const u8) -> u64 {
+    let cookie = load::<u64>(sk, conf!(offsets.skc_cookie));
+    if cookie != 0 {
+        return cookie;
+    }
     // SAFETY: `sk` is a trusted BTF pointer from the tracepoint arguments.
     unsafe { bpf_get_socket_cookie(sk as *mut _) }
 }

@@ -77,6 +77,12 @@ enum Command {
         /// reset_received, state_change, keepalive_probe, timeout, verdict.
         #[arg(long = "event", value_name = "KIND", value_enum)]
         events: Vec<Kind>,
+        /// Only state changes into STATE (repeatable; close, established,
+        /// close_wait, fin_wait1...): filtered in the kernel, so the others
+        /// cost no ring space. `--to-state close` is one line per
+        /// connection end. Other kinds are not affected.
+        #[arg(long = "to-state", value_name = "STATE", value_parser = parse_tcp_state)]
+        to_states: Vec<u32>,
         /// Bytes of the event ring buffers, all CPUs together (a power of two
         /// from 4096 to 256 MiB; default 4 MiB): each online CPU gets an
         /// equal share, at least a page.
@@ -340,6 +346,7 @@ impl ConnFilterArgs {
             cidrs: self.addr,
             pids: self.pid,
             kinds: kinds.into_iter().collect(),
+            to_states: Default::default(),
         }
     }
 }
@@ -388,6 +395,10 @@ impl ThresholdArgs {
             .transpose()?;
         config::thresholds(&self.flags(), file.as_ref())
     }
+}
+
+fn parse_tcp_state(s: &str) -> Result<u32, String> {
+    keepalive::events::filter::parse_tcp_state(s).map_err(|e| format!("{e:#}"))
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -518,6 +529,7 @@ fn main() -> ExitCode {
             output,
             conn_filter,
             events,
+            to_states,
             ring_size,
             refresh,
             max_conns,
@@ -531,7 +543,10 @@ fn main() -> ExitCode {
                 metrics,
                 format,
                 output,
-                filter: conn_filter.filter(events),
+                filter: Filter {
+                    to_states: to_states.into_iter().collect(),
+                    ..conn_filter.filter(events)
+                },
                 ring_size,
                 refresh: (!refresh.is_zero()).then_some(refresh),
                 max_conns,

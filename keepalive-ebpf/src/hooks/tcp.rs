@@ -8,7 +8,9 @@ use keepalive_common::{Offsets, RawEvent, flags, kind, tcp_state};
 
 use super::timer::timer_flags;
 use crate::emit::{copy_owner, emit};
-use crate::maps::{count, current_owner_into, owner_storage, set_owner_to_current, wanted};
+use crate::maps::{
+    count, current_owner_into, owner_storage, set_owner_to_current, wanted, wanted_state,
+};
 use crate::mem::{AF_INET, AF_INET6, cookie_of, fill_sock_direct, load, protocol, put_addr, read};
 
 const IPPROTO_TCP: u16 = 6;
@@ -208,10 +210,11 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
     } else {
         core::ptr::null()
     };
-    // → SYN_SENT is emitted even when no consumer asked for state changes:
-    // it is where userspace learns the owner of the connection's later
-    // events (consumers drop the kinds they did not ask for).
-    if to_syn_sent || wanted(kind::STATE_CHANGE) {
+    // → SYN_SENT is emitted even when no consumer asked for state changes
+    // (or for that state): it is where userspace learns the owner of the
+    // connection's later events (consumers drop what they did not ask for).
+    // The cookie above is generated either way, for the timer hooks.
+    if to_syn_sent || wanted(kind::STATE_CHANGE) && wanted_state(new as u32) {
         emit(kind::STATE_CHANGE, cookie, core::ptr::null(), |ev| {
             ev.old_state = old as u8;
             ev.new_state = new as u8;

@@ -129,6 +129,8 @@ pub fn resolve(
             cidrs: pick(flags.cidrs, file.cidrs),
             pids: pick(flags.pids, file.pids),
             kinds: pick(flags.events, file.events).into_iter().collect(),
+            // Metrics count every state change; `record --to-state` narrows.
+            to_states: Default::default(),
         },
         refresh: (refresh_ms > 0).then(|| Duration::from_millis(refresh_ms)),
         max_conns: flags

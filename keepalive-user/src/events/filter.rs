@@ -1,4 +1,5 @@
-//! Which events the user asked for (`--port`, `--addr`, `--pid`, `--event`).
+//! Which events the user asked for (`--port`, `--addr`, `--pid`, `--event`,
+//! `--to-state`).
 //!
 //! The same filter is applied twice: the parts that fit are pushed into the
 //! kernel ([`Filter::apply_to_kernel`]) so unwanted events never take ring
@@ -9,9 +10,9 @@ use std::net::IpAddr;
 
 use anyhow::{Result, anyhow};
 use ipnet::IpNet;
-use keepalive_common::{Cidr, Config, MAX_CIDRS, MAX_PORTS};
+use keepalive_common::{Cidr, Config, MAX_CIDRS, MAX_PORTS, tcp_state};
 
-use super::{AF_INET, AF_INET6, Event, Kind};
+use super::{AF_INET, AF_INET6, Detail, Event, Kind};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -20,6 +21,26 @@ pub struct Filter {
     pub pids: Vec<u32>,
     /// Empty: every kind.
     pub kinds: BTreeSet<Kind>,
+    /// State changes only into these states (`tcp_state` numbers); empty:
+    /// into every state. Other kinds are not affected.
+    pub to_states: BTreeSet<u32>,
+}
+
+/// Parses `--to-state`: a TCP state by its kernel name, in any case
+/// (`close`, `ESTABLISHED`, `fin-wait1`).
+pub fn parse_tcp_state(s: &str) -> Result<u32> {
+    let wanted = s.replace('-', "_");
+    (tcp_state::ESTABLISHED..=tcp_state::BOUND_INACTIVE)
+        .find(|&n| tcp_state::name(n).eq_ignore_ascii_case(&wanted))
+        .ok_or_else(|| {
+            let names: Vec<&str> = (tcp_state::ESTABLISHED..=tcp_state::BOUND_INACTIVE)
+                .map(tcp_state::name)
+                .collect();
+            anyhow!(
+                "invalid TCP state `{s}`: expected one of {}",
+                names.join(", ").to_lowercase()
+            )
+        })
 }
 
 /// Parses `--addr`: a CIDR (`10.0.0.0/8`, `fd00::/64`) or a bare address.
@@ -43,6 +64,12 @@ fn unmapped(a: IpAddr) -> IpAddr {
 impl Filter {
     pub fn matches(&self, e: &Event) -> bool {
         if !self.kinds.is_empty() && !self.kinds.contains(&e.kind()) {
+            return false;
+        }
+        if let Detail::StateChange { new, .. } = e.detail
+            && !self.to_states.is_empty()
+            && !self.to_states.contains(&new)
+        {
             return false;
         }
         self.matches_tuple(
@@ -87,10 +114,19 @@ impl Filter {
             .fold(0, |m, k| m | (1 << k.raw()))
     }
 
+    /// Bit mask of the states state changes are emitted into (0: all).
+    pub fn state_mask(&self) -> u32 {
+        self.to_states
+            .iter()
+            .filter(|&&s| s < 32)
+            .fold(0, |m, s| m | (1 << s))
+    }
+
     /// Pushes what fits of the filter into the kernel configuration.
     /// Anything that does not fit stays a userspace-only filter.
     pub fn apply_to_kernel(&self, cfg: &mut Config) {
         cfg.event_mask = self.event_mask();
+        cfg.state_mask = self.state_mask();
         if !self.ports.is_empty() && self.ports.len() <= MAX_PORTS && !self.ports.contains(&0) {
             for (slot, p) in cfg.ports.iter_mut().zip(&self.ports) {
                 *slot = *p;
@@ -196,6 +232,54 @@ mod tests {
         assert!(!f.matches(&ev("1.1.1.1", 1, "2.2.2.2", 2)));
         assert_eq!(f.event_mask(), 1 << keepalive_common::kind::TIMEOUT);
         assert_eq!(Filter::default().event_mask().count_ones(), 6);
+    }
+
+    fn change(old: u32, new: u32) -> Event {
+        Event {
+            detail: Detail::StateChange { old, new },
+            ..ev("1.1.1.1", 1, "2.2.2.2", 2)
+        }
+    }
+
+    #[test]
+    fn to_states_narrow_state_changes_only() {
+        use tcp_state::{CLOSE, ESTABLISHED, FIN_WAIT1, LAST_ACK, SYN_SENT};
+        let f = Filter {
+            to_states: [CLOSE, ESTABLISHED].into_iter().collect(),
+            ..Default::default()
+        };
+        assert!(f.matches(&change(LAST_ACK, CLOSE)));
+        assert!(f.matches(&change(SYN_SENT, ESTABLISHED)));
+        assert!(!f.matches(&change(ESTABLISHED, FIN_WAIT1)));
+        // → SYN_SENT reaches userspace (it carries the owner) but is not shown.
+        assert!(!f.matches(&change(CLOSE, SYN_SENT)));
+        // Other kinds pass.
+        assert!(f.matches(&ev("1.1.1.1", 1, "2.2.2.2", 2)));
+        assert_eq!(f.state_mask(), 1 << CLOSE | 1 << ESTABLISHED);
+        let mut cfg = Config::zeroed();
+        f.apply_to_kernel(&mut cfg);
+        assert_eq!(cfg.state_mask, 1 << CLOSE | 1 << ESTABLISHED);
+        assert_eq!(cfg.event_mask, Filter::default().event_mask());
+        assert_eq!(Filter::default().state_mask(), 0);
+    }
+
+    #[test]
+    fn tcp_states_parse_by_kernel_name_in_any_case() {
+        assert_eq!(parse_tcp_state("close").unwrap(), tcp_state::CLOSE);
+        assert_eq!(
+            parse_tcp_state("CLOSE_WAIT").unwrap(),
+            tcp_state::CLOSE_WAIT
+        );
+        assert_eq!(parse_tcp_state("fin-wait1").unwrap(), tcp_state::FIN_WAIT1);
+        for n in tcp_state::ESTABLISHED..=tcp_state::BOUND_INACTIVE {
+            assert_eq!(parse_tcp_state(tcp_state::name(n)).unwrap(), n);
+        }
+        let e = parse_tcp_state("closed").unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid TCP state `closed`: expected one of established, syn_sent"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub struct ProgCost {
 
 #[derive(Debug, Serialize)]
 pub struct KernelCost {
-    /// Whose programs: "keepalive" or "bpftrace".
+    /// Whose programs: "keepalive", "keepalive --to-state close" or "bpftrace".
     pub subject: &'static str,
     /// kernel.bpf_stats_enabled was already on before we started.
     pub stats_were_on: bool,

@@ -29,6 +29,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// keepalive's arguments in the keepalive phases.
 pub const MONITOR_ARGS: [&str; 5] = ["record", "--format", "json", "--output", "/dev/null"];
 
+/// The same monitor asked only for connection ends among state changes:
+/// what the kernel-side `--to-state` filter saves (its own cost row).
+pub const ENDS_ONLY_ARGS: [&str; 7] = [
+    "record",
+    "--format",
+    "json",
+    "--output",
+    "/dev/null",
+    "--to-state",
+    "close",
+];
+
 /// What watches the workloads in a phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -199,6 +211,16 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
     let mut mon = start_monitor(bin)?;
     costs.push(bpf_cost::measure(
         "keepalive",
+        mon.pid(),
+        |n| n.starts_with("ka_"),
+        cfg,
+    )?);
+    mon.stop_with(libc::SIGTERM, STOP_TIMEOUT)?;
+    check_interrupted()?;
+    eprintln!("bench: kernel-side cost of keepalive --to-state close (BPF run-time statistics on)");
+    let mut mon = MonitorChild::start(bin, ENDS_ONLY_ARGS, READY_TIMEOUT, interrupted)?;
+    costs.push(bpf_cost::measure(
+        "keepalive --to-state close",
         mon.pid(),
         |n| n.starts_with("ka_"),
         cfg,
