@@ -51,10 +51,10 @@ pub fn conf_field<T: Copy>(field: *const T) -> T {
 /// creates each CPU's ring with the size it chose.
 pub type EventRing = BtfRingBuf<RawEvent, { 1 << 16 }>;
 
-/// This CPU's event ring, at its CPU number (the daemon sizes the array
+/// Every CPU's event ring, at its CPU number (the daemon sizes the array
 /// to the possible CPUs and fills the slots of the online ones). A ring
-/// per CPU: programs on two CPUs never take turns at one ring's lock and
-/// producer position, which cost about half of a shared ring's price.
+/// per CPU: programs on two CPUs never write to one ring, which under the
+/// bench's churn took away its slowest rounds (docs/benchmarks.md §13).
 #[btf_map]
 pub static EVENT_RINGS: ArrayOfMaps<EventRing, 1> = ArrayOfMaps::new();
 

@@ -1,7 +1,7 @@
 //! The event rings: one ring buffer per online CPU, how `--ring-size` is
 //! split among them, and putting them in the programs' `EVENT_RINGS` array
-//! (each program writes to its own CPU's ring, so two CPUs never take
-//! turns at one ring's lock).
+//! (each program writes to its own CPU's ring, never to one another CPU
+//! writes: docs/benchmarks.md §13).
 //!
 //! `--ring-size` is the total: each online CPU gets an equal share,
 //! rounded down to a power of two and at least a page (the kernel's

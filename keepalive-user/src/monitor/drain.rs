@@ -18,11 +18,13 @@
 //!
 //! Records reach the engine in `ts_ns` order, each held until every ring
 //! was read [`MARGIN_NS`] past it: a record waits at most a poll interval
-//! and the margin, where one ring made it wait at most the interval. A walk of the sockets must see the table after every event
-//! queued before it: [`Drain::flush`] asks the thread to read every ring
-//! empty and answer with a marker after the last record stamped before
-//! the flush, and the engine applies everything up to the marker before
-//! it walks. [`Drain::finish`] releases everything.
+//! and the margin, where one ring made it wait at most the interval.
+//!
+//! A walk of the sockets must see the table after every event queued
+//! before it: [`Drain::flush`] asks the thread to read every ring empty
+//! and answer with a marker after the last record stamped before the
+//! flush, and the engine applies everything up to the marker before it
+//! walks. [`Drain::finish`] releases everything.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
