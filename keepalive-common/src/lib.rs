@@ -363,7 +363,11 @@ pub struct Config {
     /// [`kind::STATE_CHANGE`] is wanted at all); 0: into every state. A
     /// `→ SYN_SENT` is emitted whatever this says: it carries the owner.
     pub state_mask: u32,
-    pub _pad: u32,
+    /// 1: the socket walk writes only the rows the connection table keeps
+    /// (full sockets, and TIME_WAIT minisocks still in FIN_WAIT2): the
+    /// monitor's walks. 0: every socket (`snapshot --all` shows TIME_WAIT
+    /// and request sockets too).
+    pub walk_tracked_only: u32,
     pub cidrs: [Cidr; MAX_CIDRS],
     pub snap: SnapOffsets,
     pub tune: TuneOffsets,

@@ -8,7 +8,7 @@ use aya_ebpf::helpers::{
 use keepalive_common::{Offsets, SockRecord, sock_flags, tcp_state};
 
 use crate::maps::{SNAP_ROW, config};
-use crate::mem::{cookie_of, read};
+use crate::mem::{cookie_of, load, read};
 
 /// Context of an `iter/tcp` program:
 /// `struct bpf_iter__tcp { struct bpf_iter_meta *meta;
@@ -80,6 +80,20 @@ macro_rules! fill_full {
     }};
 }
 
+/// Whether the connection table keeps a socket in `state` (its walk keeps
+/// full sockets and orphans): not a request socket, and a TIME_WAIT
+/// minisock only while it still waits for the peer's FIN.
+#[inline(always)]
+fn tracked(sk: *const u8, state: u32) -> bool {
+    match state {
+        tcp_state::NEW_SYN_RECV => false,
+        tcp_state::TIME_WAIT => {
+            read::<u8>(sk, config().snap.tw_substate) as u32 == tcp_state::FIN_WAIT2
+        }
+        _ => true,
+    }
+}
+
 /// Walks every TCP socket of the opening thread's namespace and writes one
 /// [`SockRecord`] per socket. Asking for each cookie also makes the kernel
 /// assign one, so sockets opened before the monitor keep their real cookie
@@ -91,6 +105,14 @@ extern "C" fn ka_iter_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
     if sk.is_null() || meta.is_null() {
+        return 0;
+    }
+    // The monitor's walks skip what its table would drop: under connection
+    // churn most sockets are TIME_WAIT (the bench's churn leaves ~85,000),
+    // and a row each, copied out and parsed every refresh, costs more
+    // than this test (docs/benchmarks.md §14).
+    let state: u8 = load(sk, conf!(offsets.skc_state));
+    if conf!(walk_tracked_only) != 0 && !tracked(sk, state as u32) {
         return 0;
     }
     let Some(r) = SNAP_ROW.get_ptr_mut(0) else {

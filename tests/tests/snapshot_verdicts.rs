@@ -189,3 +189,74 @@ fn fin_wait2_orphan_with_the_default_fin_timeout() {
     );
     assert!(r["reason"].as_str().unwrap().contains("FIN_WAIT2"), "{r}");
 }
+
+// ---------------------------------------------------------------------
+// The monitor's walks keep what its table tracks, and only that.
+
+/// The monitor's socket walks skip TIME_WAIT and request sockets in the
+/// kernel (`Config::walk_tracked_only`; its table would drop them), but
+/// not the FIN_WAIT2 orphan kept as a timewait minisock: `record
+/// --table-dump` still judges that one, while a TIME_WAIT socket next to
+/// it is in `snapshot --all` (whose walk writes every socket) and not in
+/// the table.
+#[test]
+fn the_monitors_walks_keep_the_fin_wait2_orphan_and_skip_time_wait() {
+    require_root();
+    let pair = Pair::new("tw");
+    pair.a.sysctl("net.ipv4.tcp_fin_timeout", "60");
+    let na = pair.a.inode();
+    let l = listen(&pair.b, &format!("{}:0", pair.b4));
+    let lp = l.local_addr().unwrap().port();
+    // TIME_WAIT: the client closes first, then the server.
+    let closed = connect_in(&pair.a, l.local_addr().unwrap()).unwrap();
+    let tw_port = closed.local_addr().unwrap().port();
+    let (server, _) = l.accept().unwrap();
+    drop(closed);
+    drop(server);
+    // The FIN_WAIT2 orphan: a process connects, closes and exits.
+    let mut py = PeerProcess::spawn(&pair.a, CONNECT_AND_EXIT, &[&pair.b4, &lp.to_string()]);
+    let cp = py.line()[0] as u16;
+    assert!(py.wait_exit(Duration::from_secs(10)).success());
+    let (_held, _) = l.accept().unwrap();
+    let ok = wait_for(Duration::from_secs(5), || {
+        let s = ss(&pair.a);
+        s.get(&(cp, lp)).is_some_and(|r| r.state == "FIN-WAIT-2")
+            && s.get(&(tw_port, lp))
+                .is_some_and(|r| r.state == "TIME-WAIT")
+    });
+    assert!(ok, "{:#?}", ss(&pair.a));
+    let all = snapshot(&["--all", "--port", &lp.to_string()]);
+    let got = by_key(&all, &[na]);
+    assert_eq!(got[&(na, tw_port, lp)]["state"], "TIME_WAIT", "{all:#?}");
+
+    let dump = std::env::temp_dir().join(format!("ka-tw-dump-{}.jsonl", std::process::id()));
+    let port = lp.to_string();
+    let mut m = Monitor::start(&[
+        "--port",
+        &port,
+        "--refresh",
+        "300ms",
+        "--table-dump",
+        dump.to_str().unwrap(),
+    ]);
+    // At least one refresh walk after the one at start.
+    std::thread::sleep(Duration::from_millis(1000));
+    m.stop();
+    let text = std::fs::read_to_string(&dump).unwrap();
+    let _ = std::fs::remove_file(&dump);
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let table = by_key(&rows, &[na]);
+    let r = table.get(&(na, cp, lp)).unwrap_or_else(|| {
+        panic!("the FIN_WAIT2 orphan {cp}->{lp} is not in the table: {rows:#?}")
+    });
+    assert_eq!(r["state"], "FIN_WAIT2", "{r}");
+    assert_eq!(r["verdict"], "orphaned", "{r}");
+    assert_eq!(r["reason_code"], "kernel_orphan", "{r}");
+    assert!(
+        !table.contains_key(&(na, tw_port, lp)),
+        "a TIME_WAIT socket in the table: {rows:#?}"
+    );
+}

@@ -109,6 +109,9 @@ pub fn kernel_info(filter: &Filter, usage: Use) -> Result<KernelInfo> {
     // names of reset reasons; the iterator alone does not.
     let mut reset_reasons = ResetReasons::default();
     if usage == Use::Monitor {
+        // The monitor's walks feed its table, which keeps full sockets and
+        // orphans only (table::walk::TableWalk::add).
+        config.walk_tracked_only = 1;
         let timers = symbols::timer_symbols()?;
         config.keepalive_timer_fn = timers.keepalive_timer;
         config.write_timer_fn = timers.write_timer;
