@@ -9,7 +9,8 @@
 //! thread sends keepalive probes and retransmissions that no hook of any
 //! tool sees (bpftrace and `perf record` included). [`exact`] runs a test
 //! again when, and only when, it failed while such a hidden hook run
-//! happened; a failure without one is the monitor's and stands.
+//! happened, or because the kernel itself counted hook runs it skipped
+//! ([`SKIPPED_RUNS`]); any other failure is the monitor's and stands.
 
 use std::fs;
 use std::io::Write;
@@ -43,6 +44,25 @@ const SOCKET_TIMERS: [&str; 3] = [
 /// 3: the live-peer probe test (a keepalive timer every second) once had
 /// a hidden expiry in each of 3 attempts in a row (20-run loop, 2026-11-26).
 const ATTEMPTS: u32 = 5;
+
+/// What `Monitor::stop_lossless` says when the kernel skipped hook runs: a
+/// program interrupted on its CPU by something that fires the same hook
+/// (a softirq over a process-context state change) is not run again there;
+/// the kernel counts the run it skipped (`recursion_misses`) and the
+/// monitor reports it (`skipped=` in its summary, a warning while it
+/// runs). A loss made visible by the kernel's own counter, not the
+/// monitor's miss: under `stress-ng`, `event_order` (about 10,000 state
+/// changes on two CPUs) met 4 skipped runs once in 70 runs (2026-11-26).
+pub const SKIPPED_RUNS: &str = "the kernel skipped runs of a hook (recursion on a CPU)";
+
+/// Whether a test's panic is [`SKIPPED_RUNS`].
+fn is_skipped_runs(panic: &(dyn std::any::Any + Send)) -> bool {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied());
+    text.is_some_and(|t| t.contains(SKIPPED_RUNS))
+}
 
 /// A tracefs instance recording the hooked tracepoints that run on top of
 /// PID 1's threads, while it lives.
@@ -207,8 +227,9 @@ fn say(msg: std::fmt::Arguments) {
 }
 
 /// Runs `test`; when it fails while the kernel hid hook runs from every
-/// BPF program ([`HiddenRuns`]), runs it again (at most [`ATTEMPTS`] in
-/// all). A failure with no hidden run is reported as it is.
+/// BPF program ([`HiddenRuns`]), or because the kernel counted hook runs
+/// it skipped ([`SKIPPED_RUNS`]), runs it again (at most [`ATTEMPTS`] in
+/// all). Any other failure is reported as it is.
 pub fn exact(test: impl Fn()) {
     for attempt in 1..=ATTEMPTS {
         let watch = HiddenRuns::watch();
@@ -216,6 +237,12 @@ pub fn exact(test: impl Fn()) {
         let hidden = watch.as_ref().map(HiddenRuns::hidden).unwrap_or_default();
         match result {
             Ok(()) => return,
+            Err(panic) if attempt < ATTEMPTS && is_skipped_runs(panic.as_ref()) => {
+                say(format_args!(
+                    "attempt {attempt} failed because {SKIPPED_RUNS} (counted by the kernel, \
+                     reported by the monitor); running the test again"
+                ))
+            }
             Err(panic) if hidden.is_empty() || attempt == ATTEMPTS => {
                 if let Some(w) = &watch {
                     w.keep_trace();
@@ -243,6 +270,26 @@ mod tests {
     #[should_panic(expected = "the monitor's own miss")]
     fn a_failure_is_reported() {
         exact(|| panic!("the monitor's own miss"));
+    }
+
+    /// Runs the kernel counted as skipped excuse a failure...
+    #[test]
+    fn skipped_runs_run_the_test_again() {
+        let runs = std::cell::Cell::new(0);
+        exact(|| {
+            runs.set(runs.get() + 1);
+            if runs.get() == 1 {
+                panic!("{}: [\"skipped=4\"]", super::SKIPPED_RUNS);
+            }
+        });
+        assert_eq!(runs.get(), 2);
+    }
+
+    /// ...but not forever.
+    #[test]
+    #[should_panic(expected = "the kernel skipped runs of a hook")]
+    fn skipped_runs_in_every_attempt_stand() {
+        exact(|| panic!("{}", super::SKIPPED_RUNS));
     }
 
     #[test]

@@ -373,7 +373,8 @@ impl Monitor {
         assert_eq!(
             self.summary("skipped"),
             0,
-            "the kernel skipped runs of a hook (recursion on a CPU): {:?}",
+            "{}: {:?}",
+            blind::SKIPPED_RUNS,
             self.stderr
         );
         assert_eq!(
