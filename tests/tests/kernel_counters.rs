@@ -69,7 +69,8 @@
 //! twice, an RTO death), each after ftrace showed the missing hook run on
 //! top of PID 1's thread 75. Then f674ef2 (the monitor's walks skip
 //! TIME_WAIT), 10:43-11:07, each run also `event_order`, `table` and the
-//! walk test: kernel_counters 30 of 30 (4 justified retries); in run 30
+//! walk test: kernel_counters, `table` and the walk test 30 of 30 (3 and
+//! 2 retries, each justified by ftrace); in run 30
 //! `event_order` failed once because the kernel itself skipped 4 runs of
 //! `ka_state` (a program re-entered on its CPU, counted and reported as
 //! `skipped=4`), which `exact()` now runs again too (blind::SKIPPED_RUNS).
