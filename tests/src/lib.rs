@@ -127,17 +127,21 @@ impl Netns {
 
     /// Makes `n` loopback connections to a listener of its own on `port`
     /// inside the namespace, closing each right away (six or so state
-    /// changes per connection).
-    pub fn churn_loopback(&self, port: u16, n: usize) {
+    /// changes per connection). Returns the listener's cookie and every
+    /// connection's client and server cookies.
+    pub fn churn_loopback(&self, port: u16, n: usize) -> (u64, Vec<u64>) {
         self.enter(move || {
             let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+            let mut sockets = Vec::with_capacity(2 * n);
             for _ in 0..n {
                 let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
                 let (s, _) = l.accept().unwrap();
+                sockets.extend([cookie(&c), cookie(&s)]);
                 drop(c);
                 drop(s);
             }
-        });
+            (cookie(&l), sockets)
+        })
     }
 
     /// The kernel's TCP counters in this namespace: `Tcp.RetransSegs`,

@@ -708,18 +708,7 @@ fn to_state_close_writes_each_end_once_and_the_kernel_emits_nothing_else() {
         let ns = Netns::new("ts");
         let mut mon = Monitor::start(&["--port", "7996", "--to-state", "close"]);
         let c0 = ns.counters();
-        let (listener_ck, mut sockets) = ns.enter(|| {
-            let l = std::net::TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-            let mut sockets = Vec::new();
-            for _ in 0..N {
-                let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-                let (s, _) = l.accept().unwrap();
-                sockets.extend([cookie(&c), cookie(&s)]);
-                drop(c);
-                drop(s);
-            }
-            (cookie(&l), sockets)
-        });
+        let (listener_ck, mut sockets) = ns.churn_loopback(PORT, N);
         let inode = ns.inode();
         let closes = |events: &[Value]| -> Vec<u64> {
             let mut cks = cookies(&of_kind(events, inode, "state_change"));

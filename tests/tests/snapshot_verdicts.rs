@@ -140,10 +140,23 @@ fn each_scenario_gets_exactly_its_verdict_and_nothing_else_is_flagged() {
 // ---------------------------------------------------------------------
 // The FIN_WAIT2 orphan at the default tcp_fin_timeout.
 
-#[test]
-fn fin_wait2_orphan_with_the_default_fin_timeout() {
+/// A FIN_WAIT2 orphan at the default `tcp_fin_timeout`, in namespace `a`
+/// of `pair`: a process connected to `l` (in `b`), closed and exited.
+struct Fw2Orphan {
+    pair: Pair,
+    na: u64,
+    l: TcpListener,
+    lp: u16,
+    /// The orphan's local port.
+    cp: u16,
+    /// The server's end, held open so the orphan waits for its FIN.
+    _server: TcpStream,
+}
+
+/// Makes a [`Fw2Orphan`] and waits until `ss` shows it in FIN-WAIT-2.
+fn fin_wait2_orphan(tag: &str) -> Fw2Orphan {
     require_root();
-    let pair = Pair::new("fw");
+    let pair = Pair::new(tag);
     pair.a.sysctl("net.ipv4.tcp_fin_timeout", "60");
     let na = pair.a.inode();
     let l = listen(&pair.b, &format!("{}:0", pair.b4));
@@ -151,17 +164,31 @@ fn fin_wait2_orphan_with_the_default_fin_timeout() {
     let mut py = PeerProcess::spawn(&pair.a, CONNECT_AND_EXIT, &[&pair.b4, &lp.to_string()]);
     let cp = py.line()[0] as u16;
     assert!(py.wait_exit(Duration::from_secs(10)).success());
-    let (_server, _) = l.accept().unwrap();
+    let (server, _) = l.accept().unwrap();
     let ok = wait_for(Duration::from_secs(5), || {
         ss(&pair.a)
             .get(&(cp, lp))
             .is_some_and(|r| r.state == "FIN-WAIT-2")
     });
+    assert!(ok, "{:#?}", ss(&pair.a));
+    Fw2Orphan {
+        pair,
+        na,
+        l,
+        lp,
+        cp,
+        _server: server,
+    }
+}
+
+#[test]
+fn fin_wait2_orphan_with_the_default_fin_timeout() {
+    let o = fin_wait2_orphan("fw");
+    let (pair, na, lp, cp) = (&o.pair, o.na, o.lp, o.cp);
     // ss: `FIN-WAIT-2 0 0 ... timer:(timewait,59sec,0) ino:0`: with
     // tcp_fin_timeout <= 60 s the kernel keeps the orphan as a timewait
     // minisock in substate FIN_WAIT2 (tcp_rcv_state_process ->
     // tcp_time_wait(sk, TCP_FIN_WAIT2, tmo)).
-    assert!(ok, "{:#?}", ss(&pair.a));
     let ss_row = ss(&pair.a)[&(cp, lp)].clone();
     assert_eq!((ss_row.ino, ss_row.recv_q, ss_row.send_q), (0, 0, 0));
 
@@ -201,28 +228,18 @@ fn fin_wait2_orphan_with_the_default_fin_timeout() {
 /// the table.
 #[test]
 fn the_monitors_walks_keep_the_fin_wait2_orphan_and_skip_time_wait() {
-    require_root();
-    let pair = Pair::new("tw");
-    pair.a.sysctl("net.ipv4.tcp_fin_timeout", "60");
-    let na = pair.a.inode();
-    let l = listen(&pair.b, &format!("{}:0", pair.b4));
-    let lp = l.local_addr().unwrap().port();
-    // TIME_WAIT: the client closes first, then the server.
-    let closed = connect_in(&pair.a, l.local_addr().unwrap()).unwrap();
+    let o = fin_wait2_orphan("tw");
+    let (pair, na, lp, cp) = (&o.pair, o.na, o.lp, o.cp);
+    // TIME_WAIT beside it: the client closes first, then the server.
+    let closed = connect_in(&pair.a, o.l.local_addr().unwrap()).unwrap();
     let tw_port = closed.local_addr().unwrap().port();
-    let (server, _) = l.accept().unwrap();
+    let (server, _) = o.l.accept().unwrap();
     drop(closed);
     drop(server);
-    // The FIN_WAIT2 orphan: a process connects, closes and exits.
-    let mut py = PeerProcess::spawn(&pair.a, CONNECT_AND_EXIT, &[&pair.b4, &lp.to_string()]);
-    let cp = py.line()[0] as u16;
-    assert!(py.wait_exit(Duration::from_secs(10)).success());
-    let (_held, _) = l.accept().unwrap();
     let ok = wait_for(Duration::from_secs(5), || {
-        let s = ss(&pair.a);
-        s.get(&(cp, lp)).is_some_and(|r| r.state == "FIN-WAIT-2")
-            && s.get(&(tw_port, lp))
-                .is_some_and(|r| r.state == "TIME-WAIT")
+        ss(&pair.a)
+            .get(&(tw_port, lp))
+            .is_some_and(|r| r.state == "TIME-WAIT")
     });
     assert!(ok, "{:#?}", ss(&pair.a));
     let all = snapshot(&["--all", "--port", &lp.to_string()]);
