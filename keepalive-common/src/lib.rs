@@ -432,6 +432,7 @@ pub mod maps {
     /// The array of the event rings, indexed by CPU.
     pub const EVENT_RINGS: &str = "EVENT_RINGS";
     pub const DROPS: &str = "DROPS";
+    pub const NO_RING: &str = "NO_RING";
     pub const EMITTED: &str = "EMITTED";
     pub const OWNERS: &str = "OWNERS";
     pub const STATS: &str = "STATS";

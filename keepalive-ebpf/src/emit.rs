@@ -12,7 +12,9 @@ use keepalive_common::{
     filter::{addrs_match, ports_match},
 };
 
-use crate::maps::{DROPS, EMITTED, EVENT_RINGS, EventRing, bump, config, owner_ptr, owner_storage};
+use crate::maps::{
+    DROPS, EMITTED, EVENT_RINGS, EventRing, NO_RING, bump, config, owner_ptr, owner_storage,
+};
 use crate::mem::load;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -169,21 +171,23 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
 }
 
 /// A slot for one event in this CPU's ring (and the ring), the event
-/// counted as emitted, and as dropped when the ring is full or the CPU
-/// has none (one brought online after the daemon started), so emitted ==
-/// written + lost.
+/// counted as emitted, and as dropped when the ring is full ([`DROPS`]) or
+/// the CPU has none yet ([`NO_RING`]: brought online after the daemon
+/// started), so emitted == written + lost.
 #[inline(always)]
 fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, &'static EventRing)> {
     bump(&EMITTED);
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let slot = EVENT_RINGS
-        .get(cpu)
-        .and_then(|ring| Some((ring.reserve(0)?, ring)));
-    if slot.is_none() {
+    let Some(ring) = EVENT_RINGS.get(cpu) else {
+        bump(&NO_RING);
+        return None;
+    };
+    let Some(slot) = ring.reserve(0) else {
         bump(&DROPS);
-    }
-    slot
+        return None;
+    };
+    Some((slot, ring))
 }
 
 /// Timestamps the event in `slot` and hands it to the reader.

@@ -58,9 +58,14 @@ pub type EventRing = BtfRingBuf<RawEvent, { 1 << 16 }>;
 #[btf_map]
 pub static EVENT_RINGS: ArrayOfMaps<EventRing, 1> = ArrayOfMaps::new();
 
-/// Events that did not fit in the ring buffer, per CPU.
+/// Events that did not fit in their CPU's ring, per CPU.
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events on a CPU that had no ring yet (brought online after the daemon
+/// started, until the reader installs its ring), per CPU.
+#[map]
+pub static NO_RING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events the programs tried to emit (after filtering), per CPU.
 #[map]

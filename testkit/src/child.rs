@@ -108,6 +108,32 @@ impl MonitorChild {
             .id()
     }
 
+    /// Waits up to `within` for a stderr line containing `needle` (lines
+    /// read on the way are kept in [`Self::stderr`] too).
+    pub fn wait_line(&mut self, needle: &str, within: Duration) -> Result<()> {
+        if self.stderr.iter().any(|l| l.contains(needle)) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.stderr.push(line);
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Err(_) => bail!(
+                    "no stderr line with {needle:?} within {} s; its stderr:\n{}",
+                    within.as_secs(),
+                    self.stderr.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Sends `sig` without waiting.
     pub fn signal(&self, sig: i32) -> Result<()> {
         // SAFETY: kill(2) on our own child, which has not been reaped.

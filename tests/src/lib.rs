@@ -130,7 +130,17 @@ impl Netns {
     /// changes per connection). Returns the listener's cookie and every
     /// connection's client and server cookies.
     pub fn churn_loopback(&self, port: u16, n: usize) -> (u64, Vec<u64>) {
+        self.churn_loopback_on(port, n, None)
+    }
+
+    /// [`Self::churn_loopback`] from a thread that runs only on CPU `cpu`
+    /// (when given): loopback delivers a segment in the sender's context,
+    /// so both ends' state changes happen on that CPU.
+    pub fn churn_loopback_on(&self, port: u16, n: usize, cpu: Option<usize>) -> (u64, Vec<u64>) {
         self.enter(move || {
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
+            }
             let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
             let mut sockets = Vec::with_capacity(2 * n);
             for _ in 0..n {
@@ -165,6 +175,21 @@ impl Netns {
         }
         Counters(map)
     }
+}
+
+/// Runs the calling thread on CPU `cpu` only.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes in it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the set is initialised.
+    let r = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity(CPU {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 #[derive(Clone, Debug)]
@@ -357,6 +382,13 @@ impl Monitor {
 
     pub fn stop(&mut self) -> Vec<Value> {
         self.stop_with(libc::SIGTERM)
+    }
+
+    /// Waits up to `within` for a stderr line containing `needle`.
+    pub fn wait_stderr(&mut self, needle: &str, within: Duration) {
+        self.child
+            .wait_line(needle, within)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// The file it writes to.

@@ -103,3 +103,101 @@ fn sigint_stops_cleanly_with_a_summary() {
         mon.stderr
     );
 }
+
+/// A CPU taken offline for as long as this lives, brought back online on
+/// drop (a failing test included).
+struct OfflineCpu(usize);
+
+impl OfflineCpu {
+    fn online_file(cpu: usize) -> String {
+        format!("/sys/devices/system/cpu/cpu{cpu}/online")
+    }
+
+    /// The highest-numbered online CPU that can be taken offline (CPU 0
+    /// usually cannot), taken offline; `None` on a machine with one CPU
+    /// or without CPU hotplug.
+    fn take() -> Option<OfflineCpu> {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+        let last = online
+            .trim()
+            .split(',')
+            .filter_map(|r| r.rsplit('-').next()?.parse::<usize>().ok())
+            .max()?;
+        if last == 0 || std::fs::write(Self::online_file(last), "0").is_err() {
+            return None;
+        }
+        Some(OfflineCpu(last))
+    }
+
+    fn bring_online(&self) {
+        std::fs::write(Self::online_file(self.0), "1")
+            .unwrap_or_else(|e| panic!("bringing CPU {} back online: {e}", self.0));
+    }
+}
+
+impl Drop for OfflineCpu {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::online_file(self.0), "1");
+    }
+}
+
+/// A CPU brought online after the monitor started gets an event ring of
+/// its own: every socket of connections made only on that CPU has its
+/// `→ CLOSE` written, and the kernel dropped nothing (without the ring
+/// every event there was counted as lost).
+#[test]
+fn a_cpu_brought_online_after_start_gets_a_ring_and_loses_nothing() {
+    a_cpu_brought_online_loses_nothing(&[]);
+}
+
+/// The same without the table, where the monitor keeps only `CAP_BPF`
+/// after attaching: enough to create the ring.
+#[test]
+fn a_cpu_brought_online_gets_a_ring_without_the_table_too() {
+    a_cpu_brought_online_loses_nothing(&["--refresh", "0"]);
+}
+
+fn a_cpu_brought_online_loses_nothing(extra: &[&str]) {
+    const PORT: u16 = 7995;
+    const N: usize = 50;
+    let Some(offline) = OfflineCpu::take() else {
+        eprintln!("skipped: this machine cannot take a CPU offline (one CPU, or no CPU hotplug)");
+        return;
+    };
+    let cpu = offline.0;
+    let ns = Netns::new("hot");
+    let args = [&["--port", "7995", "--log-level", "info"], extra].concat();
+    let mut mon = Monitor::start(&args);
+    offline.bring_online();
+    mon.wait_stderr("its event ring is installed", Duration::from_secs(5));
+    let c0 = ns.counters();
+    let (listener, mut sockets) = ns.churn_loopback_on(PORT, N, Some(cpu));
+    let inode = ns.inode();
+    let closes = |events: &[serde_json::Value]| -> Vec<u64> {
+        let mut cks: Vec<u64> = of_kind(events, inode, "state_change")
+            .into_iter()
+            .filter(|e| e["new_state"] == "CLOSE")
+            .map(|e| e["cookie"].as_u64().unwrap())
+            .collect();
+        cks.sort_unstable();
+        cks
+    };
+    // The last FIN/ACK exchanges may still be on their way.
+    wait_for(Duration::from_secs(10), || {
+        closes(&mon.events()).len() > 2 * N
+    });
+    let c1 = ns.counters();
+    let events = mon.stop_lossless();
+    drop(offline);
+
+    let opened = c0.delta(&c1, "Tcp.ActiveOpens") + c0.delta(&c1, "Tcp.PassiveOpens");
+    assert_eq!(opened, 2 * N as i64);
+    sockets.push(listener);
+    sockets.sort_unstable();
+    assert_eq!(closes(&events), sockets, "one CLOSE per socket");
+    assert!(
+        mon.stderr.iter().any(|l| l.contains(&format!("cpu={cpu}"))),
+        "the ring installed is not CPU {cpu}'s: {:?}",
+        mon.stderr
+    );
+}

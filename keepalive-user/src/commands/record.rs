@@ -75,6 +75,8 @@ pub struct LineSink {
     doing: &'static str,
     /// Where `tuned` records are counted too (`--metrics` with a policy).
     tuned_metrics: Option<Arc<Metrics>>,
+    /// Events lost on a CPU without its ring yet, as last reported.
+    no_ring_reported: u64,
 }
 
 impl LineSink {
@@ -95,6 +97,7 @@ impl LineSink {
             events: true,
             doing: "recording",
             tuned_metrics: None,
+            no_ring_reported: 0,
         }
     }
 
@@ -249,7 +252,9 @@ impl Consumer for LineSink {
             Format::Json => self.write_json(&LostOut::new(count, total, mono_ns, ctx.clock)),
             Format::Text => self.write_text(&text::lost_text(count, total, mono_ns, ctx.clock)),
         };
-        diag!("lost {count} events (ring buffer full, {total} in all); raise --ring-size");
+        let no_ring = ctx.counters.lost_no_ring - self.no_ring_reported;
+        self.no_ring_reported = ctx.counters.lost_no_ring;
+        diag!("{}", loss_text(count, no_ring, total));
         Ok(flow)
     }
 
@@ -414,6 +419,23 @@ pub(crate) fn run_metered(
     Ok(())
 }
 
+/// The stderr line for `count` events lost since the last one (`no_ring`
+/// of them on a CPU brought online after the start, before its ring was
+/// installed; the rest found their ring full), `total` in all.
+fn loss_text(count: u64, no_ring: u64, total: u64) -> String {
+    let full = count.saturating_sub(no_ring);
+    let late_cpu = "on a CPU brought online after the start, without an event ring yet";
+    match (full, no_ring) {
+        (_, 0) => {
+            format!("lost {count} events (ring buffer full, {total} in all); raise --ring-size")
+        }
+        (0, _) => format!("lost {count} events {late_cpu} ({total} in all)"),
+        _ => format!(
+            "lost {count} events ({full} with the ring buffer full, {no_ring} {late_cpu}; {total} in all); raise --ring-size"
+        ),
+    }
+}
+
 pub fn run(opts: RecordOptions) -> Result<()> {
     opts.validate()?;
     // A bad policy is refused before anything runs or is created.
@@ -442,5 +464,26 @@ pub fn run(opts: RecordOptions) -> Result<()> {
     match main.sink().take_error() {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod loss_text_tests {
+    use super::loss_text;
+
+    #[test]
+    fn the_loss_line_names_its_cause() {
+        assert_eq!(
+            loss_text(5, 0, 12),
+            "lost 5 events (ring buffer full, 12 in all); raise --ring-size"
+        );
+        assert_eq!(
+            loss_text(5, 5, 5),
+            "lost 5 events on a CPU brought online after the start, without an event ring yet (5 in all)"
+        );
+        assert_eq!(
+            loss_text(7, 2, 9),
+            "lost 7 events (5 with the ring buffer full, 2 on a CPU brought online after the start, without an event ring yet; 9 in all); raise --ring-size"
+        );
     }
 }

@@ -3,19 +3,32 @@
 //! (each program writes to its own CPU's ring, never to one another CPU
 //! writes: docs/benchmarks.md §13).
 //!
-//! `--ring-size` is the total: each online CPU gets an equal share,
+//! `--ring-size` is the total at the start: each online CPU gets an equal share,
 //! rounded down to a power of two and at least a page (the kernel's
 //! smallest ring), so the rings never take more than asked unless the
 //! share would be under a page (`--ring-size 4096` on 2 CPUs: two 4 KiB
 //! rings). A 64-CPU host with the default 4 MiB has 64 KiB per CPU.
 //!
-//! The array has a slot for every possible CPU; only the CPUs online at
-//! start get a ring. An event on a CPU brought online later finds no ring
-//! and is counted as lost by the kernel, like one that found its ring full.
+//! The array has a slot for every possible CPU; the CPUs online at start
+//! get a ring before any program is attached. A CPU brought online later
+//! gets one from [`RingAdder`], which the reader asks every
+//! [`ONLINE_CHECK`]: until then an event on that CPU finds no ring and is
+//! counted as lost by the kernel (apart from the ring-full drops, never
+//! silently). Its ring has the size of the others, so the total then
+//! exceeds `--ring-size` by a share. A CPU taken offline keeps its ring for
+//! when it comes back.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aya::maps::{ArrayOfMaps, Map, MapData, RingBuf};
 use keepalive_common::maps;
+
+/// How often the reader looks for CPUs brought online since the last look
+/// (one read of a small sysfs file).
+pub const ONLINE_CHECK: Duration = Duration::from_millis(250);
 
 /// `BPF_MAP_TYPE_RINGBUF`.
 const MAP_TYPE_RINGBUF: u32 = 27;
@@ -62,33 +75,85 @@ impl RingPlan {
 
 /// Creates the plan's rings and puts each in its CPU's slot of the
 /// programs' `EVENT_RINGS` array; returns them in CPU order (the reader's
-/// ends). Called before any program is attached, so no event finds its
-/// CPU without a ring.
-pub fn create(ebpf: &mut aya::Ebpf, plan: &RingPlan) -> Result<Vec<RingBuf<MapData>>> {
+/// ends) and what adds the rings of CPUs brought online later. Called
+/// before any program is attached, so no event finds its CPU without a
+/// ring.
+pub fn create(ebpf: &mut aya::Ebpf, plan: &RingPlan) -> Result<(Vec<RingBuf<MapData>>, RingAdder)> {
     let outer = ebpf
-        .map_mut(maps::EVENT_RINGS)
+        .map(maps::EVENT_RINGS)
         .with_context(|| format!("map {} missing from the eBPF object", maps::EVENT_RINGS))?;
-    let mut outer: ArrayOfMaps<&mut MapData, RingBuf<MapData>> =
-        ArrayOfMaps::try_from(outer).context("the event ring array")?;
-    plan.cpus
+    let Map::ArrayOfMaps(outer) = outer else {
+        anyhow::bail!("map {} is not an array of maps", maps::EVENT_RINGS);
+    };
+    // A handle of the adder's own (the reader thread keeps it), on the
+    // same kernel map.
+    let fd = outer
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the event ring array's descriptor")?;
+    let outer = MapData::from_fd(fd).context("the event ring array")?;
+    let mut adder = RingAdder {
+        outer: ArrayOfMaps::try_from(Map::ArrayOfMaps(outer)).context("the event ring array")?,
+        bytes_each: plan.bytes_each,
+        slots: 0,
+        have: BTreeSet::new(),
+    };
+    adder.slots = adder.outer.len();
+    let rings = plan
+        .cpus
         .iter()
-        .map(|&cpu| {
-            let def = aya_obj::Map::new_from_params(MAP_TYPE_RINGBUF, 0, 0, plan.bytes_each, 0);
-            // Every ring carries the one name, so the metrics find them all.
-            let data = MapData::create(def, maps::EVENTS, None).with_context(|| {
-                format!(
-                    "creating the event ring of CPU {cpu} ({} bytes)",
-                    plan.bytes_each
-                )
-            })?;
-            let ring = RingBuf::try_from(Map::RingBuf(data))
-                .with_context(|| format!("mapping the event ring of CPU {cpu}"))?;
-            outer
-                .set(cpu, &ring, 0)
-                .with_context(|| format!("installing the event ring of CPU {cpu}"))?;
-            Ok(ring)
-        })
-        .collect()
+        .map(|&cpu| adder.install(cpu))
+        .collect::<Result<_>>()?;
+    Ok((rings, adder))
+}
+
+/// Creates and installs the rings of CPUs that come online after start.
+pub struct RingAdder {
+    outer: ArrayOfMaps<MapData, RingBuf<MapData>>,
+    bytes_each: u32,
+    /// Slots of the array (the possible CPUs).
+    slots: u32,
+    /// CPUs that have a ring.
+    have: BTreeSet<u32>,
+}
+
+impl RingAdder {
+    /// Creates CPU `cpu`'s ring and puts it in its slot.
+    fn install(&mut self, cpu: u32) -> Result<RingBuf<MapData>> {
+        let bytes = self.bytes_each;
+        let def = aya_obj::Map::new_from_params(MAP_TYPE_RINGBUF, 0, 0, bytes, 0);
+        // Every ring carries the one name, so the metrics find them all.
+        let data = MapData::create(def, maps::EVENTS, None)
+            .with_context(|| format!("creating the event ring of CPU {cpu} ({bytes} bytes)"))?;
+        let ring = RingBuf::try_from(Map::RingBuf(data))
+            .with_context(|| format!("mapping the event ring of CPU {cpu}"))?;
+        self.outer
+            .set(cpu, &ring, 0)
+            .with_context(|| format!("installing the event ring of CPU {cpu}"))?;
+        self.have.insert(cpu);
+        Ok(ring)
+    }
+
+    /// The online CPUs without a ring (and with a slot: a CPU number
+    /// beyond the possible ones cannot come online).
+    pub fn missing(&self) -> Result<Vec<u32>> {
+        let online =
+            aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+        Ok(online
+            .into_iter()
+            .filter(|c| *c < self.slots && !self.have.contains(c))
+            .collect())
+    }
+
+    /// Gives CPU `cpu` (online, without a ring) its ring: created and
+    /// installed, returned for the reader. A CPU whose ring cannot be made
+    /// is not tried again (its events stay counted as lost).
+    pub fn add(&mut self, cpu: u32) -> Result<RingBuf<MapData>> {
+        let ring = self.install(cpu);
+        self.have.insert(cpu);
+        ring
+    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //! loading modules, overriding file permissions, reconfiguring the network
 //! or regaining privileges through an exec.
 //!
-//! What stays, and why (only when the connection table is on; without it
-//! nothing stays):
+//! What stays, and why (with the connection table on; without it only
+//! `CAP_BPF`, for the last item):
 //! - `CAP_SYS_ADMIN`: each refresh walks the sockets of every network
 //!   namespace, and iter/tcp only sees the namespace of the thread that
 //!   reads it, so the walker joins each namespace (setns(CLONE_NEWNET)
@@ -17,6 +17,11 @@
 //!   users' processes (ptrace access checks).
 //! - `CAP_DAC_READ_SEARCH`: listing /proc/PID/fd of other users'
 //!   processes (mode 0500 directories).
+//! - Creating the event ring of a CPU brought online after the start
+//!   (`kernel::event_rings::RingAdder`): `CAP_SYS_ADMIN` covers it with
+//!   the table on; without the table `CAP_BPF` stays for it alone (map
+//!   creation; loading a tracing program would also need `CAP_PERFMON`,
+//!   and reaching other processes' maps `CAP_SYS_ADMIN`).
 //!
 //! Capabilities belong to threads: this runs on the engine's thread before
 //! its event loop starts, when no other thread exists; threads started
@@ -90,13 +95,17 @@ pub fn names(set: CapabilitySet) -> Vec<&'static str> {
         .collect()
 }
 
+/// What the steady state keeps without walks: the event ring of a CPU
+/// brought online later still has to be created.
+pub const KEPT_WITHOUT_WALKS: CapabilitySet = CapabilitySet::BPF;
+
 /// The capabilities the steady state keeps: those for walks when the
-/// table is on, none otherwise.
+/// table is on, [`KEPT_WITHOUT_WALKS`] otherwise.
 pub fn steady_state(walks: bool) -> CapabilitySet {
     if walks {
         KEPT_FOR_WALKS
     } else {
-        CapabilitySet::empty()
+        KEPT_WITHOUT_WALKS
     }
 }
 
@@ -151,6 +160,7 @@ mod tests {
             ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
         );
         assert_eq!(KEPT_FOR_WALKS.bits(), 0x280004);
-        assert!(names(steady_state(false)).is_empty());
+        assert_eq!(names(steady_state(false)), ["CAP_BPF"]);
+        assert_eq!(steady_state(false).bits(), 1 << 39);
     }
 }

@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 
 use super::kernel_maps;
 use super::merge::{MARGIN_NS, Merge};
+use crate::kernel::event_rings::{ONLINE_CHECK, RingAdder};
 use crate::output::Clock;
 
 /// Records per chunk (96 KiB of events): the thread sends a chunk when it
@@ -98,9 +99,11 @@ impl Drain {
     /// Starts reading `rings` (one per CPU that has one, `ring_bytes_each`
     /// bytes each), waking up when the kernel says so and at least every
     /// `poll_every` (the kernel wakes readers only once a ring's wakeup
-    /// threshold of bytes is queued).
+    /// threshold of bytes is queued); `adder` gives CPUs brought online
+    /// later their rings, which it reads from then on.
     pub(super) fn start(
         rings: Vec<RingBuf<MapData>>,
+        adder: RingAdder,
         ring_bytes_each: u32,
         chunks: usize,
         poll_every: Duration,
@@ -122,6 +125,8 @@ impl Drain {
                     let mut reader = Reader {
                         merge: Merge::new(rings.len(), MARGIN_NS),
                         rings,
+                        adder,
+                        online_checked: std::time::Instant::now(),
                         per_pass: ring_records(ring_bytes_each),
                         tx,
                         spares,
@@ -204,6 +209,9 @@ impl Drop for Drain {
 /// The thread's side.
 struct Reader {
     rings: Vec<RingBuf<MapData>>,
+    adder: RingAdder,
+    /// When [`Reader::add_rings`] last looked.
+    online_checked: std::time::Instant,
     /// Most records a pass reads from one ring.
     per_pass: usize,
     merge: Merge,
@@ -227,6 +235,10 @@ impl Reader {
             // on is answered after this reading of the rings, or the next.
             let finish = self.requests.finish.load(Ordering::Acquire);
             let flushes = self.requests.flushes.load(Ordering::Acquire);
+            if self.online_checked.elapsed() >= ONLINE_CHECK {
+                self.online_checked = std::time::Instant::now();
+                self.add_rings();
+            }
             let pass_ns = Clock::mono_now_ns();
             let read_empty = self.read_pass(pass_ns);
             // A flush takes every record stamped before it was asked
@@ -255,6 +267,33 @@ impl Reader {
                 return Ok(());
             }
             self.wait(poll_every)?;
+        }
+    }
+
+    /// Gives the CPUs brought online since the last look their rings, and
+    /// reads them from now on. Their events before this were counted as
+    /// lost by the kernel (no ring to write to); a ring that cannot be made
+    /// leaves it so, with a warning.
+    fn add_rings(&mut self) {
+        let missing = match self.adder.missing() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("looking for CPUs brought online: {e:#}");
+                return;
+            }
+        };
+        for cpu in missing {
+            match self.adder.add(cpu) {
+                Ok(ring) => {
+                    self.rings.push(ring);
+                    self.merge.add_ring();
+                    tracing::info!(cpu, "a CPU came online: its event ring is installed");
+                }
+                Err(e) => tracing::warn!(
+                    cpu,
+                    "a CPU came online but has no event ring: its events are counted as lost: {e:#}"
+                ),
+            }
         }
     }
 

@@ -8,6 +8,7 @@ use keepalive_common::{ConnStats, RawEvent, maps};
 
 pub(super) struct KernelMaps {
     drops: PerCpuArray<MapData, u64>,
+    no_ring: PerCpuArray<MapData, u64>,
     emitted: PerCpuArray<MapData, u64>,
     stats: BpfHashMap<MapData, u64, ConnStats>,
 }
@@ -27,6 +28,8 @@ impl KernelMaps {
     pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<KernelMaps> {
         Ok(KernelMaps {
             drops: PerCpuArray::try_from(take(ebpf, maps::DROPS)?).context("the drop counters")?,
+            no_ring: PerCpuArray::try_from(take(ebpf, maps::NO_RING)?)
+                .context("the no-ring drop counters")?,
             emitted: PerCpuArray::try_from(take(ebpf, maps::EMITTED)?)
                 .context("the emit counters")?,
             stats: BpfHashMap::try_from(take(ebpf, maps::STATS)?)
@@ -34,9 +37,11 @@ impl KernelMaps {
         })
     }
 
-    /// Events the kernel could not queue, on every CPU.
-    pub(super) fn dropped(&self) -> u64 {
-        sum(&self.drops)
+    /// Events the kernel could not queue, on every CPU: (in all, of which
+    /// on a CPU that had no ring yet).
+    pub(super) fn dropped(&self) -> (u64, u64) {
+        let no_ring = sum(&self.no_ring);
+        (sum(&self.drops) + no_ring, no_ring)
     }
 
     /// Events the kernel emitted (queued or dropped), on every CPU.

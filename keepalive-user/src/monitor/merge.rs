@@ -48,6 +48,14 @@ impl Merge {
         }
     }
 
+    /// A ring added after the start (a CPU brought online): it is the last
+    /// one, and nothing is released until it was read empty once (its
+    /// records before that pass are all stamped after the pass started).
+    pub(super) fn add_ring(&mut self) {
+        self.rings.push(VecDeque::new());
+        self.read_to.push(0);
+    }
+
     /// A record read from ring `ring`, in the ring's order. It goes after
     /// every held record of its ring stamped no later (usually the last:
     /// the scan from the back is short).
@@ -153,6 +161,24 @@ mod tests {
         );
         assert_eq!(m.len(), 0);
         assert_eq!(m.oldest(), None);
+    }
+
+    #[test]
+    fn an_added_ring_holds_everything_back_until_it_was_read_empty() {
+        let mut m = Merge::new(1, 0);
+        m.push(0, ev(10, 1));
+        m.read_empty(0, 100);
+        // A CPU came online: its ring is read from the next pass on.
+        m.add_ring();
+        m.push(1, ev(60, 2));
+        let mut out = Vec::new();
+        assert_eq!(m.watermark(), 0);
+        assert_eq!(m.release(m.watermark(), &mut out, usize::MAX), 0);
+        m.read_empty(1, 90);
+        m.push(0, ev(70, 3));
+        m.read_empty(0, 200);
+        assert_eq!(m.release(m.watermark(), &mut out, usize::MAX), 3);
+        assert_eq!(stamps(&out), [(10, 1), (60, 2), (70, 3)]);
     }
 
     #[test]

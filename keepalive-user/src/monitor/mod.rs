@@ -123,6 +123,9 @@ pub struct Counters {
     pub undecoded: u64,
     /// Events the kernel could not queue.
     pub lost: u64,
+    /// Of those, events on a CPU brought online after the start, before
+    /// its ring was installed.
+    pub lost_no_ring: u64,
     /// Hook runs the kernel skipped (the program re-entered on its CPU),
     /// read when the programs are detached: events that may be missing.
     pub skipped: u64,
@@ -464,12 +467,13 @@ impl Engine {
     /// Reads the kernel's drop and emit counters; reports new losses.
     fn check_loss(&mut self, consumer: &mut dyn Consumer) -> Result<Flow> {
         self.counters.emitted = self.maps.emitted();
-        let total = self.maps.dropped();
+        let (total, no_ring) = self.maps.dropped();
         if total <= self.counters.lost {
             return Ok(Flow::Continue);
         }
         let count = total - self.counters.lost;
         self.counters.lost = total;
+        self.counters.lost_no_ring = no_ring;
         tracing::debug!(
             count,
             total,
@@ -658,7 +662,10 @@ pub fn run(opts: MonitorOptions, consumer: &mut dyn Consumer) -> Result<Counters
 
 async fn event_loop(
     mut engine: Engine,
-    rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+    (rings, adder): (
+        Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+        event_rings::RingAdder,
+    ),
     plan: RingPlan,
     opts: MonitorOptions,
     consumer: &mut dyn Consumer,
@@ -692,6 +699,7 @@ async fn event_loop(
     // about as many bytes as the rings (drain::queue_chunks).
     let mut drain = Drain::start(
         rings,
+        adder,
         plan.bytes_each,
         drain::queue_chunks(plan.total()),
         loader::POLL_INTERVAL,
