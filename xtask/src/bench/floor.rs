@@ -1,7 +1,9 @@
 //! The floor row: what the cheapest possible programs cost per run on this
 //! machine, on the tracepoint `ka_state` hooks and under the same churn —
 //! an empty program, one that only takes a timestamp, and one that also
-//! updates a hash map. Published per-hook costs (ebpf_exporter's 15 ns
+//! updates a hash map — and an empty program on `timer_expire_entry`,
+//! which the timer hooks share: it runs for every timer of the system, a
+//! few hundred times in a churn round, each time with cold caches. Published per-hook costs (ebpf_exporter's 15 ns
 //! empty, 35 ns with a map update) come from bare metal; a virtual
 //! machine's timer and cache costs can be several times that, so the
 //! keepalive rows are read against these, measured in the same run.
@@ -30,6 +32,10 @@ const PROGRAMS: &[(&str, &str)] = &[
     (
         "timestamp + hash map update",
         r#"BEGIN { printf("ready\n"); } tracepoint:sock:inet_sock_set_state { @n[cpu] = nsecs; }"#,
+    ),
+    (
+        "empty, on timer_expire_entry",
+        r#"BEGIN { printf("ready\n"); } tracepoint:timer:timer_expire_entry { }"#,
     ),
 ];
 

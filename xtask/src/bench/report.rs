@@ -12,10 +12,25 @@ use super::overhead::{MONITOR_ARGS, Phase, Report, Subject};
 use super::workloads::{CHURN_SERVERS, MSG};
 use super::{Config, Machine, median};
 
-/// Throughput with keepalive / without, at least.
-const RATIO_TARGET: f64 = 0.99;
-/// Nanoseconds per program run, at most.
-const NS_PER_RUN_TARGET: f64 = 100.0;
+/// Issue #8's goals, which the report checks. Request/response throughput
+/// with keepalive / without, at least.
+const RR_RATIO_TARGET: f64 = 0.98;
+/// Connection churn throughput with keepalive / without, at least.
+const CHURN_RATIO_TARGET: f64 = 0.90;
+/// BPF time per churned connection, at most (ns).
+const NS_PER_CONN_TARGET: f64 = 1_500.0;
+
+/// Nanoseconds per run a program may take under churn, for the programs
+/// #8 sets a goal for: the state-change hook and the timer hooks (which
+/// run for every timer of the system). The others (iterators, rare-event
+/// hooks) have none.
+fn ns_per_run_target(program: &str) -> Option<f64> {
+    match program {
+        "ka_state" => Some(150.0),
+        "ka_timer_entry" | "ka_timer_exit" => Some(100.0),
+        _ => None,
+    }
+}
 
 #[derive(Serialize)]
 pub struct Summary<'a> {
@@ -24,9 +39,9 @@ pub struct Summary<'a> {
     config: SummaryConfig,
     phases: &'a [Phase],
     median: Medians,
-    ratio_target: f64,
     bpf: &'a [KernelCost],
-    ns_per_run_target: f64,
+    /// BPF time per churned connection, at most (ns).
+    ns_per_conn_target: f64,
     /// The cheapest programs' costs on this machine, same churn.
     floor: &'a [FloorRow],
 }
@@ -59,11 +74,13 @@ struct Compared {
     ratio: f64,
     /// bpftrace / baseline.
     bpftrace_ratio: Option<f64>,
+    /// keepalive / baseline, at least.
+    target: f64,
     meets_target: bool,
 }
 
 impl Compared {
-    fn of(phases: &[Phase], rate: impl Fn(&Phase) -> f64) -> Compared {
+    fn of(phases: &[Phase], rate: impl Fn(&Phase) -> f64, target: f64) -> Compared {
         let pick = |s: Subject| {
             let v: Vec<f64> = phases
                 .iter()
@@ -82,7 +99,8 @@ impl Compared {
             bpftrace,
             ratio,
             bpftrace_ratio: bpftrace.map(|b| self::ratio(baseline, b)),
-            meets_target: ratio >= RATIO_TARGET,
+            target,
+            meets_target: ratio >= target,
         }
     }
 }
@@ -106,7 +124,7 @@ fn opt_f(v: Option<f64>, digits: usize) -> String {
 impl Report {
     pub fn summary(&self, bin: &Path, cfg: &Config) -> Summary<'_> {
         Summary {
-            schema: 2,
+            schema: 3,
             machine: self.machine.clone(),
             config: SummaryConfig {
                 seconds: cfg.dur.as_secs(),
@@ -120,17 +138,20 @@ impl Report {
             },
             phases: &self.phases,
             median: self.medians(),
-            ratio_target: RATIO_TARGET,
             bpf: &self.costs,
-            ns_per_run_target: NS_PER_RUN_TARGET,
+            ns_per_conn_target: NS_PER_CONN_TARGET,
             floor: &self.floor,
         }
     }
 
     fn medians(&self) -> Medians {
         Medians {
-            request_response_tps: Compared::of(&self.phases, |p| p.request_response.rate()),
-            churn_cps: Compared::of(&self.phases, |p| p.churn.rate()),
+            request_response_tps: Compared::of(
+                &self.phases,
+                |p| p.request_response.rate(),
+                RR_RATIO_TARGET,
+            ),
+            churn_cps: Compared::of(&self.phases, |p| p.churn.rate(), CHURN_RATIO_TARGET),
         }
     }
 
@@ -201,7 +222,7 @@ impl Report {
         )?;
         writeln!(
             o,
-            "{:<24} {:>10} {:>10} {:>10} {:>9} {:>10}   keepalive target >= {RATIO_TARGET}",
+            "{:<24} {:>10} {:>10} {:>10} {:>9} {:>10}   keepalive ratio target (#8)",
             "workload", "baseline", "keepalive", "bpftrace", "ka ratio", "bt ratio"
         )?;
         let m = self.medians();
@@ -211,12 +232,13 @@ impl Report {
         ] {
             writeln!(
                 o,
-                "{label:<24} {:>10.0} {:>10.0} {:>10} {:>9.4} {:>10}   {}",
+                "{label:<24} {:>10.0} {:>10.0} {:>10} {:>9.4} {:>10}   >= {:.2} {}",
                 c.baseline,
                 c.keepalive,
                 opt_f(c.bpftrace, 0),
                 c.ratio,
                 opt_f(c.bpftrace_ratio, 4),
+                c.target,
                 verdict(c.meets_target)
             )?;
         }
@@ -233,7 +255,7 @@ fn write_floor(o: &mut String, rows: &[FloorRow], cfg: &Config) -> fmt::Result {
     }
     writeln!(
         o,
-        "\nfloor on this machine: the cheapest programs on inet_sock_set_state (bpftrace), {} s churn each, BPF run-time statistics on",
+        "\nfloor on this machine: the cheapest programs on inet_sock_set_state (unless named; bpftrace), {} s churn each, BPF run-time statistics on",
         cfg.dur.as_secs()
     )?;
     writeln!(
@@ -272,15 +294,11 @@ fn write_cost(o: &mut String, c: &KernelCost, cfg: &Config) -> fmt::Result {
     }
     writeln!(
         o,
-        "{:<18} {:>7} {:<22} {:>11} {:>9} {:>11} {:>9}   target <= {NS_PER_RUN_TARGET} ns/run",
+        "{:<18} {:>7} {:<22} {:>11} {:>9} {:>11} {:>9}   ns/run under churn, target (#8)",
         "program", "prog_id", "hook", "rr runs", "ns/run", "churn runs", "ns/run"
     )?;
     let ns = |r: &Runs| opt_f(r.ns_per_run, 1);
     for p in &c.programs {
-        let worst = [p.request_response.ns_per_run, p.churn.ns_per_run]
-            .into_iter()
-            .flatten()
-            .reduce(f64::max);
         writeln!(
             o,
             "{:<18} {:>7} {:<22} {:>11} {:>9} {:>11} {:>9}   {}",
@@ -291,13 +309,19 @@ fn write_cost(o: &mut String, c: &KernelCost, cfg: &Config) -> fmt::Result {
             ns(&p.request_response),
             p.churn.run_cnt,
             ns(&p.churn),
-            worst.map_or("not run", |w| verdict(w <= NS_PER_RUN_TARGET))
+            match (p.churn.ns_per_run, ns_per_run_target(&p.name)) {
+                (None, _) => "not run".to_string(),
+                (Some(_), None) => "-".to_string(),
+                (Some(w), Some(t)) => format!("<= {t:.0} {}", verdict(w <= t)),
+            }
         )?;
     }
     writeln!(
         o,
-        "BPF time per operation: {:.1} ns per request/response transaction, {:.1} ns per churned connection",
-        c.ns_per_transaction, c.ns_per_churned_connection
+        "BPF time per operation: {:.1} ns per request/response transaction, {:.1} ns per churned connection (target <= {NS_PER_CONN_TARGET:.0}: {})",
+        c.ns_per_transaction,
+        c.ns_per_churned_connection,
+        verdict(c.ns_per_churned_connection <= NS_PER_CONN_TARGET)
     )
 }
 
@@ -331,7 +355,7 @@ mod tests {
             phase(Subject::Keepalive, 101),
             phase(Subject::Bpftrace, 60),
         ];
-        let c = Compared::of(&phases, |p| p.request_response.rate());
+        let c = Compared::of(&phases, |p| p.request_response.rate(), 0.99);
         assert_eq!(
             (c.baseline, c.keepalive, c.bpftrace),
             (105.0, 100.0, Some(55.0))
@@ -339,8 +363,18 @@ mod tests {
         assert!(!c.meets_target);
         let j = serde_json::to_value(c).unwrap();
         assert_eq!(j["bpftrace_ratio"], serde_json::json!(55.0 / 105.0));
-        let no_peer = Compared::of(&phases[..2], |p| p.request_response.rate());
+        let no_peer = Compared::of(&phases[..2], |p| p.request_response.rate(), 0.99);
         assert_eq!(no_peer.bpftrace, None);
         assert!(no_peer.meets_target);
+    }
+
+    #[test]
+    fn the_goals_are_the_issues() {
+        assert_eq!(ns_per_run_target("ka_state"), Some(150.0));
+        assert_eq!(ns_per_run_target("ka_timer_exit"), Some(100.0));
+        assert_eq!(ns_per_run_target("ka_iter_tcp"), None);
+        let phases = [phase(Subject::Baseline, 100), phase(Subject::Keepalive, 90)];
+        assert!(Compared::of(&phases, |p| p.churn.rate(), CHURN_RATIO_TARGET).meets_target);
+        assert!(!Compared::of(&phases, |p| p.churn.rate(), RR_RATIO_TARGET).meets_target);
     }
 }
