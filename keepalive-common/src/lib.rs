@@ -84,6 +84,12 @@ pub const TASK_COMM_LEN: usize = 16;
 ///
 /// Addresses are in network byte order; IPv4 addresses occupy the first 4
 /// bytes. Ports are host order.
+///
+/// The first [`EventHead::SIZE`] bytes are an [`EventHead`]: a record that
+/// carries nothing else (a state change without its owner, a keepalive
+/// probe) is written as its head alone, one cache line of ring instead of
+/// a line and a half (docs/benchmarks.md §16), and read back with the
+/// rest zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEvent {
@@ -93,8 +99,6 @@ pub struct RawEvent {
     pub cookie: u64,
     /// Inode of the connection's network namespace.
     pub netns: u32,
-    /// Owner's tgid (0: unknown).
-    pub pid: u32,
     pub kind: u8,
     /// AF_INET (2) or AF_INET6 (10).
     pub family: u8,
@@ -103,9 +107,19 @@ pub struct RawEvent {
     pub flags: u8,
     pub sport: u16,
     pub dport: u16,
+    /// state_change: the state left.
+    pub old_state: u8,
+    /// state_change: the state entered.
+    pub new_state: u8,
+    /// keepalive_probe: the probe number (1 = first unanswered);
+    /// timeout: unanswered probes when the kernel gave up (`icsk_probes_out`).
+    pub probes_out: u8,
+    pub _pad: u8,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    pub comm: [u8; TASK_COMM_LEN],
+    // The head ends here.
+    /// Owner's tgid (0: unknown).
+    pub pid: u32,
     /// reset_sent: `enum sk_rst_reason` (with [`flags::HAS_REASON`]).
     pub reason: u32,
     /// timeout: the socket's TCP_USER_TIMEOUT (ms, 0: none).
@@ -115,14 +129,54 @@ pub struct RawEvent {
     pub err: i16,
     /// retransmit: segments in the skb (`tcp_skb_cb.tcp_gso_segs`).
     pub segs: u16,
-    /// state_change: the state left.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// The first 64 bytes of a [`RawEvent`], field for field (the asserts at
+/// the end of this file hold the two layouts together): what every event
+/// has, and all that a state change without its owner or a keepalive
+/// probe carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHead {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub netns: u32,
+    pub kind: u8,
+    pub family: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub sport: u16,
+    pub dport: u16,
     pub old_state: u8,
-    /// state_change: the state entered.
     pub new_state: u8,
-    /// keepalive_probe: the probe number (1 = first unanswered);
-    /// timeout: unanswered probes when the kernel gave up (`icsk_probes_out`).
     pub probes_out: u8,
     pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+impl EventHead {
+    /// Bytes of a head-only record.
+    pub const SIZE: usize = core::mem::size_of::<EventHead>();
+}
+
+impl RawEvent {
+    /// The event's head, to fill the fields every event shares.
+    #[inline(always)]
+    pub fn head_mut(&mut self) -> &mut EventHead {
+        // SAFETY: EventHead is RawEvent's first 64 bytes, field for field
+        // (repr(C) both, asserted below), and RawEvent is at least as
+        // aligned.
+        unsafe { &mut *core::ptr::from_mut(self).cast::<EventHead>() }
+    }
+
+    /// An event whose tail is zero, from its head.
+    pub fn from_head(head: &EventHead) -> RawEvent {
+        let mut ev = RawEvent::default();
+        *ev.head_mut() = *head;
+        ev
+    }
 }
 
 /// Field offsets the programs need, resolved from the running kernel's BTF
@@ -443,10 +497,26 @@ pub mod maps {
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
     assert!(size_of::<RawEvent>() == 96 && align_of::<RawEvent>() == 8);
-    assert!(offset_of!(RawEvent, kind) == 24);
+    assert!(size_of::<EventHead>() == 64 && align_of::<EventHead>() == 8);
+    // The head is the event's first 64 bytes, field for field.
+    assert!(offset_of!(RawEvent, ts_ns) == offset_of!(EventHead, ts_ns));
+    assert!(offset_of!(RawEvent, cookie) == offset_of!(EventHead, cookie));
+    assert!(offset_of!(RawEvent, netns) == offset_of!(EventHead, netns));
+    assert!(offset_of!(RawEvent, kind) == offset_of!(EventHead, kind));
+    assert!(offset_of!(RawEvent, family) == offset_of!(EventHead, family));
+    assert!(offset_of!(RawEvent, state) == offset_of!(EventHead, state));
+    assert!(offset_of!(RawEvent, flags) == offset_of!(EventHead, flags));
+    assert!(offset_of!(RawEvent, sport) == offset_of!(EventHead, sport));
+    assert!(offset_of!(RawEvent, dport) == offset_of!(EventHead, dport));
+    assert!(offset_of!(RawEvent, old_state) == offset_of!(EventHead, old_state));
+    assert!(offset_of!(RawEvent, new_state) == offset_of!(EventHead, new_state));
+    assert!(offset_of!(RawEvent, probes_out) == offset_of!(EventHead, probes_out));
+    assert!(offset_of!(RawEvent, saddr) == offset_of!(EventHead, saddr));
+    assert!(offset_of!(RawEvent, daddr) == offset_of!(EventHead, daddr));
+    assert!(offset_of!(RawEvent, pid) == EventHead::SIZE);
+    assert!(offset_of!(RawEvent, kind) == 20);
     assert!(offset_of!(RawEvent, saddr) == 32);
-    assert!(offset_of!(RawEvent, comm) == 64);
-    assert!(offset_of!(RawEvent, reason) == 80);
+    assert!(offset_of!(RawEvent, comm) == 80);
     assert!(size_of::<Offsets>() == 64 && align_of::<Offsets>() == 2);
     assert!(size_of::<SnapOffsets>() == 72 && align_of::<SnapOffsets>() == 2);
     assert!(size_of::<OwnerRow>() == 16 && align_of::<OwnerRow>() == 8);

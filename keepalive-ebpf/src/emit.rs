@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 use keepalive_common::{
-    Offsets, Owner, RawEvent, TASK_COMM_LEN,
+    EventHead, Offsets, Owner, RawEvent, TASK_COMM_LEN,
     filter::{addrs_match, ports_match},
 };
 
@@ -21,9 +21,38 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Words in a [`RawEvent`].
-const EVENT_WORDS: usize = core::mem::size_of::<RawEvent>() / 8;
-const _: () = assert!(EVENT_WORDS * 8 == core::mem::size_of::<RawEvent>());
+/// A record the programs write into a ring: a whole [`RawEvent`], or its
+/// [`EventHead`] alone when the event carries nothing more.
+pub trait Record: Sized + 'static {
+    /// Its 8-byte words.
+    const WORDS: usize = core::mem::size_of::<Self>() / 8;
+    fn head(&mut self) -> &mut EventHead;
+    /// Adds the owner kept on a trusted socket ([`add_stored_owner`]);
+    /// a head has nowhere to put one.
+    #[inline(always)]
+    fn add_stored_owner(&mut self, _trusted_sk: *const u8) {}
+}
+
+impl Record for RawEvent {
+    #[inline(always)]
+    fn head(&mut self) -> &mut EventHead {
+        self.head_mut()
+    }
+    #[inline(always)]
+    fn add_stored_owner(&mut self, trusted_sk: *const u8) {
+        add_stored_owner(self, trusted_sk)
+    }
+}
+
+impl Record for EventHead {
+    #[inline(always)]
+    fn head(&mut self) -> &mut EventHead {
+        self
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<RawEvent>().is_multiple_of(8));
+const _: () = assert!(core::mem::size_of::<EventHead>().is_multiple_of(8));
 
 /// Zeroes `slot` with word stores and makes it an event of kind `kind`.
 ///
@@ -33,33 +62,34 @@ const _: () = assert!(EVENT_WORDS * 8 == core::mem::size_of::<RawEvent>());
 /// where it stays (its ring slot, or a stack slot when filtered first). Ring
 /// memory is not cleared by the kernel, so every byte is written.
 #[inline(always)]
-pub fn zeroed_event(
-    slot: &mut core::mem::MaybeUninit<RawEvent>,
+pub fn zeroed_event<R: Record>(
+    slot: &mut core::mem::MaybeUninit<R>,
     kind: u8,
     cookie: u64,
-) -> &mut RawEvent {
+) -> &mut R {
     let p = slot.as_mut_ptr().cast::<u64>();
     let mut i = 0;
-    while i < EVENT_WORDS {
-        // SAFETY: within the event, 8-aligned (RawEvent's alignment).
+    while i < R::WORDS {
+        // SAFETY: within the record, 8-aligned (both records' alignment).
         unsafe { write_volatile(p.add(i), 0) };
         i += 1;
     }
-    // SAFETY: every byte was written; all-zero is a valid RawEvent.
+    // SAFETY: every byte was written; all-zero is a valid record.
     let ev = unsafe { slot.assume_init_mut() };
-    ev.kind = kind;
-    ev.cookie = cookie;
+    let h = ev.head();
+    h.kind = kind;
+    h.cookie = cookie;
     ev
 }
 
 /// Copies `ev` into a ring slot with 8-byte loads and stores (a plain
 /// struct copy is the byte-by-byte `memmove` loop).
 #[inline(always)]
-fn copy_event(dst: *mut RawEvent, ev: &RawEvent) {
+fn copy_event<R: Record>(dst: *mut R, ev: &R) {
     let (d, s) = (dst.cast::<u64>(), core::ptr::from_ref(ev).cast::<u64>());
     let mut i = 0;
-    while i < EVENT_WORDS {
-        // SAFETY: both are whole, 8-aligned events.
+    while i < R::WORDS {
+        // SAFETY: both are whole, 8-aligned records.
         unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
         i += 1;
     }
@@ -75,7 +105,7 @@ fn has_filters() -> bool {
 
 /// Kernel-side port and address filters; userspace applies the rest.
 #[inline(always)]
-fn passes_filters(ev: &RawEvent) -> bool {
+fn passes_filters(ev: &EventHead) -> bool {
     let c = config();
     ports_match(&c.ports, ev.sport, ev.dport)
         && addrs_match(
@@ -131,6 +161,22 @@ fn add_stored_owner(ev: &mut RawEvent, trusted_sk: *const u8) {
 /// Emits an event of kind `kind` for connection `cookie`: `fill` writes
 /// its fields (the rest stay zero), the owner kept on `trusted_sk` is
 /// added (null: none), then the port and address filters decide.
+#[inline(always)]
+pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut RawEvent)) {
+    emit_record::<RawEvent>(kind, cookie, trusted_sk, fill);
+}
+
+/// Emits an event that carries nothing beyond the [`EventHead`] (a state
+/// change without its owner, a keepalive probe) as a 64-byte record: one
+/// cache line of ring where a whole event takes a line and a half, for
+/// most of what the hooks write (docs/benchmarks.md §16). Userspace reads
+/// it back with the rest zero.
+#[inline(always)]
+pub fn emit_head(kind: u8, cookie: u64, fill: impl FnOnce(&mut EventHead)) {
+    emit_record::<EventHead>(kind, cookie, core::ptr::null(), fill);
+}
+
+/// [`emit`] and [`emit_head`], for a record of type `R`.
 ///
 /// Without filters the event is built in place, in a reserved ring slot:
 /// no copy through the stack, and an event that does not fit costs
@@ -139,16 +185,16 @@ fn add_stored_owner(ev: &mut RawEvent, trusted_sk: *const u8) {
 /// site either way, so it is inlined (a closure called from two places
 /// becomes a BPF subprogram reading its captures through the stack).
 #[inline(always)]
-pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut RawEvent)) {
-    let mut stack = core::mem::MaybeUninit::<RawEvent>::uninit();
+fn emit_record<R: Record>(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut R)) {
+    let mut stack = core::mem::MaybeUninit::<R>::uninit();
     let mut slot = None;
     if !has_filters() {
-        slot = reserve_counted();
+        slot = reserve_counted::<R>();
         if slot.is_none() {
             return;
         }
     }
-    let ev: *mut RawEvent = match slot.as_mut() {
+    let ev: *mut R = match slot.as_mut() {
         Some((s, _)) => zeroed_event(s, kind, cookie),
         None => zeroed_event(&mut stack, kind, cookie),
     };
@@ -156,15 +202,15 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
     // nothing else refers to it until it is submitted.
     let ev = unsafe { &mut *ev };
     fill(ev);
-    add_stored_owner(ev, trusted_sk);
+    ev.add_stored_owner(trusted_sk);
     if let Some((s, ring)) = slot {
         stamp_and_submit(s, ring);
         return;
     }
-    if !passes_filters(ev) {
+    if !passes_filters(ev.head()) {
         return;
     }
-    if let Some((mut s, ring)) = reserve_counted() {
+    if let Some((mut s, ring)) = reserve_counted::<R>() {
         copy_event(s.as_mut_ptr(), ev);
         stamp_and_submit(s, ring);
     }
@@ -175,7 +221,7 @@ pub fn emit(kind: u8, cookie: u64, trusted_sk: *const u8, fill: impl FnOnce(&mut
 /// the CPU has none yet ([`NO_RING`]: brought online after the daemon
 /// started), so emitted == written + lost.
 #[inline(always)]
-fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, &'static EventRing)> {
+fn reserve_counted<R: Record>() -> Option<(RingBufEntry<R>, &'static EventRing)> {
     bump(&EMITTED);
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
@@ -183,7 +229,7 @@ fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, &'static EventRing)> {
         bump(&NO_RING);
         return None;
     };
-    let Some(slot) = ring.reserve(0) else {
+    let Some(slot) = ring.reserve_untyped::<R>(0) else {
         bump(&DROPS);
         return None;
     };
@@ -192,9 +238,9 @@ fn reserve_counted() -> Option<(RingBufEntry<RawEvent>, &'static EventRing)> {
 
 /// Timestamps the event in `slot` and hands it to the reader.
 #[inline(always)]
-fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>, ring: &EventRing) {
-    // SAFETY: helper without arguments; the slot holds a whole event.
-    unsafe { (*slot.as_mut_ptr()).ts_ns = bpf_ktime_get_ns() };
+fn stamp_and_submit<R: Record>(mut slot: RingBufEntry<R>, ring: &EventRing) {
+    // SAFETY: helper without arguments; the slot holds a whole record.
+    unsafe { (*slot.as_mut_ptr()).head().ts_ns = bpf_ktime_get_ns() };
     // A wakeup per event costs an IPI; wake the reader only when
     // enough has piled up in this ring (it polls on a timer for the
     // rest). Only the record that crosses the threshold wakes it, so a
@@ -207,7 +253,7 @@ fn stamp_and_submit(mut slot: RingBufEntry<RawEvent>, ring: &EventRing) {
         )
     };
     let threshold = conf!(wakeup_bytes) as u64;
-    let size = (core::mem::size_of::<RawEvent>() + 8) as u64;
+    let size = (core::mem::size_of::<R>() + 8) as u64;
     let flags = if avail >= threshold && avail < threshold + size {
         BPF_RB_FORCE_WAKEUP
     } else {

@@ -4,7 +4,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_probe_read_kernel};
-use keepalive_common::RawEvent;
+use keepalive_common::EventHead;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -102,14 +102,14 @@ macro_rules! fill_tuple {
 
 /// Tuple of a socket reached through an untrusted pointer (timer hooks).
 #[inline(always)]
-pub fn fill_sock(ev: &mut RawEvent, sk: *const u8) {
+pub fn fill_sock(ev: &mut EventHead, sk: *const u8) {
     fill_tuple!(ev, sk, read);
     keep_released_port(ev, sk);
 }
 
 /// Tuple of a socket passed as a trusted tracepoint argument.
 #[inline(always)]
-pub fn fill_sock_direct(ev: &mut RawEvent, sk: *const u8) {
+pub fn fill_sock_direct(ev: &mut EventHead, sk: *const u8) {
     fill_tuple!(ev, sk, load);
     keep_released_port(ev, sk);
 }
@@ -123,7 +123,7 @@ pub fn fill_sock_direct(ev: &mut RawEvent, sk: *const u8) {
 /// which have no `inet_sport`, keep `skc_num`. A probe read: the field lies
 /// beyond `struct sock`, the type the verifier knows the argument by.
 #[inline(always)]
-fn keep_released_port(ev: &mut RawEvent, sk: *const u8) {
+fn keep_released_port(ev: &mut EventHead, sk: *const u8) {
     if ev.sport == 0 {
         ev.sport = u16::from_be(read::<u16>(sk, conf!(offsets.inet_sport)));
     }

@@ -7,7 +7,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use keepalive_common::{Offsets, RawEvent, flags, kind, tcp_state};
 
 use super::timer::timer_flags;
-use crate::emit::{copy_owner, emit};
+use crate::emit::{copy_owner, emit, emit_head};
 use crate::maps::{
     count, current_owner_into, owner_storage, set_owner_to_current, wanted, wanted_state,
 };
@@ -57,7 +57,7 @@ pub fn ka_retransmit(ctx: BtfTracePointContext) -> i32 {
         ev.segs = segs;
         ev.err = err;
         ev.flags = syn | timer;
-        fill_sock_direct(ev, sk);
+        fill_sock_direct(ev.head_mut(), sk);
     });
     0
 }
@@ -103,7 +103,7 @@ pub fn ka_synack_rtx(ctx: BtfTracePointContext) -> i32 {
         ev.segs = 1;
         ev.flags = flags::SYN | flags::SYN_ACK;
         let from = if fast_open { sk } else { req };
-        fill_sock_direct(ev, from);
+        fill_sock_direct(ev.head_mut(), from);
     });
     0
 }
@@ -160,7 +160,7 @@ pub fn ka_reset_sent(ctx: BtfTracePointContext) -> i32 {
     }
     emit(kind::RESET_SENT, cookie, sk, |ev| {
         if !sk.is_null() {
-            fill_sock_direct(ev, sk);
+            fill_sock_direct(ev.head_mut(), sk);
         } else {
             fill_from_skb(ev, skb);
         }
@@ -183,7 +183,7 @@ pub fn ka_reset_received(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     emit(kind::RESET_RECEIVED, cookie, sk, |ev| {
-        fill_sock_direct(ev, sk)
+        fill_sock_direct(ev.head_mut(), sk)
     });
     0
 }
@@ -214,16 +214,23 @@ pub fn ka_state(ctx: BtfTracePointContext) -> i32 {
     // (or for that state): it is where userspace learns the owner of the
     // connection's later events (consumers drop what they did not ask for).
     // The cookie above is generated either way, for the timer hooks.
-    if to_syn_sent || wanted(kind::STATE_CHANGE) && wanted_state(new as u32) {
+    if to_syn_sent {
         emit(kind::STATE_CHANGE, cookie, core::ptr::null(), |ev| {
             ev.old_state = old as u8;
             ev.new_state = new as u8;
-            fill_sock_direct(ev, sk);
+            fill_sock_direct(ev.head_mut(), sk);
             if !owner.is_null() {
                 copy_owner(ev, owner);
-            } else if to_syn_sent {
+            } else {
                 current_owner_into(ev);
             }
+        });
+    } else if wanted(kind::STATE_CHANGE) && wanted_state(new as u32) {
+        // No owner here (userspace knows it by cookie): the head alone.
+        emit_head(kind::STATE_CHANGE, cookie, |ev| {
+            ev.old_state = old as u8;
+            ev.new_state = new as u8;
+            fill_sock_direct(ev, sk);
         });
     }
     0
@@ -249,7 +256,7 @@ pub fn ka_error(ctx: BtfTracePointContext) -> i32 {
     emit(kind::TIMEOUT, cookie, sk, |ev| {
         ev.user_timeout_ms = read::<u32>(sk, conf!(offsets.icsk_user_timeout));
         ev.probes_out = read::<u8>(sk, conf!(offsets.icsk_probes_out));
-        fill_sock_direct(ev, sk);
+        fill_sock_direct(ev.head_mut(), sk);
         ev.flags = timer;
     });
     0

@@ -11,7 +11,7 @@ use keepalive_common::{flags, kind};
 
 use keepalive_common::Offsets;
 
-use crate::emit::emit;
+use crate::emit::emit_head;
 use crate::maps::{TIMER, count, this_cpu_offset, wanted};
 use crate::mem::{fill_sock, load, read};
 
@@ -164,7 +164,8 @@ pub fn ka_timer_exit(ctx: BtfTracePointContext) -> i32 {
     if !wanted(kind::KEEPALIVE_PROBE) {
         return 0;
     }
-    emit(kind::KEEPALIVE_PROBE, cookie, core::ptr::null(), |ev| {
+    // No owner reachable from a timer: the head alone.
+    emit_head(kind::KEEPALIVE_PROBE, cookie, |ev| {
         ev.probes_out = probe;
         ev.flags = flags::IN_KEEPALIVE_TIMER;
         fill_sock(ev, sk);

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
-use keepalive_common::RawEvent;
+use keepalive_common::{EventHead, RawEvent};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd, poll};
 use tokio::sync::mpsc;
 
@@ -380,9 +380,9 @@ impl Reader {
 }
 
 /// Most records a ring of `bytes` holds (every record is at least a
-/// header and a [`RawEvent`]): a pass reads no more than that from it.
+/// header and an [`EventHead`]): a pass reads no more than that from it.
 fn ring_records(bytes: u32) -> usize {
-    bytes as usize / (size_of::<RawEvent>() + 8) + 1
+    bytes as usize / (EventHead::SIZE + 8) + 1
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use keepalive_common::{ConnStats, RawEvent, maps};
+use keepalive_common::{ConnStats, EventHead, RawEvent, maps};
 
 pub(super) struct KernelMaps {
     drops: PerCpuArray<MapData, u64>,
@@ -55,11 +55,60 @@ impl KernelMaps {
     }
 }
 
-/// A ring record as the kernel wrote it; `None` when it is too short.
+/// A ring record as the kernel wrote it: a whole event, or its head alone
+/// (the rest then zero); `None` when it is shorter than a head.
 pub(super) fn parse(bytes: &[u8]) -> Option<RawEvent> {
-    if bytes.len() < size_of::<RawEvent>() {
-        return None;
+    if bytes.len() >= size_of::<RawEvent>() {
+        // SAFETY: RawEvent is plain old data and the slice is long enough.
+        return Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) });
     }
-    // SAFETY: RawEvent is plain old data and the slice is long enough.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+    if bytes.len() >= EventHead::SIZE {
+        // SAFETY: as above, for the head.
+        let head: EventHead = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        return Some(RawEvent::from_head(&head));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: plain old data, read as bytes.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn a_head_alone_reads_as_the_event_with_the_rest_zero() {
+        let ev = RawEvent {
+            ts_ns: 7,
+            cookie: 42,
+            netns: 4026531840,
+            kind: 1,
+            family: 2,
+            state: 1,
+            flags: 3,
+            sport: 80,
+            dport: 5555,
+            old_state: 1,
+            new_state: 4,
+            probes_out: 2,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..RawEvent::default()
+        };
+        let whole = bytes_of(&ev);
+        assert_eq!(parse(&whole), Some(ev));
+        assert_eq!(parse(&whole[..EventHead::SIZE]), Some(ev));
+        // A tail, when written, is read too; a record shorter than a head
+        // is not an event.
+        let owned = RawEvent {
+            pid: 9,
+            comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            ..ev
+        };
+        assert_eq!(parse(&bytes_of(&owned)), Some(owned));
+        assert_eq!(parse(&whole[..EventHead::SIZE - 1]), None);
+    }
 }
