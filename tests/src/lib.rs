@@ -464,6 +464,27 @@ impl Drop for Monitor {
     }
 }
 
+/// The cookies of the sockets whose `→ CLOSE` is among `events` in
+/// namespace `netns`, sorted.
+pub fn closed_cookies(events: &[Value], netns: u64) -> Vec<u64> {
+    let mut cks: Vec<u64> = of_kind(events, netns, "state_change")
+        .into_iter()
+        .filter(|e| e["new_state"] == "CLOSE")
+        .map(|e| e["cookie"].as_u64().unwrap())
+        .collect();
+    cks.sort_unstable();
+    cks
+}
+
+/// Waits up to 10 s for `mon` to have written more than `n` `→ CLOSE`s in
+/// namespace `netns` (after a churn, the last FIN/ACK exchanges may still
+/// be on their way).
+pub fn wait_for_closes(mon: &Monitor, netns: u64, n: usize) {
+    wait_for(Duration::from_secs(10), || {
+        closed_cookies(&mon.events(), netns).len() > n
+    });
+}
+
 /// Events of `kind` in namespace `netns`.
 pub fn of_kind<'a>(events: &'a [Value], netns: u64, kind: &str) -> Vec<&'a Value> {
     events

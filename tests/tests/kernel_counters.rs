@@ -710,15 +710,7 @@ fn to_state_close_writes_each_end_once_and_the_kernel_emits_nothing_else() {
         let c0 = ns.counters();
         let (listener_ck, mut sockets) = ns.churn_loopback(PORT, N);
         let inode = ns.inode();
-        let closes = |events: &[Value]| -> Vec<u64> {
-            let mut cks = cookies(&of_kind(events, inode, "state_change"));
-            cks.sort_unstable();
-            cks
-        };
-        // The last FIN/ACK exchanges may still be on their way.
-        wait_for(Duration::from_secs(10), || {
-            closes(&mon.events()).len() > 2 * N
-        });
+        wait_for_closes(&mon, inode, 2 * N);
         let c1 = ns.counters();
         let events = mon.stop_lossless();
 
@@ -734,7 +726,7 @@ fn to_state_close_writes_each_end_once_and_the_kernel_emits_nothing_else() {
         sockets.push(listener_ck);
         sockets.sort_unstable();
         assert_eq!(
-            closes(&events),
+            closed_cookies(&events, inode),
             sockets,
             "one CLOSE per socket: {changes:#?}"
         );

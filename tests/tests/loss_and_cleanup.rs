@@ -173,19 +173,7 @@ fn a_cpu_brought_online_loses_nothing(extra: &[&str]) {
     let c0 = ns.counters();
     let (listener, mut sockets) = ns.churn_loopback_on(PORT, N, Some(cpu));
     let inode = ns.inode();
-    let closes = |events: &[serde_json::Value]| -> Vec<u64> {
-        let mut cks: Vec<u64> = of_kind(events, inode, "state_change")
-            .into_iter()
-            .filter(|e| e["new_state"] == "CLOSE")
-            .map(|e| e["cookie"].as_u64().unwrap())
-            .collect();
-        cks.sort_unstable();
-        cks
-    };
-    // The last FIN/ACK exchanges may still be on their way.
-    wait_for(Duration::from_secs(10), || {
-        closes(&mon.events()).len() > 2 * N
-    });
+    wait_for_closes(&mon, inode, 2 * N);
     let c1 = ns.counters();
     let events = mon.stop_lossless();
     drop(offline);
@@ -194,7 +182,11 @@ fn a_cpu_brought_online_loses_nothing(extra: &[&str]) {
     assert_eq!(opened, 2 * N as i64);
     sockets.push(listener);
     sockets.sort_unstable();
-    assert_eq!(closes(&events), sockets, "one CLOSE per socket");
+    assert_eq!(
+        closed_cookies(&events, inode),
+        sockets,
+        "one CLOSE per socket"
+    );
     assert!(
         mon.stderr.iter().any(|l| l.contains(&format!("cpu={cpu}"))),
         "the ring installed is not CPU {cpu}'s: {:?}",
