@@ -485,6 +485,28 @@ pub fn wait_for_closes(mon: &Monitor, netns: u64, n: usize) {
     });
 }
 
+/// Each of the `n` connections a churn opened in `netns` (two sockets each:
+/// `Tcp.ActiveOpens + PassiveOpens` from `before` to `after`), and their
+/// listener, has exactly one `→ CLOSE` in `events`.
+pub fn assert_one_close_per_socket(
+    (before, after): (&Counters, &Counters),
+    events: &[Value],
+    netns: u64,
+    (listener, mut sockets): (u64, Vec<u64>),
+    n: usize,
+    context: &str,
+) {
+    let opened = before.delta(after, "Tcp.ActiveOpens") + before.delta(after, "Tcp.PassiveOpens");
+    assert_eq!(opened, 2 * n as i64);
+    sockets.push(listener);
+    sockets.sort_unstable();
+    assert_eq!(
+        closed_cookies(events, netns),
+        sockets,
+        "one CLOSE per socket: {context}"
+    );
+}
+
 /// Events of `kind` in namespace `netns`.
 pub fn of_kind<'a>(events: &'a [Value], netns: u64, kind: &str) -> Vec<&'a Value> {
     events

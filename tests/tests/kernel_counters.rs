@@ -708,7 +708,7 @@ fn to_state_close_writes_each_end_once_and_the_kernel_emits_nothing_else() {
         let ns = Netns::new("ts");
         let mut mon = Monitor::start(&["--port", "7996", "--to-state", "close"]);
         let c0 = ns.counters();
-        let (listener_ck, mut sockets) = ns.churn_loopback(PORT, N);
+        let (listener_ck, sockets) = ns.churn_loopback(PORT, N);
         let inode = ns.inode();
         wait_for_closes(&mon, inode, 2 * N);
         let c1 = ns.counters();
@@ -721,14 +721,13 @@ fn to_state_close_writes_each_end_once_and_the_kernel_emits_nothing_else() {
                 "a state change not asked for: {e:#}"
             );
         }
-        let opened = c0.delta(&c1, "Tcp.ActiveOpens") + c0.delta(&c1, "Tcp.PassiveOpens");
-        assert_eq!(opened, 2 * N as i64);
-        sockets.push(listener_ck);
-        sockets.sort_unstable();
-        assert_eq!(
-            closed_cookies(&events, inode),
-            sockets,
-            "one CLOSE per socket: {changes:#?}"
+        assert_one_close_per_socket(
+            (&c0, &c1),
+            &events,
+            inode,
+            (listener_ck, sockets),
+            N,
+            &format!("{changes:#?}"),
         );
         // The kernel side filtered: besides what was written it emitted
         // only the N `→ SYN_SENT` (the port filter keeps other tests'

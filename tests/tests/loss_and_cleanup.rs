@@ -171,22 +171,14 @@ fn a_cpu_brought_online_loses_nothing(extra: &[&str]) {
     offline.bring_online();
     mon.wait_stderr("its event ring is installed", Duration::from_secs(5));
     let c0 = ns.counters();
-    let (listener, mut sockets) = ns.churn_loopback_on(PORT, N, Some(cpu));
+    let (listener, sockets) = ns.churn_loopback_on(PORT, N, Some(cpu));
     let inode = ns.inode();
     wait_for_closes(&mon, inode, 2 * N);
     let c1 = ns.counters();
     let events = mon.stop_lossless();
     drop(offline);
 
-    let opened = c0.delta(&c1, "Tcp.ActiveOpens") + c0.delta(&c1, "Tcp.PassiveOpens");
-    assert_eq!(opened, 2 * N as i64);
-    sockets.push(listener);
-    sockets.sort_unstable();
-    assert_eq!(
-        closed_cookies(&events, inode),
-        sockets,
-        "one CLOSE per socket"
-    );
+    assert_one_close_per_socket((&c0, &c1), &events, inode, (listener, sockets), N, "");
     assert!(
         mon.stderr.iter().any(|l| l.contains(&format!("cpu={cpu}"))),
         "the ring installed is not CPU {cpu}'s: {:?}",
