@@ -69,27 +69,42 @@ impl MonitorChild {
             stderr: Vec::new(),
             ready_after: Duration::ZERO,
         };
-        let deadline = t0 + within;
+        if mon.read_until(READY_LINE, t0 + within, &cancelled) {
+            mon.ready_after = t0.elapsed();
+            return Ok(mon);
+        }
+        let why = match mon.child_mut().try_wait() {
+            Ok(Some(status)) => format!("exited ({status})"),
+            _ if cancelled() => "was interrupted".to_string(),
+            _ => format!("did not attach its hooks within {} s", within.as_secs()),
+        };
+        bail!("keepalive {why}; its stderr:\n{}", mon.stderr.join("\n"));
+    }
+
+    /// Reads stderr lines (kept in [`Self::stderr`]) until one contains
+    /// `needle`: true; false once `deadline` passes, `cancelled()` turns
+    /// true or the child closes its stderr.
+    fn read_until(
+        &mut self,
+        needle: &str,
+        deadline: Instant,
+        cancelled: impl Fn() -> bool,
+    ) -> bool {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match mon.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
                 Ok(line) => {
-                    let ready = line.contains(READY_LINE);
-                    mon.stderr.push(line);
-                    if ready {
-                        mon.ready_after = t0.elapsed();
-                        return Ok(mon);
+                    let found = line.contains(needle);
+                    self.stderr.push(line);
+                    if found {
+                        return true;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) if !left.is_zero() && !cancelled() => {}
-                Err(_) => {
-                    let why = match mon.child_mut().try_wait() {
-                        Ok(Some(status)) => format!("exited ({status})"),
-                        _ if cancelled() => "was interrupted".to_string(),
-                        _ => format!("did not attach its hooks within {} s", within.as_secs()),
-                    };
-                    bail!("keepalive {why}; its stderr:\n{}", mon.stderr.join("\n"));
-                }
+                Err(_) => return false,
             }
         }
     }
@@ -111,27 +126,16 @@ impl MonitorChild {
     /// Waits up to `within` for a stderr line containing `needle` (lines
     /// read on the way are kept in [`Self::stderr`] too).
     pub fn wait_line(&mut self, needle: &str, within: Duration) -> Result<()> {
-        if self.stderr.iter().any(|l| l.contains(needle)) {
+        if self.stderr.iter().any(|l| l.contains(needle))
+            || self.read_until(needle, Instant::now() + within, || false)
+        {
             return Ok(());
         }
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    self.stderr.push(line);
-                    if found {
-                        return Ok(());
-                    }
-                }
-                Err(_) => bail!(
-                    "no stderr line with {needle:?} within {} s; its stderr:\n{}",
-                    within.as_secs(),
-                    self.stderr.join("\n")
-                ),
-            }
-        }
+        bail!(
+            "no stderr line with {needle:?} within {} s; its stderr:\n{}",
+            within.as_secs(),
+            self.stderr.join("\n")
+        )
     }
 
     /// Sends `sig` without waiting.

@@ -92,18 +92,20 @@ pub fn create(ebpf: &mut aya::Ebpf, plan: &RingPlan) -> Result<(Vec<RingBuf<MapD
         .as_fd()
         .try_clone_to_owned()
         .context("duplicating the event ring array's descriptor")?;
-    let outer = MapData::from_fd(fd).context("the event ring array")?;
+    let outer: ArrayOfMaps<MapData, RingBuf<MapData>> = ArrayOfMaps::try_from(Map::ArrayOfMaps(
+        MapData::from_fd(fd).context("the event ring array")?,
+    ))
+    .context("the event ring array")?;
     let mut adder = RingAdder {
-        outer: ArrayOfMaps::try_from(Map::ArrayOfMaps(outer)).context("the event ring array")?,
+        slots: outer.len(),
+        outer,
         bytes_each: plan.bytes_each,
-        slots: 0,
         have: BTreeSet::new(),
     };
-    adder.slots = adder.outer.len();
     let rings = plan
         .cpus
         .iter()
-        .map(|&cpu| adder.install(cpu))
+        .map(|&cpu| adder.add(cpu))
         .collect::<Result<_>>()?;
     Ok((rings, adder))
 }
@@ -114,13 +116,16 @@ pub struct RingAdder {
     bytes_each: u32,
     /// Slots of the array (the possible CPUs).
     slots: u32,
-    /// CPUs that have a ring.
+    /// CPUs that have a ring, or whose ring could not be made.
     have: BTreeSet<u32>,
 }
 
 impl RingAdder {
-    /// Creates CPU `cpu`'s ring and puts it in its slot.
-    fn install(&mut self, cpu: u32) -> Result<RingBuf<MapData>> {
+    /// Gives CPU `cpu` its ring: created, put in its slot, and returned for
+    /// the reader. A CPU whose ring cannot be made is not tried again (its
+    /// events stay counted as lost).
+    pub fn add(&mut self, cpu: u32) -> Result<RingBuf<MapData>> {
+        self.have.insert(cpu);
         let bytes = self.bytes_each;
         let def = aya_obj::Map::new_from_params(MAP_TYPE_RINGBUF, 0, 0, bytes, 0);
         // Every ring carries the one name, so the metrics find them all.
@@ -131,7 +136,6 @@ impl RingAdder {
         self.outer
             .set(cpu, &ring, 0)
             .with_context(|| format!("installing the event ring of CPU {cpu}"))?;
-        self.have.insert(cpu);
         Ok(ring)
     }
 
@@ -144,15 +148,6 @@ impl RingAdder {
             .into_iter()
             .filter(|c| *c < self.slots && !self.have.contains(c))
             .collect())
-    }
-
-    /// Gives CPU `cpu` (online, without a ring) its ring: created and
-    /// installed, returned for the reader. A CPU whose ring cannot be made
-    /// is not tried again (its events stay counted as lost).
-    pub fn add(&mut self, cpu: u32) -> Result<RingBuf<MapData>> {
-        let ring = self.install(cpu);
-        self.have.insert(cpu);
-        ring
     }
 }
 

@@ -477,7 +477,8 @@ impl Engine {
         tracing::debug!(
             count,
             total,
-            "ring buffer full: events lost; raise --ring-size"
+            no_ring,
+            "events lost (ring buffer full, or on a CPU without its ring yet)"
         );
         let ctx = self.ctx();
         consumer.lost(count, total, Clock::mono_now_ns(), &ctx)
