@@ -1,6 +1,7 @@
 //! [`Clock`]: turns the kernel's CLOCK_MONOTONIC stamps into wall-clock
 //! time. The bottom layer: everything that prints or ages a stamp uses it.
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Converts the kernel's CLOCK_MONOTONIC stamps to wall-clock time.
@@ -70,30 +71,66 @@ const DIGIT_PAIRS: [u8; 200] = {
     t
 };
 
+/// `2025-11-24T16:00:01.`: a second's text, up to the fraction.
+type SecondText = [u8; 20];
+
+thread_local! {
+    /// The second this thread formatted last, and its text. Consecutive
+    /// events nearly always share their second, and the date and time of
+    /// day were most of a timestamp's cost (a profile under churn: 4 % of
+    /// the engine thread), so only the sub-second digits are formatted
+    /// per event. `u64::MAX` (no second of a `u64` of nanoseconds) until
+    /// the first.
+    static LAST_SECOND: Cell<(u64, SecondText)> = const { Cell::new((u64::MAX, [0; 20])) };
+}
+
+/// Two digits of `v % 100` at `b[at..at + 2]`.
+#[inline(always)]
+fn put2(b: &mut [u8], at: usize, v: u64) {
+    let i = (v % 100) as usize * 2;
+    b[at..at + 2].copy_from_slice(&DIGIT_PAIRS[i..i + 2]);
+}
+
+/// The text of second `secs` since the Unix epoch, up to the fraction.
+fn second_text(secs: u64) -> SecondText {
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let sod = secs % 86_400;
+    let mut b = *b"0000-00-00T00:00:00.";
+    // Two digits at a time: half the divisions of one at a time.
+    put2(&mut b, 0, year / 100);
+    put2(&mut b, 2, year);
+    put2(&mut b, 5, month);
+    put2(&mut b, 8, day);
+    put2(&mut b, 11, sod / 3600);
+    put2(&mut b, 14, sod / 60 % 60);
+    put2(&mut b, 17, sod % 60);
+    b
+}
+
 impl Rfc3339 {
     /// From nanoseconds since the Unix epoch (any `u64`: years 1970–2554).
     pub fn from_unix_ns(ns: u64) -> Rfc3339 {
         let secs = ns / 1_000_000_000;
+        let second = LAST_SECOND.with(|last| match last.get() {
+            (s, text) if s == secs => text,
+            _ => {
+                let text = second_text(secs);
+                last.set((secs, text));
+                text
+            }
+        });
+        Self::from_second(second, ns)
+    }
+
+    /// `second` (the text of `ns`'s second) and `ns`'s microseconds.
+    #[inline(always)]
+    fn from_second(second: SecondText, ns: u64) -> Rfc3339 {
         let micros = (ns % 1_000_000_000) / 1_000;
-        let (year, month, day) = civil_from_days(secs / 86_400);
-        let sod = secs % 86_400;
         let mut b = *b"0000-00-00T00:00:00.000000Z";
-        // Two digits at a time: half the divisions of one at a time, on
-        // the per-event path.
-        let mut put2 = |at: usize, v: u64| {
-            let i = (v % 100) as usize * 2;
-            b[at..at + 2].copy_from_slice(&DIGIT_PAIRS[i..i + 2]);
-        };
-        put2(0, year / 100);
-        put2(2, year);
-        put2(5, month);
-        put2(8, day);
-        put2(11, sod / 3600);
-        put2(14, sod / 60 % 60);
-        put2(17, sod % 60);
-        put2(20, micros / 10_000);
-        put2(22, micros / 100);
-        put2(24, micros);
+        b[..20].copy_from_slice(&second);
+        put2(&mut b, 20, micros / 10_000);
+        put2(&mut b, 22, micros / 100);
+        put2(&mut b, 24, micros);
         Rfc3339(b)
     }
 
@@ -182,6 +219,60 @@ mod tests {
                 humantime_micros(ns),
                 "day {d}"
             );
+        }
+    }
+
+    /// The text of `ns` computed whole, without the cached second.
+    fn uncached(ns: u64) -> String {
+        let second = second_text(ns / 1_000_000_000);
+        Rfc3339::from_second(second, ns).to_string()
+    }
+
+    #[test]
+    fn cached_second_matches_the_whole_computation_across_boundaries() {
+        let s = 1_000_000_000u64;
+        let day = 86_400 * s;
+        // Ends of seconds, minutes, days, months and years, leap days
+        // (2024-02-29, 2000-02-29, none in 2100), and the last second.
+        let edges = [
+            s,
+            60 * s,
+            day,
+            1_706_745_600 * s, // 2024-02-01
+            1_709_164_800 * s, // 2024-02-29
+            1_709_251_200 * s, // 2024-03-01
+            1_735_689_600 * s, // 2025-01-01
+            951_782_400 * s,   // 2000-02-29
+            4_107_542_400 * s, // 2100-03-01
+            u64::MAX / s * s,  // 2554-07-21T23:34:33
+        ];
+        let mut stamps = Vec::new();
+        for e in edges {
+            // Either side of the boundary, in order, then back across it
+            // (the cache holds one second and must not serve it for
+            // another), down to the nanosecond.
+            for d in [3 * s, s + 1, s, s - 1, 1_000, 1, 0] {
+                stamps.push(e.saturating_sub(d));
+            }
+            for d in [0, 1, 999, 1_000, s - 1, s, s + 1] {
+                stamps.push(e.saturating_add(d));
+            }
+            stamps.extend([e - 1, e, e - 1, e.saturating_add(999_999_999), e]);
+        }
+        // Random stamps, each followed by a few in the same second or the next.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            stamps.push(x);
+            stamps.push(x.saturating_add(x % 1_500_000_000));
+        }
+        stamps.push(u64::MAX);
+        for ns in stamps {
+            let cached = Rfc3339::from_unix_ns(ns).to_string();
+            assert_eq!(cached, uncached(ns), "{ns}");
+            assert_eq!(cached, humantime_micros(ns), "{ns}");
         }
     }
 
