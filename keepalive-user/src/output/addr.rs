@@ -1,7 +1,7 @@
 //! IP addresses as the wire types write them, formatted on the stack: the
 //! text of `IpAddr`'s `Display` without a `String` or the `fmt` machinery
-//! per record (IPv4 by hand; IPv6, rare on the hot path, through `Display`
-//! into a stack buffer).
+//! per record (IPv4 by hand, from a table of the 256 octets' texts; IPv6,
+//! rare on the hot path, through `Display` into a stack buffer).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,18 +22,13 @@ impl AddrText {
             len: 0,
         };
         match addr {
-            IpAddr::V4(a) => v4_text(a, |b| t.push(b)),
+            IpAddr::V4(a) => t.len = v4_text(a, &mut t.buf),
             // Cannot fail: the longest form fits the buffer.
             IpAddr::V6(a) => {
                 let _ = write!(t, "{a}");
             }
         }
         t
-    }
-
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
     }
 
     /// The text's bytes (ASCII), for writers that take bytes.
@@ -57,30 +52,54 @@ impl std::fmt::Write for AddrText {
     }
 }
 
-/// An IPv4 address's text, a byte at a time to `push`.
-#[inline(always)]
-fn v4_text(a: Ipv4Addr, mut push: impl FnMut(u8)) {
-    for (i, octet) in a.octets().into_iter().enumerate() {
-        if i > 0 {
-            push(b'.');
-        }
-        if octet >= 100 {
-            push(b'0' + octet / 100);
-        }
-        if octet >= 10 {
-            push(b'0' + octet / 10 % 10);
-        }
-        push(b'0' + octet % 10);
+/// Longest IPv4 text (`255.255.255.255`, 15 bytes) and a dot.
+const V4_CAP: usize = 16;
+
+/// Each octet's text and a dot (`0.`, `10.`, `255.`), zero-padded to 4
+/// bytes, and its length with the dot.
+const OCTET_DOT: [([u8; 4], u8); 256] = {
+    let mut t = [([0u8; 4], 0u8); 256];
+    let mut o = 0;
+    while o < 256 {
+        let (h, d, u) = ((o / 100) as u8, (o / 10 % 10) as u8, (o % 10) as u8);
+        t[o] = if o >= 100 {
+            ([b'0' + h, b'0' + d, b'0' + u, b'.'], 4)
+        } else if o >= 10 {
+            ([b'0' + d, b'0' + u, b'.', 0], 3)
+        } else {
+            ([b'0' + u, b'.', 0, 0], 2)
+        };
+        o += 1;
     }
+    t
+};
+
+/// Writes an IPv4 address's text at the start of `buf` (at least
+/// [`V4_CAP`] bytes) and returns its length: each octet's text and dot copied whole (4 bytes, a
+/// constant-size copy) at the end of the last, the last dot cut off.
+#[inline(always)]
+fn v4_text(a: Ipv4Addr, buf: &mut [u8]) -> usize {
+    let mut at = 0;
+    for octet in a.octets() {
+        let (text, len) = OCTET_DOT[usize::from(octet)];
+        buf[at..at + 4].copy_from_slice(&text);
+        at += usize::from(len);
+    }
+    at - 1
 }
 
 /// Appends an address's text (as [`AddrText`] has it) to `out`: IPv4
-/// straight into it, without the stack buffer and its copy.
+/// written in place (the buffer grows by the longest text, a
+/// constant-size store, and is cut back), without the stack buffer of
+/// `AddrText` and its copy of a length known only at run time.
+#[inline]
 pub fn push_addr(out: &mut Vec<u8>, addr: IpAddr) {
     match addr {
         IpAddr::V4(a) => {
-            out.reserve(15);
-            v4_text(a, |b| out.push(b));
+            let start = out.len();
+            out.extend_from_slice(&[0; V4_CAP]);
+            let len = v4_text(a, &mut out[start..]);
+            out.truncate(start + len);
         }
         IpAddr::V6(_) => out.extend_from_slice(AddrText::new(addr).as_bytes()),
     }
