@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::Clock;
 use super::addr::{AddrOut, push_addr};
+use super::append::{SHORT, push_i64, push_short, push_u64};
 use crate::clock::Rfc3339;
 use crate::events::{Detail, Event, Kind, Owner, state_name};
 use crate::table::ConnId;
@@ -108,31 +109,34 @@ impl<'a> ObjectWriter<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn uint(&mut self, key: &'static str, v: impl Into<u64>) -> io::Result<()> {
         self.key(key);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(v.into()).as_bytes());
+        push_u64(self.out, v.into());
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn int(&mut self, key: &'static str, v: impl Into<i64>) -> io::Result<()> {
         self.key(key);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(v.into()).as_bytes());
+        push_i64(self.out, v.into());
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn bool(&mut self, key: &'static str, v: bool) -> io::Result<()> {
         self.key(key);
-        self.out
-            .extend_from_slice(if v { b"true" } else { b"false" });
+        // Two copies of a constant size: one of a length chosen at run
+        // time would be a `memmove` call.
+        if v {
+            self.out.extend_from_slice(b"true");
+        } else {
+            self.out.extend_from_slice(b"false");
+        }
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn null(&mut self, key: &'static str) -> io::Result<()> {
         self.key(key);
         self.out.extend_from_slice(b"null");
@@ -141,20 +145,26 @@ impl<'a> ObjectWriter<'a> {
 
     /// A string that holds no byte JSON escapes (a name from a fixed set,
     /// a timestamp, an address): written without the scan.
-    #[inline]
+    #[inline(always)]
     pub fn plain(&mut self, key: &'static str, v: &[u8]) -> io::Result<()> {
         debug_assert!(needs_no_escape(v), "{:?}", String::from_utf8_lossy(v));
         self.key(key);
         self.out.push(b'"');
-        self.out.extend_from_slice(v);
+        push_short(self.out, v);
         self.out.push(b'"');
         Ok(())
     }
 
-    /// Text from outside (a process name, a reason): escaped by serde_json.
-    #[inline]
+    /// Text from outside (a process name, a reason): escaped by serde_json,
+    /// unless it is short and holds nothing to escape (a process name,
+    /// nearly always), which serde_json would write as it is.
+    #[inline(always)]
     pub fn text(&mut self, key: &'static str, v: &str) -> io::Result<()> {
-        self.serde(key, v)
+        if v.len() <= SHORT && needs_no_escape(v.as_bytes()) {
+            self.plain(key, v.as_bytes())
+        } else {
+            self.serde(key, v)
+        }
     }
 
     /// Any serde value, written by serde_json.
@@ -164,7 +174,7 @@ impl<'a> ObjectWriter<'a> {
         serde_json::to_writer(&mut *self.out, v).map_err(io::Error::other)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn opt_uint(&mut self, key: &'static str, v: Option<impl Into<u64>>) -> io::Result<()> {
         match v {
             Some(v) => self.uint(key, v),
@@ -172,7 +182,7 @@ impl<'a> ObjectWriter<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn opt_text(&mut self, key: &'static str, v: Option<&str>) -> io::Result<()> {
         match v {
             Some(v) => self.text(key, v),
@@ -181,7 +191,7 @@ impl<'a> ObjectWriter<'a> {
     }
 
     /// An address as its text, `null` when unknown.
-    #[inline]
+    #[inline(always)]
     pub fn addr(&mut self, key: &'static str, v: Option<IpAddr>) -> io::Result<()> {
         match v {
             Some(a) => {

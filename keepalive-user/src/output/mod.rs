@@ -4,6 +4,7 @@
 //! (the output format, the clock, broken-pipe handling).
 
 pub mod addr;
+pub mod append;
 pub mod diag;
 pub mod file;
 pub mod json;
