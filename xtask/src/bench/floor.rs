@@ -10,7 +10,8 @@
 //!   with clang and loaded here): empty, a timestamp, and a timestamp plus
 //!   one 64-byte record into this CPU's ring, read by a thread. The last is
 //!   the least any program emitting one event per state change can cost:
-//!   `ka_state`'s full stream is that and the socket's fields.
+//!   `ka_state`'s full stream is that and the socket's fields. And an empty
+//!   tp_btf program on `timer_expire_entry`, as the timer hooks are.
 //!
 //! Published per-hook costs (ebpf_exporter's 15 ns empty, 35 ns with a map
 //! update) come from bare metal; a virtual machine's timer and cache costs
@@ -40,8 +41,8 @@ use super::{Config, check_interrupted};
 enum Floor {
     /// A bpftrace script that prints "ready" once attached.
     Bpftrace(&'static str),
-    /// A program of [`TP_BTF_SOURCE`], attached to `inet_sock_set_state`.
-    TpBtf(&'static str),
+    /// A program of [`TP_BTF_SOURCE`] and its tracepoint.
+    TpBtf(&'static str, &'static str),
 }
 
 const PROGRAMS: &[(&str, Floor)] = &[
@@ -65,11 +66,21 @@ const PROGRAMS: &[(&str, Floor)] = &[
         "empty, on timer_expire_entry",
         Floor::Bpftrace(r#"BEGIN { printf("ready\n"); } tracepoint:timer:timer_expire_entry { }"#),
     ),
-    ("tp_btf: empty", Floor::TpBtf("floor_empty")),
-    ("tp_btf: timestamp", Floor::TpBtf("floor_clock")),
+    (
+        "tp_btf: empty",
+        Floor::TpBtf("floor_empty", "inet_sock_set_state"),
+    ),
+    (
+        "tp_btf: timestamp",
+        Floor::TpBtf("floor_clock", "inet_sock_set_state"),
+    ),
     (
         "tp_btf: timestamp + 64 B to ring",
-        Floor::TpBtf("floor_emit"),
+        Floor::TpBtf("floor_emit", "inet_sock_set_state"),
+    ),
+    (
+        "tp_btf: empty, timer_expire_entry",
+        Floor::TpBtf("floor_timer_empty", "timer_expire_entry"),
     ),
 ];
 
@@ -112,8 +123,8 @@ pub fn measure(cfg: &Config, dir: &Path) -> Result<Vec<FloorRow>> {
                 let (_, ids) = held_programs("bpftrace", peer.pid(), |n| !n.contains("BEGIN"))?;
                 (Box::new(peer), ids, script)
             }
-            Floor::TpBtf(program) => {
-                let attached = TpBtfFloor::attach(&object, program)?;
+            Floor::TpBtf(program, tracepoint) => {
+                let attached = TpBtfFloor::attach(&object, program, tracepoint)?;
                 let ids = vec![attached.id];
                 (Box::new(attached), ids, program)
             }
@@ -193,7 +204,7 @@ struct TpBtfFloor {
 }
 
 impl TpBtfFloor {
-    fn attach(object: &[u8], program: &str) -> Result<TpBtfFloor> {
+    fn attach(object: &[u8], program: &str, tracepoint: &str) -> Result<TpBtfFloor> {
         let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let mut ebpf = Ebpf::load(object).context("loading the tp_btf floor object")?;
         let mut rings = Vec::with_capacity(TP_BTF_RINGS);
@@ -208,7 +219,7 @@ impl TpBtfFloor {
             .with_context(|| format!("the floor object has no {program}"))?
             .try_into()
             .with_context(|| format!("{program} is not a tp_btf program"))?;
-        prog.load("inet_sock_set_state", &btf)
+        prog.load(tracepoint, &btf)
             .with_context(|| format!("loading {program}"))?;
         prog.attach()
             .with_context(|| format!("attaching {program}"))?;

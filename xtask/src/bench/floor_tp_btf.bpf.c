@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 //
 // The bench's tp_btf floor programs: the least a program of `ka_state`'s
-// kind (tp_btf on inet_sock_set_state) can cost on this machine. Built by
-// `cargo xtask bench` with clang (no libbpf headers needed) and loaded with
-// aya; the bench attaches one at a time:
+// kind (tp_btf on inet_sock_set_state) or of the timer hooks' can cost on
+// this machine. Built by `cargo xtask bench` with clang (no libbpf headers
+// needed) and loaded with aya; the bench attaches one at a time:
 //
 //   floor_empty   returns at once: the hook's dispatch alone.
 //   floor_clock   takes a timestamp (bpf_ktime_get_ns), as every event does.
@@ -11,6 +11,8 @@
 //                 CPU's ring, read by a thread every 20 ms, without waking
 //                 it: the skeleton of every event `ka_state` emits, with no
 //                 socket field read, no filter and no counter.
+//   floor_timer_empty  returns at once, on timer_expire_entry: the timer
+//                 hooks' dispatch alone.
 //
 // Rings: one per CPU as keepalive has, for CPUs 0-7 (higher CPUs share
 // them, which only makes the floor dearer on bigger machines).
@@ -88,6 +90,13 @@ int floor_emit(u64 *ctx)
     rec[6] = 0;
     rec[7] = 0;
     bpf_ringbuf_submit(rec, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+
+// TP_PROTO(struct timer_list *timer, unsigned long baseclk)
+SEC("tp_btf/timer_expire_entry")
+int floor_timer_empty(u64 *ctx)
+{
     return 0;
 }
 

@@ -260,13 +260,13 @@ fn write_floor(o: &mut String, rows: &[FloorRow], cfg: &Config) -> fmt::Result {
     )?;
     writeln!(
         o,
-        "{:<34} {:>12} {:>11} {:>9}",
+        "{:<36} {:>12} {:>11} {:>9}",
         "program", "churn conn/s", "runs", "ns/run"
     )?;
     for r in rows {
         writeln!(
             o,
-            "{:<34} {:>12.0} {:>11} {:>9}",
+            "{:<36} {:>12.0} {:>11} {:>9}",
             r.name,
             r.churn_conn_per_s,
             r.run_cnt,
