@@ -44,6 +44,18 @@ pub fn push_u64(out: &mut Vec<u8>, v: u64) {
     let digits = &mut out[start..start + len];
     let mut end = len;
     let mut v = v;
+    if v >= 100_000_000 {
+        // The last eight digits as two halves that do not wait on each
+        // other (a stamp in nanoseconds has 13 to 16 digits).
+        let low = (v % 100_000_000) as u32;
+        v /= 100_000_000;
+        let (a, b) = ((low / 10_000) as usize, (low % 10_000) as usize);
+        end -= 8;
+        digits[end..end + 2].copy_from_slice(&DIGIT_PAIRS[a / 100]);
+        digits[end + 2..end + 4].copy_from_slice(&DIGIT_PAIRS[a % 100]);
+        digits[end + 4..end + 6].copy_from_slice(&DIGIT_PAIRS[b / 100]);
+        digits[end + 6..end + 8].copy_from_slice(&DIGIT_PAIRS[b % 100]);
+    }
     while v >= 10_000 {
         let r = (v % 10_000) as usize;
         v /= 10_000;
