@@ -220,8 +220,9 @@ fn decode_to_json_lines<M: Measurement>(c: &mut Criterion<M>, group: &str) {
             || ConnTable::new(1 << 20, Thresholds::default()),
             |table| {
                 for (i, r) in rounds.iter().enumerate() {
-                    if let Some(e) = decode(black_box(r), &reasons) {
-                        black_box(table.apply(&e, e.ts_mono_ns));
+                    if let Some(mut e) = decode(black_box(r), &reasons) {
+                        let ts = e.ts_mono_ns;
+                        black_box(table.apply(&mut e, ts));
                         file.line_with(|b| write_line(b, &EventOut::new(&e, &clock)))
                             .expect("/dev/null takes it");
                     }
