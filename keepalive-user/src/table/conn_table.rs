@@ -370,7 +370,10 @@ impl ConnTable {
     /// reset of an abortive close and the timeout of an abort, which come
     /// after the CLOSE, still name it. The same look-up of the cookie
     /// serves both: every event takes this path.
-    pub fn apply(&mut self, ev: &mut Event, now_ns: u64) -> Option<VerdictChange> {
+    ///
+    /// A change is rare and large (hundreds of bytes): boxed, so that each
+    /// event returns a pointer's width instead of copying it through.
+    pub fn apply(&mut self, ev: &mut Event, now_ns: u64) -> Option<Box<VerdictChange>> {
         let cookie = ev.cookie;
         if cookie == 0 {
             return None;
@@ -419,7 +422,7 @@ impl ConnTable {
             };
             let mut conn = Self::conn_from_event(ev);
             conn.timed_out = Some(cause);
-            return Self::judge_against(&conn, verdict, &t);
+            return Self::judge_against(&conn, verdict, &t).map(Box::new);
         }
         // A connection born after the last walk.
         self.make_room();
@@ -467,7 +470,12 @@ impl ConnTable {
     /// Applies an event to a tracked connection, in place (its owners stay
     /// shared, not copied), and judges it against the verdict last
     /// reported; returns the change, if any.
-    fn update(e: &mut Entry, ev: &Event, cookie: u64, t: &Thresholds) -> Option<VerdictChange> {
+    fn update(
+        e: &mut Entry,
+        ev: &Event,
+        cookie: u64,
+        t: &Thresholds,
+    ) -> Option<Box<VerdictChange>> {
         if let Some(o) = &ev.owner {
             e.conn.own_if_unowned(o);
         }
@@ -478,11 +486,11 @@ impl ConnTable {
         });
         let (old, new) = Self::news(&mut e.verdict, new)?;
         // Unpacked whole only here: most events change no verdict.
-        Some(VerdictChange {
+        Some(Box::new(VerdictChange {
             conn: e.conn.conn(cookie),
             old,
             new,
-        })
+        }))
     }
 
     /// What one event's detail tells of its connection (its owner:
@@ -1166,7 +1174,7 @@ mod tests {
                 let now = 10 + i as u64;
                 let (mut ev_fast, mut ev_slow) = (ev.clone(), ev);
                 let change_fast = fast.apply(&mut ev_fast, now);
-                let change_slow = apply_unpacked(&mut slow, &mut ev_slow, now);
+                let change_slow = apply_unpacked(&mut slow, &mut ev_slow, now).map(Box::new);
                 prop_assert_eq!(&ev_fast, &ev_slow, "event {} filled", i);
                 prop_assert_eq!(&change_fast, &change_slow, "event {}: {:?}", i, ev_fast);
                 prop_assert_eq!(held_of(&fast, cookie), held_of(&slow, cookie), "event {}", i);
