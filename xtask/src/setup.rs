@@ -40,8 +40,10 @@ pub const PACKAGES: &[&str] = &[
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Debian packages `cargo xtask bench` needs besides: bpftrace runs the
-/// peer row (the same workloads under a bpftrace script).
-pub const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+/// peer row (the same workloads under a bpftrace script); clang builds
+/// the tp_btf floor programs (bench/floor_tp_btf.bpf.c), from the same
+/// LLVM 22 as the eBPF toolchain.
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "clang-22"];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -60,9 +60,10 @@ struct Opts {
     /// Leave out the bpftrace peer row.
     #[arg(long)]
     no_peer: bool,
-    /// Leave out the floor rows (empty, timestamp-only and map-update
-    /// bpftrace programs on the same tracepoint: this machine's cheapest
-    /// possible per-run costs, next to keepalive's).
+    /// Leave out the floor rows (bpftrace: empty, timestamp-only and
+    /// map-update programs on the same tracepoint; tp_btf: empty,
+    /// timestamp-only and timestamp + one ring record: this machine's
+    /// cheapest possible per-run costs, next to keepalive's).
     #[arg(long)]
     no_floor: bool,
     /// Run the snapshot benchmark instead: `keepalive snapshot` against

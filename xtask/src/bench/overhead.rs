@@ -241,7 +241,7 @@ pub fn measure(bin: &Path, cfg: &Config) -> Result<Report> {
     }
     let floor = if cfg.floor {
         check_interrupted()?;
-        floor::measure(cfg)?
+        floor::measure(cfg, &super::summary_dir(bin).join("floor"))?
     } else {
         Vec::new()
     };

@@ -255,18 +255,18 @@ fn write_floor(o: &mut String, rows: &[FloorRow], cfg: &Config) -> fmt::Result {
     }
     writeln!(
         o,
-        "\nfloor on this machine: the cheapest programs on inet_sock_set_state (unless named; bpftrace), {} s churn each, BPF run-time statistics on",
+        "\nfloor on this machine: the cheapest programs on inet_sock_set_state (unless named; bpftrace, or tp_btf as keepalive's hooks), {} s churn each, BPF run-time statistics on",
         cfg.dur.as_secs()
     )?;
     writeln!(
         o,
-        "{:<30} {:>12} {:>11} {:>9}",
+        "{:<36} {:>12} {:>11} {:>9}",
         "program", "churn conn/s", "runs", "ns/run"
     )?;
     for r in rows {
         writeln!(
             o,
-            "{:<30} {:>12.0} {:>11} {:>9}",
+            "{:<36} {:>12.0} {:>11} {:>9}",
             r.name,
             r.churn_conn_per_s,
             r.run_cnt,
