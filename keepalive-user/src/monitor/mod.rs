@@ -334,13 +334,9 @@ impl Engine {
         }
         // The table knows the `connect()` owner (from the `→ SYN_SENT`
         // record), and the holders of connections opened before the
-        // monitor started from the walk.
-        if ev.owner.is_none()
-            && let Some(o) = self.table.as_ref().and_then(|t| t.first_owner(ev.cookie))
-        {
-            ev.owner = Some(o.clone());
-        }
-        let change = self.table.as_mut().and_then(|t| t.apply(&ev, mono_ns));
+        // monitor started from the walk: applying the event gives it the
+        // owner when it has none.
+        let change = self.table.as_mut().and_then(|t| t.apply(&mut ev, mono_ns));
         let ctx = self.ctx();
         let mut flow = consumer.event(&ev, &ctx)?;
         if let Some(ch) = change

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use keepalive_common::ConnStats;
 
 use super::packed::{Owners, Packed};
-use super::verdict::{Thresholds, Verdict, judge};
+use super::verdict::{Thresholds, Verdict, judge, judge_held};
 use super::{
     Conn, ConnId, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT, Timer, TimerKind,
 };
@@ -172,7 +172,18 @@ impl ConnTable {
         verdict: &mut Verdict,
         thresholds: &Thresholds,
     ) -> Option<VerdictChange> {
-        let new = judge(conn, thresholds);
+        let (old, new) = Self::news(verdict, judge(conn, thresholds))?;
+        // Copied only here: most events change no verdict.
+        Some(VerdictChange {
+            conn: conn.clone(),
+            old,
+            new,
+        })
+    }
+
+    /// Records `new` in `verdict`; returns the old and the new one when
+    /// that is news.
+    fn news(verdict: &mut Verdict, new: Verdict) -> Option<(Verdict, Verdict)> {
         if new == *verdict {
             return None;
         }
@@ -182,12 +193,7 @@ impl ConnTable {
         if old.name() == new.name() && old.reason_code() == new.reason_code() {
             return None;
         }
-        // Copied only here: most events change no verdict.
-        Some(VerdictChange {
-            conn: conn.clone(),
-            old,
-            new,
-        })
+        Some((old, new))
     }
 
     /// Replaces the table with a fresh walk of the kernel's sockets.
@@ -357,18 +363,43 @@ impl ConnTable {
     }
 
     /// Applies one event; returns the verdict change it caused.
-    pub fn apply(&mut self, ev: &Event, now_ns: u64) -> Option<VerdictChange> {
-        if ev.cookie == 0 {
+    ///
+    /// An event without an owner gets the first owner of its connection as
+    /// the table knows it, live or recently closed: the `connect()` owner
+    /// (from its `→ SYN_SENT` record) or the holder a walk found; so the
+    /// reset of an abortive close and the timeout of an abort, which come
+    /// after the CLOSE, still name it. The same look-up of the cookie
+    /// serves both: every event takes this path.
+    ///
+    /// A change is rare and large (hundreds of bytes): boxed, so that each
+    /// event returns a pointer's width instead of copying it through.
+    pub fn apply(&mut self, ev: &mut Event, now_ns: u64) -> Option<Box<VerdictChange>> {
+        let cookie = ev.cookie;
+        if cookie == 0 {
             return None;
         }
         let t = self.thresholds;
         // A closed socket that connects again (after a disconnect, with the
         // same cookie) is a new connection, with the owner of this connect().
-        if matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT) {
-            self.tombstones.remove(&ev.cookie);
+        let connects = matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT);
+        let closes = matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_CLOSE);
+        if let Some(e) = self.live.get_mut(&cookie) {
+            Self::fill_owner(ev, e);
+            e.touched_ns = now_ns;
+            let change = Self::update(e, ev, cookie, &t);
+            if connects {
+                self.tombstones.remove(&cookie);
+            }
+            if closes && let Some(e) = self.live.remove(&cookie) {
+                self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+            }
+            return change;
         }
-        if !self.live.contains_key(&ev.cookie) {
-            if let Some((e, _)) = self.tombstones.get_mut(&ev.cookie) {
+        if let Some((e, _)) = self.tombstones.get_mut(&cookie) {
+            Self::fill_owner(ev, e);
+            if connects {
+                self.tombstones.remove(&cookie);
+            } else {
                 // Closed, or a walk no longer finds it. The kernel reports
                 // ETIMEDOUT after it closed the socket; and the engine
                 // drains the ring after a walk, which takes seconds on a
@@ -379,60 +410,92 @@ impl ConnTable {
                 if matches!(ev.detail, Detail::StateChange { .. }) {
                     return None;
                 }
-                let mut conn = e.conn.conn(ev.cookie);
-                Self::apply_detail(&mut conn, ev);
-                return Self::store(e, &conn, None, &t);
+                return Self::update(e, ev, cookie, &t);
             }
-            // Beyond the cap: walks judge it (an event alone knows too
-            // little of it, and would flap its verdict), except for the
-            // kernel giving up on it, which no walk will see.
-            if let Some(verdict) = self.overflow.get_mut(&ev.cookie) {
-                let Detail::Timeout { cause, .. } = ev.detail else {
-                    return None;
-                };
-                let mut conn = Self::conn_from_event(ev);
-                conn.timed_out = Some(cause);
-                return Self::judge_against(&conn, verdict, &t);
-            }
-            // A connection born after the last walk.
-            self.make_room();
-            let conn = Self::conn_from_event(ev);
-            let shared = self.event_owners.clone();
-            let conn = Packed::new(&conn, shared.as_ref());
-            if conn.owners().is_some() {
-                self.event_owners = conn.owners().cloned();
-            }
-            self.live.insert(
-                ev.cookie,
-                Box::new(Entry {
-                    conn,
-                    verdict: Verdict::Healthy,
-                    touched_ns: now_ns,
-                }),
-            );
         }
-        let e = self.live.get_mut(&ev.cookie)?;
-        e.touched_ns = now_ns;
-        let mut c = e.conn.conn(ev.cookie);
-        Self::apply_detail(&mut c, ev);
-        let change = Self::store(e, &c, None, &t);
-        if let Detail::StateChange { new, .. } = ev.detail
-            && new == TCP_CLOSE
-            && let Some(e) = self.live.remove(&ev.cookie)
-        {
-            self.tombstones
-                .insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
+        // Beyond the cap: walks judge it (an event alone knows too little
+        // of it, and would flap its verdict), except for the kernel giving
+        // up on it, which no walk will see.
+        if let Some(verdict) = self.overflow.get_mut(&cookie) {
+            let Detail::Timeout { cause, .. } = ev.detail else {
+                return None;
+            };
+            let mut conn = Self::conn_from_event(ev);
+            conn.timed_out = Some(cause);
+            return Self::judge_against(&conn, verdict, &t).map(Box::new);
+        }
+        // A connection born after the last walk.
+        self.make_room();
+        let mut e = Box::new(Entry {
+            conn: self.packed_from_event(ev),
+            verdict: Verdict::Healthy,
+            touched_ns: now_ns,
+        });
+        let change = Self::update(&mut e, ev, cookie, &t);
+        if closes {
+            self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+        } else {
+            self.live.insert(cookie, e);
         }
         change
     }
 
-    /// What one event tells of its connection.
-    fn apply_detail(c: &mut Conn, ev: &Event) {
-        if c.owners.is_empty()
-            && let Some(o) = &ev.owner
-        {
-            c.owners.push(o.clone());
+    /// Gives an event without an owner the first owner of its connection.
+    fn fill_owner(ev: &mut Event, e: &Entry) {
+        if ev.owner.is_none() {
+            ev.owner = e.conn.first_owner().cloned();
         }
+    }
+
+    /// What an event alone tells of its connection, packed; its owner is
+    /// shared with the connection an event brought in before when it is
+    /// the same (the next one is usually the same process's).
+    fn packed_from_event(&mut self, ev: &Event) -> Packed {
+        let conn = Conn {
+            id: ConnId::of_event(ev),
+            full: true,
+            ..Conn::default()
+        };
+        let owners = ev.owner.as_ref().map(|o| match &self.event_owners {
+            Some(last) if last.as_slice() == std::slice::from_ref(o) => last.clone(),
+            _ => Owners::new(vec![o.clone()]),
+        });
+        let packed = Packed::owned(&conn, owners);
+        if let Some(o) = packed.owners() {
+            self.event_owners = Some(o.clone());
+        }
+        packed
+    }
+
+    /// Applies an event to a tracked connection, in place (its owners stay
+    /// shared, not copied), and judges it against the verdict last
+    /// reported; returns the change, if any.
+    fn update(
+        e: &mut Entry,
+        ev: &Event,
+        cookie: u64,
+        t: &Thresholds,
+    ) -> Option<Box<VerdictChange>> {
+        if let Some(o) = &ev.owner {
+            e.conn.own_if_unowned(o);
+        }
+        let held = e.conn.held();
+        let new = e.conn.change(cookie, |c| {
+            Self::apply_detail(c, ev);
+            judge_held(c, held, t)
+        });
+        let (old, new) = Self::news(&mut e.verdict, new)?;
+        // Unpacked whole only here: most events change no verdict.
+        Some(Box::new(VerdictChange {
+            conn: e.conn.conn(cookie),
+            old,
+            new,
+        }))
+    }
+
+    /// What one event's detail tells of its connection (its owner:
+    /// [`Packed::own_if_unowned`]).
+    fn apply_detail(c: &mut Conn, ev: &Event) {
         match &ev.detail {
             Detail::StateChange { new, .. } => {
                 c.id.state = *new;
@@ -482,6 +545,7 @@ fn shrink<V>(m: &mut CookieMap<V>) {
 mod tests {
     use super::*;
     use crate::events::{Owner, TimeoutCause};
+    use proptest::prelude::*;
 
     fn conn(cookie: u64) -> Conn {
         Conn {
@@ -548,8 +612,8 @@ mod tests {
 
     /// `owner`'s `connect()` of socket `cookie` (its `→ SYN_SENT`) at `now`.
     fn connect(t: &mut ConnTable, cookie: u64, owner: &Owner, now: u64) {
-        let syn_sent = state_change(cookie, TCP_CLOSE, TCP_SYN_SENT, Some(owner.clone()));
-        t.apply(&syn_sent, now);
+        let mut syn_sent = state_change(cookie, TCP_CLOSE, TCP_SYN_SENT, Some(owner.clone()));
+        t.apply(&mut syn_sent, now);
     }
 
     /// The engine's owner of an event without one when the table is on:
@@ -560,10 +624,10 @@ mod tests {
         let mut t = ConnTable::new(10, Thresholds::default());
         let curl = owner(42, "curl");
         connect(&mut t, 7, &curl, 1);
-        t.apply(&state_change(7, TCP_SYN_SENT, TCP_ESTABLISHED, None), 2);
+        t.apply(&mut state_change(7, TCP_SYN_SENT, TCP_ESTABLISHED, None), 2);
         assert_eq!(t.first_owner(7), Some(&curl));
-        t.apply(&state_change(7, TCP_ESTABLISHED, TCP_CLOSE, None), 3);
-        t.apply(&keepalive_timeout(7), 4);
+        t.apply(&mut state_change(7, TCP_ESTABLISHED, TCP_CLOSE, None), 3);
+        t.apply(&mut keepalive_timeout(7), 4);
         assert_eq!(t.first_owner(7), Some(&curl), "kept after CLOSE");
         // The same socket connects again, from another process.
         let wget = owner(43, "wget");
@@ -605,18 +669,18 @@ mod tests {
         assert!(t.refresh(vec![conn(1)], 0).is_empty());
         // The first probe is not evidence yet: a live peer answers it.
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
+            t.apply(&mut event(1, Detail::KeepaliveProbe { probe: 1 }), 1)
                 .is_none()
         );
         let ch = t
-            .apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
+            .apply(&mut event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
             .expect("verdict change");
         assert_eq!(ch.old, Verdict::Healthy);
         assert_eq!(ch.new.reason_code(), "probes_unanswered");
         assert!(ch.new.reason().contains("1 of 3"), "{}", ch.new.reason());
         // A third probe changes numbers, not the verdict: no news.
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 3 }), 2)
+            t.apply(&mut event(1, Detail::KeepaliveProbe { probe: 3 }), 2)
                 .is_none()
         );
         // The peer answered: the next walk shows no probe outstanding.
@@ -634,15 +698,17 @@ mod tests {
         assert!(t.refresh(vec![conn(1)], 0).is_empty());
         assert!(t.refresh(Vec::new(), 1).is_empty());
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 1 }), 2)
+            t.apply(&mut event(1, Detail::KeepaliveProbe { probe: 1 }), 2)
                 .is_none()
         );
         let ch = t
-            .apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
+            .apply(&mut event(1, Detail::KeepaliveProbe { probe: 2 }), 2)
             .expect("dead before it timed out");
         assert_eq!(ch.new.reason_code(), "probes_unanswered");
         assert!(ch.new.reason().contains("1 of 3"), "{}", ch.new.reason());
-        let ch = t.apply(&keepalive_timeout(1), 3).expect("then timed out");
+        let ch = t
+            .apply(&mut keepalive_timeout(1), 3)
+            .expect("then timed out");
         assert_eq!(ch.new.reason_code(), "timed_out");
     }
 
@@ -667,7 +733,7 @@ mod tests {
         );
         // The event for that same probe arrives afterwards: no flap.
         assert!(
-            t.apply(&event(1, Detail::KeepaliveProbe { probe: 2 }), 1)
+            t.apply(&mut event(1, Detail::KeepaliveProbe { probe: 2 }), 1)
                 .is_none()
         );
         assert_eq!(t.verdict(1).unwrap().reason_code(), "probes_unanswered");
@@ -678,13 +744,13 @@ mod tests {
     fn timeout_then_close_leaves_a_tombstone() {
         let mut t = ConnTable::new(10, Thresholds::default());
         t.refresh(vec![conn(7)], 0);
-        let ch = t.apply(&keepalive_timeout(7), 1).unwrap();
+        let ch = t.apply(&mut keepalive_timeout(7), 1).unwrap();
         assert_eq!(ch.new.reason_code(), "timed_out");
-        t.apply(&event(7, Detail::StateChange { old: 1, new: 7 }), 2);
+        t.apply(&mut event(7, Detail::StateChange { old: 1, new: 7 }), 2);
         assert_eq!(t.len(), 0);
         assert!(t.get(7).is_some(), "tombstone resolves late events");
         // Late events for a tombstone do not resurrect it.
-        assert!(t.apply(&event(7, Detail::ResetReceived), 3).is_none());
+        assert!(t.apply(&mut event(7, Detail::ResetReceived), 3).is_none());
         assert_eq!(t.len(), 0);
         t.refresh(vec![], 2 + TOMBSTONE_NS + 1);
         assert!(t.get(7).is_none());
@@ -694,10 +760,10 @@ mod tests {
     fn timeout_reported_after_close_still_changes_the_verdict() {
         let mut t = ConnTable::new(10, Thresholds::default());
         t.refresh(vec![conn(8)], 0);
-        t.apply(&event(8, Detail::KeepaliveProbe { probe: 3 }), 1);
-        t.apply(&event(8, Detail::StateChange { old: 1, new: 7 }), 2);
+        t.apply(&mut event(8, Detail::KeepaliveProbe { probe: 3 }), 1);
+        t.apply(&mut event(8, Detail::StateChange { old: 1, new: 7 }), 2);
         let ch = t
-            .apply(&keepalive_timeout(8), 3)
+            .apply(&mut keepalive_timeout(8), 3)
             .expect("timed_out is news");
         assert_eq!(ch.old.reason_code(), "probes_unanswered");
         assert_eq!(ch.new.reason_code(), "timed_out");
@@ -748,8 +814,8 @@ mod tests {
         let ch = t.refresh(vec![idle_conn(1, 120_000), idle_conn(2, 120_000)], 0);
         assert_eq!(ch.len(), 2);
         // New connections push both out of the table.
-        t.apply(&event(3, Detail::ResetReceived), 5);
-        t.apply(&event(4, Detail::ResetReceived), 6);
+        t.apply(&mut event(3, Detail::ResetReceived), 5);
+        t.apply(&mut event(4, Detail::ResetReceived), 6);
         assert_eq!(t.evictions, 2);
         let walk = vec![
             idle_conn(1, 120_000),
@@ -759,8 +825,8 @@ mod tests {
         ];
         assert!(t.refresh(walk, 7).is_empty(), "no verdict moved");
         // Their events are not news; the kernel giving up on one is.
-        assert!(t.apply(&event(1, Detail::ResetReceived), 8).is_none());
-        let ch = t.apply(&keepalive_timeout(2), 9).expect("timed out");
+        assert!(t.apply(&mut event(1, Detail::ResetReceived), 8).is_none());
+        let ch = t.apply(&mut keepalive_timeout(2), 9).expect("timed out");
         assert_eq!(ch.old.name(), "unprotected");
         assert_eq!(ch.new.reason_code(), "timed_out");
     }
@@ -769,8 +835,8 @@ mod tests {
     fn cap_evicts_least_recently_touched_and_counts() {
         let mut t = ConnTable::new(2, Thresholds::default());
         t.refresh(vec![conn(1)], 0);
-        t.apply(&event(2, Detail::ResetReceived), 5);
-        t.apply(&event(3, Detail::ResetReceived), 6);
+        t.apply(&mut event(2, Detail::ResetReceived), 5);
+        t.apply(&mut event(3, Detail::ResetReceived), 6);
         assert_eq!(t.len(), 2);
         assert_eq!(t.evictions, 1);
         assert!(t.get(1).is_none());
@@ -782,7 +848,7 @@ mod tests {
         let cap = 640;
         let mut t = ConnTable::new(cap, Thresholds::default());
         for cookie in 1..=5_000u64 {
-            t.apply(&event(cookie, Detail::ResetReceived), cookie);
+            t.apply(&mut event(cookie, Detail::ResetReceived), cookie);
             assert!(t.len() <= cap);
         }
         assert_eq!(t.evictions as usize, 5_000 - t.len());
@@ -836,14 +902,21 @@ mod tests {
             let e = &t.live[&c];
             assert!(std::sync::Arc::ptr_eq(e.conn.owners().unwrap(), &shared));
         }
+        // Events update a connection in place: its owners stay shared.
+        t.apply(&mut event(2, Detail::KeepaliveProbe { probe: 1 }), 1);
+        t.apply(&mut event(2, Detail::StateChange { old: 1, new: 8 }), 1);
+        assert!(std::sync::Arc::ptr_eq(
+            t.live[&2].conn.owners().unwrap(),
+            &shared
+        ));
         // Connections that events bring in share their process's too.
-        t.apply(&event(7, Detail::ResetReceived), 1);
+        t.apply(&mut event(7, Detail::ResetReceived), 1);
         let mut ev = event(8, Detail::ResetReceived);
         ev.owner = Some(conn(1).owners[0].clone());
-        t.apply(&ev, 2);
+        t.apply(&mut ev, 2);
         let mut ev9 = ev.clone();
         ev9.cookie = 9;
-        t.apply(&ev9, 3);
+        t.apply(&mut ev9, 3);
         assert!(std::sync::Arc::ptr_eq(
             t.live[&8].conn.owners().unwrap(),
             t.live[&9].conn.owners().unwrap()
@@ -863,5 +936,249 @@ mod tests {
         t.refresh(vec![conn(1)], 1);
         assert_eq!(t.len(), 1);
         assert_eq!(t.get(1).unwrap().stats, Some(stats));
+    }
+
+    /// The table's event path as it was before it updated entries in
+    /// place: the engine looked the owner up (`first_owner`), then the
+    /// table unpacked the connection (owners copied), applied the event
+    /// and packed it again. The fast path is held to it.
+    fn apply_unpacked(t: &mut ConnTable, ev: &mut Event, now_ns: u64) -> Option<VerdictChange> {
+        if ev.owner.is_none() {
+            ev.owner = t.first_owner(ev.cookie).cloned();
+        }
+        let ev = &*ev;
+        let with_detail = |c: &mut Conn| {
+            if c.owners.is_empty()
+                && let Some(o) = &ev.owner
+            {
+                c.owners.push(o.clone());
+            }
+            ConnTable::apply_detail(c, ev);
+        };
+        if ev.cookie == 0 {
+            return None;
+        }
+        let th = t.thresholds;
+        if matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT) {
+            t.tombstones.remove(&ev.cookie);
+        }
+        if !t.live.contains_key(&ev.cookie) {
+            if let Some((e, _)) = t.tombstones.get_mut(&ev.cookie) {
+                if matches!(ev.detail, Detail::StateChange { .. }) {
+                    return None;
+                }
+                let mut conn = e.conn.conn(ev.cookie);
+                with_detail(&mut conn);
+                return ConnTable::store(e, &conn, None, &th);
+            }
+            if let Some(verdict) = t.overflow.get_mut(&ev.cookie) {
+                let Detail::Timeout { cause, .. } = ev.detail else {
+                    return None;
+                };
+                let mut conn = ConnTable::conn_from_event(ev);
+                conn.timed_out = Some(cause);
+                return ConnTable::judge_against(&conn, verdict, &th);
+            }
+            t.make_room();
+            let conn = ConnTable::conn_from_event(ev);
+            let conn = Packed::new(&conn, t.event_owners.as_ref());
+            if conn.owners().is_some() {
+                t.event_owners = conn.owners().cloned();
+            }
+            t.live.insert(
+                ev.cookie,
+                Box::new(Entry {
+                    conn,
+                    verdict: Verdict::Healthy,
+                    touched_ns: now_ns,
+                }),
+            );
+        }
+        let e = t.live.get_mut(&ev.cookie)?;
+        e.touched_ns = now_ns;
+        let mut c = e.conn.conn(ev.cookie);
+        with_detail(&mut c);
+        let change = ConnTable::store(e, &c, None, &th);
+        if let Detail::StateChange { new, .. } = ev.detail
+            && new == TCP_CLOSE
+            && let Some(e) = t.live.remove(&ev.cookie)
+        {
+            t.tombstones.insert(ev.cookie, (e, now_ns + TOMBSTONE_NS));
+        }
+        change
+    }
+
+    /// Everything the table holds of one connection, as `PartialEq`.
+    fn held_of(t: &ConnTable, cookie: u64) -> impl PartialEq + std::fmt::Debug {
+        let packing = |e: &Entry| {
+            (
+                matches!(e.conn, Packed::Narrow(_)),
+                e.conn.owners().map(|o| (**o).clone()),
+                e.verdict.clone(),
+                e.touched_ns,
+            )
+        };
+        (
+            t.get(cookie),
+            t.live.get(&cookie).map(|e| packing(e)),
+            t.tombstones
+                .get(&cookie)
+                .map(|(e, expires)| (packing(e), *expires)),
+            t.overflow.get(&cookie).cloned(),
+            (t.len(), t.tombstones.len(), t.overflow_len(), t.evictions),
+            t.event_owners.as_deref().cloned(),
+        )
+    }
+
+    /// Where the connection is when its events come.
+    #[derive(Clone, Copy, Debug)]
+    enum Start {
+        /// Not known: the first event brings it in.
+        New,
+        Live,
+        /// Closed: a walk no longer found it.
+        Tombstone,
+        /// Beyond the cap.
+        Overflow,
+        /// Live again after a walk missed it: a tombstone too.
+        Reopened,
+    }
+
+    fn any_detail() -> impl Strategy<Value = Detail> {
+        // Some values beyond what packs narrow (states, probe numbers).
+        let state = prop_oneof![8 => 0u32..=12, 1 => 250u32..=300];
+        prop_oneof![
+            (state.clone(), state).prop_map(|(old, new)| Detail::StateChange { old, new }),
+            (0u32..=12).prop_map(|new| Detail::StateChange { old: 1, new }),
+            prop_oneof![8 => 0u32..=12, 1 => 250u32..=300]
+                .prop_map(|probe| Detail::KeepaliveProbe { probe }),
+            (
+                0u32..4,
+                any::<bool>(),
+                prop_oneof![Just(0), Just(-libc::EBUSY)]
+            )
+                .prop_map(|(segs, syn, err)| Detail::Retransmit {
+                    segs,
+                    syn,
+                    synack: false,
+                    err
+                }),
+            (0u8..3, 0u32..10).prop_map(|(c, probes_out)| Detail::Timeout {
+                cause: [
+                    TimeoutCause::Keepalive,
+                    TimeoutCause::Retransmission,
+                    TimeoutCause::UserTimeout
+                ][c as usize],
+                probes_out,
+                user_timeout_ms: 0,
+            }),
+            Just(Detail::ResetReceived),
+            Just(Detail::ResetSent {
+                reason: None,
+                no_socket: false
+            }),
+        ]
+    }
+
+    prop_compose! {
+        fn any_event(cookie: u64)(
+            detail in any_detail(),
+            v6 in prop_oneof![8 => Just(false), 1 => Just(true)],
+            sport in any::<u16>(),
+            owner in proptest::option::of(0u32..3),
+        ) -> Event {
+            let mut ev = event(cookie, detail);
+            if v6 {
+                ev.saddr = "2001:db8::1".parse().unwrap();
+                ev.daddr = "2001:db8::2".parse().unwrap();
+            }
+            ev.sport = sport;
+            // pid 0 is the walk's owner (as `packed::tests::conn` makes them).
+            ev.owner = owner.map(|pid| Owner { pid: pid + 100, comm: "ev".into() });
+            ev
+        }
+    }
+
+    proptest! {
+        /// Every event kind, on narrow and whole entries, new, live,
+        /// closed or beyond the cap, with and without owners: the event
+        /// path that updates an entry in place and fills the event's owner
+        /// in its one look-up leaves the table, the event and the verdict
+        /// change exactly as unpacking the connection did.
+        #[test]
+        fn the_in_place_event_path_is_the_unpacked_one(
+            walked in super::super::packed::tests::conn(),
+            start in prop_oneof![
+                Just(Start::New), Just(Start::Live), Just(Start::Tombstone), Just(Start::Overflow),
+                Just(Start::Reopened),
+            ],
+            // Often an established connection not dead yet, so that its
+            // owners decide (no_owner).
+            established in any::<bool>(),
+            owners_known in any::<bool>(),
+            events in proptest::collection::vec(any_event(7), 1..8),
+        ) {
+            let cookie = 7;
+            // Values the verdict's sums take without overflow (still many
+            // beyond what packs narrow).
+            let mut walked = Conn {
+                full: true,
+                total_retrans: walked.total_retrans.min(1 << 30),
+                rto_ms: walked.rto_ms.min(1 << 40),
+                last_ack_ms: walked.last_ack_ms.min(1 << 40),
+                keepalive: Keepalive {
+                    intvl_ms: walked.keepalive.intvl_ms.min(1 << 40),
+                    probes: walked.keepalive.probes.min(1 << 10),
+                    ..walked.keepalive
+                },
+                timer: walked.timer.map(|t| Timer {
+                    fires_in_ms: t.fires_in_ms.clamp(-1 << 40, 1 << 40),
+                    ..t
+                }),
+                timed_out: walked.timed_out.filter(|_| !established),
+                ..walked
+            };
+            walked.id.cookie = cookie;
+            if established {
+                walked.id.state = TCP_ESTABLISHED;
+            }
+            let th = Thresholds { owners_known, ..Thresholds::default() };
+            let mut fast = ConnTable::new(if matches!(start, Start::Overflow) { 1 } else { 10 }, th);
+            match start {
+                Start::New => {}
+                Start::Live => { fast.refresh(vec![walked.clone()], 1); }
+                Start::Tombstone => {
+                    fast.refresh(vec![walked.clone()], 1);
+                    fast.refresh(Vec::new(), 2);
+                }
+                Start::Overflow => {
+                    fast.refresh(vec![conn(99), walked.clone()], 1);
+                }
+                Start::Reopened => {
+                    fast.refresh(vec![walked.clone()], 1);
+                    fast.refresh(Vec::new(), 2);
+                    fast.refresh(vec![walked.clone()], 3);
+                }
+            }
+            // The same table, entry for entry.
+            let mut slow = ConnTable::new(fast.cap, th);
+            slow.live = fast.live.iter().map(|(&c, e)| (c, Box::new(Entry {
+                conn: e.conn.clone(), verdict: e.verdict.clone(), touched_ns: e.touched_ns,
+            }))).collect();
+            slow.tombstones = fast.tombstones.iter().map(|(&c, (e, exp))| (c, (Box::new(Entry {
+                conn: e.conn.clone(), verdict: e.verdict.clone(), touched_ns: e.touched_ns,
+            }), *exp))).collect();
+            slow.overflow = fast.overflow.clone();
+            prop_assert_eq!(held_of(&fast, cookie), held_of(&slow, cookie));
+            for (i, ev) in events.into_iter().enumerate() {
+                let now = 10 + i as u64;
+                let (mut ev_fast, mut ev_slow) = (ev.clone(), ev);
+                let change_fast = fast.apply(&mut ev_fast, now);
+                let change_slow = apply_unpacked(&mut slow, &mut ev_slow, now).map(Box::new);
+                prop_assert_eq!(&ev_fast, &ev_slow, "event {} filled", i);
+                prop_assert_eq!(&change_fast, &change_slow, "event {}: {:?}", i, ev_fast);
+                prop_assert_eq!(held_of(&fast, cookie), held_of(&slow, cookie), "event {}", i);
+            }
+        }
     }
 }

@@ -264,8 +264,11 @@ mod tests {
 
     #[test]
     fn shared_owners_are_those_of_scan() {
+        // Three sockets of our own, held through both scans: the test
+        // needs no other process's sockets (a fresh machine may have few).
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _accepted = l.accept().unwrap();
         let (plain, shared) = (scan(), scan_shared());
         let mut same = 0;
         for (ino, owners) in &plain {

@@ -117,11 +117,17 @@ impl Narrow {
     /// `None` when a value of `c` does not fit. `owners` are `c.owners`,
     /// shared.
     fn of(c: &Conn, owners: Option<Owners>) -> Option<Narrow> {
+        Narrow::with(c, owners, c.stats.map(Box::new))
+    }
+
+    /// [`Narrow::of`], with `c.stats` already boxed in `stats` (or
+    /// `None` to only ask whether `c` fits: then nothing is allocated).
+    fn with(c: &Conn, owners: Option<Owners>, stats: Option<Box<ConnStats>>) -> Option<Narrow> {
         let n = |v: u64| u32::try_from(v).ok();
         let b = |v: u32| u8::try_from(v).ok();
         Some(Narrow {
             owners,
-            stats: c.stats.map(Box::new),
+            stats,
             netns: c.id.netns,
             ino: n(c.ino)?,
             saddr: v4(c.id.saddr)?,
@@ -162,6 +168,14 @@ impl Narrow {
 
     fn conn(&self, cookie: u64) -> Conn {
         Conn {
+            owners: self.owners.as_deref().cloned().unwrap_or_default(),
+            ..self.conn_without_owners(cookie)
+        }
+    }
+
+    /// The connection with an empty owner list (nothing allocated).
+    fn conn_without_owners(&self, cookie: u64) -> Conn {
+        Conn {
             id: ConnId {
                 cookie,
                 netns: self.netns,
@@ -173,7 +187,7 @@ impl Narrow {
             },
             ino: self.ino.into(),
             kernel_orphan: self.flags & FLAG_ORPHAN != 0,
-            owners: self.owners.as_deref().cloned().unwrap_or_default(),
+            owners: Vec::new(),
             keepalive: Keepalive {
                 enabled: self.flags & FLAG_KEEPALIVE != 0,
                 idle_ms: self.keepalive_idle_ms.into(),
@@ -221,6 +235,18 @@ impl Packed {
         }
     }
 
+    /// Packs `c` with `owners` as its owners (`c.owners` is not read):
+    /// for a connection whose owner list is already shared.
+    pub fn owned(c: &Conn, owners: Option<Owners>) -> Packed {
+        match Narrow::with(c, None, c.stats.map(Box::new)) {
+            Some(n) => Packed::Narrow(Narrow { owners, ..n }),
+            None => Packed::Whole(Box::new(Conn {
+                owners: owners.as_deref().cloned().unwrap_or_default(),
+                ..c.clone()
+            })),
+        }
+    }
+
     /// The connection, as it was packed.
     pub fn conn(&self, cookie: u64) -> Conn {
         match self {
@@ -249,6 +275,68 @@ impl Packed {
         }
     }
 
+    /// Whether any process holds it (all a verdict asks of its owners).
+    pub fn held(&self) -> bool {
+        self.first_owner().is_some()
+    }
+
+    /// Gives it `owner` when it has none (as a connection an event
+    /// brought in, or one a walk found no holder for, learns its
+    /// `connect()` owner).
+    pub fn own_if_unowned(&mut self, owner: &Owner) {
+        match self {
+            Packed::Narrow(n) if n.owners.is_none() => {
+                n.owners = Some(Arc::new(vec![owner.clone()]));
+            }
+            Packed::Whole(c) if c.owners.is_empty() => c.owners.push(owner.clone()),
+            _ => {}
+        }
+    }
+
+    /// Changes the connection in place by `change`, which gets it with
+    /// an empty owner list: the owners stay as they are, shared, not
+    /// copied out and packed again ([`Packed::held`] tells whether there
+    /// are any). The result is packed as [`Packed::new`] would pack it
+    /// (narrow when everything fits), without allocating when it stays
+    /// narrow: the table does this once per event.
+    pub fn change<R>(&mut self, cookie: u64, change: impl FnOnce(&mut Conn) -> R) -> R {
+        match self {
+            Packed::Narrow(n) => {
+                let mut c = n.conn_without_owners(cookie);
+                let r = change(&mut c);
+                // The stats box is reused: the value goes in it.
+                let stats = match (n.stats.take(), c.stats) {
+                    (Some(mut b), Some(s)) => {
+                        *b = s;
+                        Some(b)
+                    }
+                    (_, s) => s.map(Box::new),
+                };
+                match Narrow::with(&c, None, stats) {
+                    Some(narrowed) => {
+                        let owners = n.owners.take();
+                        *n = Narrow { owners, ..narrowed };
+                    }
+                    None => {
+                        c.owners = n.owners.as_deref().cloned().unwrap_or_default();
+                        *self = Packed::Whole(Box::new(c));
+                    }
+                }
+                r
+            }
+            Packed::Whole(c) => {
+                let owners = std::mem::take(&mut c.owners);
+                c.id.cookie = cookie;
+                let r = change(c);
+                c.owners = owners;
+                if Narrow::with(c, None, None).is_some() {
+                    *self = Packed::new(c, None);
+                }
+                r
+            }
+        }
+    }
+
     pub fn set_stats(&mut self, stats: ConnStats) {
         match self {
             Packed::Narrow(n) => match &mut n.stats {
@@ -261,7 +349,7 @@ impl Packed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -290,7 +378,8 @@ mod tests {
     }
 
     prop_compose! {
-        fn conn()(
+        /// Any connection: mostly ones that pack narrow, some whole.
+        pub(in crate::table) fn conn()(
             (cookie, netns, saddr, daddr, sport, dport) in
                 (any::<u64>(), any::<u32>(), addr(), addr(), any::<u16>(), any::<u16>()),
             (state, ino, kernel_orphan, full, owners) in

@@ -255,6 +255,14 @@ fn waiting_for(state: u32) -> &'static str {
 
 /// Applies the rules, worst first.
 pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
+    judge_held(c, !c.owners.is_empty(), t)
+}
+
+/// [`judge`], told whether any process holds `c` instead of reading its
+/// owners: the table judges a connection after every event without
+/// copying its owner list out (it holds it shared), and the rules only
+/// ask whether there is one.
+pub fn judge_held(c: &Conn, held: bool, t: &Thresholds) -> Verdict {
     if let Some(cause) = c.timed_out {
         return Verdict::Dead(Dead::TimedOut { cause });
     }
@@ -310,7 +318,7 @@ pub fn judge(c: &Conn, t: &Thresholds) -> Verdict {
         && c.full
         && !c.kernel_orphan
         && c.ino != 0
-        && c.owners.is_empty()
+        && !held
     {
         return Verdict::Orphaned(Orphaned::NoOwner {
             idle_ms: c.idle_ms(),
