@@ -4,8 +4,10 @@
 //! verdict change can be reported as it happens.
 //!
 //! Memory is bounded: at most `cap` live connections (the least recently
-//! touched is evicted and counted) and tombstones for recently closed
-//! connections expire after [`TOMBSTONE_NS`].
+//! touched is evicted and counted), and tombstones for recently closed
+//! connections expire [`TOMBSTONE_NS`] after the close, as the events
+//! move on (not only at walks: under churn with a long `--refresh` they
+//! would pile up until the next).
 //!
 //! A connection beyond the cap keeps only its last reported verdict (a few
 //! bytes, dropped when a walk no longer finds it), and is judged from each
@@ -13,7 +15,7 @@
 //! however small the cap, instead of once per refresh for every connection
 //! that did not fit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use keepalive_common::ConnStats;
 
@@ -24,8 +26,16 @@ use super::{
 };
 use crate::events::{Detail, Event, Owner};
 
-/// How long a closed connection stays resolvable for late events.
-pub const TOMBSTONE_NS: u64 = 10_000_000_000;
+/// How long a closed connection stays resolvable for late events, in the
+/// events' own time. What the kernel reports of a socket after its CLOSE
+/// (the reset of an abortive close, the timeout of an abort) is stamped
+/// microseconds after it, and events are applied in time order; probes
+/// drained after a walk found a connection gone were stamped before the
+/// walk. So this is a wide margin, kept short because under churn every
+/// connection spends it as a tombstone: at 20,000 connections a second,
+/// 10 s of them were 400,000 entries (tens of MiB, and a cache miss on
+/// each new connection's look-up).
+pub const TOMBSTONE_NS: u64 = 2_000_000_000;
 
 /// One tracked connection: boxed, so the maps' slots stay small and a
 /// connection moves from live to tombstone without copying.
@@ -60,6 +70,12 @@ pub struct ConnTable {
     live: CookieMap<Box<Entry>>,
     /// Closed connections, with the time they expire.
     tombstones: CookieMap<(Box<Entry>, u64)>,
+    /// (expiry, cookie) of every burial, in the order they were made
+    /// (nearly expiry order: a walk's burials can come before events
+    /// stamped during the walk, which then wait at most as long as it).
+    /// A cookie buried again has a later expiry; the earlier one finds it
+    /// changed and leaves it.
+    burials: VecDeque<(u64, u64)>,
     /// Connections beyond the cap (evicted, or found by a walk with the
     /// table full): the verdict last reported for each.
     overflow: CookieMap<Verdict>,
@@ -82,6 +98,7 @@ impl ConnTable {
         ConnTable {
             live: CookieMap::default(),
             tombstones: CookieMap::default(),
+            burials: VecDeque::new(),
             overflow: CookieMap::default(),
             cap: cap.max(1),
             thresholds,
@@ -332,10 +349,10 @@ impl ConnTable {
         seen.sort_unstable();
         let was_seen = |c: &u64| seen.binary_search(c).is_ok();
         let gone: Vec<u64> = self.live.keys().filter(|c| !was_seen(c)).copied().collect();
-        self.tombstones.retain(|_, (_, exp)| *exp > now_ns);
+        self.expire_tombstones(now_ns);
         for cookie in gone {
             if let Some(e) = self.live.remove(&cookie) {
-                self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+                self.bury(cookie, e, now_ns + TOMBSTONE_NS);
             }
         }
         self.overflow.retain(|c, _| was_seen(c));
@@ -343,6 +360,32 @@ impl ConnTable {
         shrink(&mut self.live);
         shrink(&mut self.tombstones);
         shrink(&mut self.overflow);
+        if self.burials.capacity() > 2 * self.burials.len() + 64 {
+            self.burials.shrink_to_fit();
+        }
+    }
+
+    /// Keeps `e` as a tombstone until `expires_ns`.
+    fn bury(&mut self, cookie: u64, e: Box<Entry>, expires_ns: u64) {
+        self.tombstones.insert(cookie, (e, expires_ns));
+        self.burials.push_back((expires_ns, cookie));
+    }
+
+    /// Drops the tombstones expired at `now_ns`, oldest burial first.
+    fn expire_tombstones(&mut self, now_ns: u64) {
+        while let Some(&(expires_ns, cookie)) = self.burials.front()
+            && expires_ns <= now_ns
+        {
+            self.burials.pop_front();
+            // Unless it was buried again since (or brought back to life).
+            if self
+                .tombstones
+                .get(&cookie)
+                .is_some_and(|&(_, exp)| exp == expires_ns)
+            {
+                self.tombstones.remove(&cookie);
+            }
+        }
     }
 
     /// Sets the kernel-kept counters of a connection.
@@ -379,6 +422,9 @@ impl ConnTable {
             return None;
         }
         let t = self.thresholds;
+        if self.burials.front().is_some_and(|&(exp, _)| exp <= now_ns) {
+            self.expire_tombstones(now_ns);
+        }
         // A closed socket that connects again (after a disconnect, with the
         // same cookie) is a new connection, with the owner of this connect().
         let connects = matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT);
@@ -391,7 +437,7 @@ impl ConnTable {
                 self.tombstones.remove(&cookie);
             }
             if closes && let Some(e) = self.live.remove(&cookie) {
-                self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+                self.bury(cookie, e, now_ns + TOMBSTONE_NS);
             }
             return change;
         }
@@ -433,7 +479,7 @@ impl ConnTable {
         });
         let change = Self::update(&mut e, ev, cookie, &t);
         if closes {
-            self.tombstones.insert(cookie, (e, now_ns + TOMBSTONE_NS));
+            self.bury(cookie, e, now_ns + TOMBSTONE_NS);
         } else {
             self.live.insert(cookie, e);
         }
@@ -754,6 +800,69 @@ mod tests {
         assert_eq!(t.len(), 0);
         t.refresh(vec![], 2 + TOMBSTONE_NS + 1);
         assert!(t.get(7).is_none());
+    }
+
+    /// A connection's life as events alone tell it: connect, established,
+    /// close, stamped from `at`.
+    fn churn_one(t: &mut ConnTable, cookie: u64, at: u64) {
+        for (i, (old, new)) in [(7, TCP_SYN_SENT), (TCP_SYN_SENT, 1), (1, 7)]
+            .into_iter()
+            .enumerate()
+        {
+            t.apply(
+                &mut event(cookie, Detail::StateChange { old, new }),
+                at + i as u64,
+            );
+        }
+    }
+
+    #[test]
+    fn tombstones_expire_as_events_move_on_without_a_walk() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        churn_one(&mut t, 1, 0);
+        assert!(t.get(1).is_some(), "a tombstone right after the close");
+        // Closed at 2: still there for events up to just before 2 + TTL.
+        churn_one(&mut t, 2, TOMBSTONE_NS - 1);
+        assert!(t.get(1).is_some());
+        // Gone once another connection's events pass its expiry; no walk.
+        churn_one(&mut t, 3, TOMBSTONE_NS + 3);
+        assert!(t.get(1).is_none());
+        assert!(t.get(2).is_some() && t.get(3).is_some());
+    }
+
+    #[test]
+    fn churn_without_walks_keeps_only_the_tombstones_of_their_lifetime() {
+        // 20,000 connections a second for 10 s of event time, no walk
+        // (a long --refresh): tombstones are at most TOMBSTONE_NS of them.
+        let mut t = ConnTable::new(1 << 20, Thresholds::default());
+        let (rate, secs) = (20_000u64, 10);
+        let gap = 1_000_000_000 / rate;
+        let mut most = 0;
+        for i in 0..rate * secs {
+            churn_one(&mut t, i + 1, i * gap);
+            most = most.max(t.tombstones.len());
+        }
+        assert_eq!(t.len(), 0);
+        let lifetime = (rate * TOMBSTONE_NS / 1_000_000_000) as usize;
+        assert!(
+            (lifetime..=lifetime + 1).contains(&most),
+            "{most} tombstones at most, {lifetime} expected"
+        );
+        assert!(t.burials.len() <= lifetime + 1);
+    }
+
+    #[test]
+    fn a_cookie_buried_again_keeps_its_later_expiry() {
+        let mut t = ConnTable::new(10, Thresholds::default());
+        churn_one(&mut t, 5, 0);
+        // The same socket connects again after its close and closes later.
+        let again = TOMBSTONE_NS / 2;
+        churn_one(&mut t, 5, again);
+        // The first burial's expiry passes: the second one holds.
+        churn_one(&mut t, 6, TOMBSTONE_NS + 10);
+        assert!(t.get(5).is_some(), "the second close's tombstone was kept");
+        churn_one(&mut t, 7, again + TOMBSTONE_NS + 10);
+        assert!(t.get(5).is_none());
     }
 
     #[test]
