@@ -432,13 +432,23 @@ impl Monitor {
         events
     }
 
-    /// Events written so far.
+    /// Events written so far: the whole lines. A running monitor writes
+    /// whole lines, but a read can land in the middle of a write (seen in
+    /// a loop under load: a line cut at byte 176); the rest of that line
+    /// is the next read's.
     pub fn events(&self) -> Vec<Value> {
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         if let Ok(mut f) = File::open(&self.out) {
-            f.read_to_string(&mut text).unwrap();
+            f.read_to_end(&mut bytes).unwrap();
         }
-        text.lines()
+        // Cut before decoding: the cut can split a character.
+        let whole = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(&[][..], |end| &bytes[..=end]);
+        std::str::from_utf8(whole)
+            .expect("the monitor writes UTF-8 lines")
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
             .collect()
     }
