@@ -59,13 +59,13 @@ impl Clock {
 #[derive(Clone, Copy)]
 pub struct Rfc3339([u8; 27]);
 
-/// "00" "01" … "99".
-const DIGIT_PAIRS: [u8; 200] = {
-    let mut t = [0u8; 200];
+/// "00" "01" … "99": decimal text two digits at a time, for the
+/// timestamps here and the integers of a JSON line (`output::append`).
+pub(crate) const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
     let mut i = 0;
     while i < 100 {
-        t[2 * i] = b'0' + (i / 10) as u8;
-        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
         i += 1;
     }
     t
@@ -87,8 +87,7 @@ thread_local! {
 /// Two digits of `v % 100` at `b[at..at + 2]`.
 #[inline(always)]
 fn put2(b: &mut [u8], at: usize, v: u64) {
-    let i = (v % 100) as usize * 2;
-    b[at..at + 2].copy_from_slice(&DIGIT_PAIRS[i..i + 2]);
+    b[at..at + 2].copy_from_slice(&DIGIT_PAIRS[(v % 100) as usize]);
 }
 
 /// The text of second `secs` since the Unix epoch, up to the fraction.

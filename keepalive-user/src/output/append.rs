@@ -10,22 +10,13 @@
 //! width, the text is copied in as two overlapping pieces of a fixed size,
 //! and the buffer is cut back to the text's end.
 
+use crate::clock::DIGIT_PAIRS;
+
 /// Longest text [`push_short`] copies without `memmove`.
 pub const SHORT: usize = 32;
 
 /// Most digits of a `u64` (`18446744073709551615`).
 const U64_DIGITS: usize = 20;
-
-/// "00" "01" … "99".
-const DIGIT_PAIRS: [[u8; 2]; 100] = {
-    let mut t = [[0u8; 2]; 100];
-    let mut i = 0;
-    while i < 100 {
-        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
-        i += 1;
-    }
-    t
-};
 
 /// Appends `v` in decimal, as `Display` writes it.
 ///
