@@ -24,7 +24,7 @@ use super::verdict::{Thresholds, Verdict, judge, judge_held};
 use super::{
     Conn, ConnId, CookieMap, Keepalive, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT, Timer, TimerKind,
 };
-use crate::events::{Detail, Event, Owner};
+use crate::events::{Detail, Event};
 
 /// How long a closed connection stays resolvable for late events, in the
 /// events' own time. What the kernel reports of a socket after its CLOSE
@@ -127,8 +127,10 @@ impl ConnTable {
         self.entry(cookie).map(|e| e.conn.conn(cookie))
     }
 
-    /// The first owner of a live or recently closed connection.
-    pub fn first_owner(&self, cookie: u64) -> Option<&Owner> {
+    /// The first owner of a live or recently closed connection (what
+    /// [`ConnTable::apply`] gives an event without one).
+    #[cfg(test)]
+    pub fn first_owner(&self, cookie: u64) -> Option<&crate::events::Owner> {
         self.entry(cookie).and_then(|e| e.conn.first_owner())
     }
 
@@ -422,9 +424,7 @@ impl ConnTable {
             return None;
         }
         let t = self.thresholds;
-        if self.burials.front().is_some_and(|&(exp, _)| exp <= now_ns) {
-            self.expire_tombstones(now_ns);
-        }
+        self.expire_tombstones(now_ns);
         // A closed socket that connects again (after a disconnect, with the
         // same cookie) is a new connection, with the owner of this connect().
         let connects = matches!(ev.detail, Detail::StateChange { new, .. } if new == TCP_SYN_SENT);

@@ -115,13 +115,8 @@ fn v4(a: Option<IpAddr>) -> Option<u32> {
 
 impl Narrow {
     /// `None` when a value of `c` does not fit. `owners` are `c.owners`,
-    /// shared.
-    fn of(c: &Conn, owners: Option<Owners>) -> Option<Narrow> {
-        Narrow::with(c, owners, c.stats.map(Box::new))
-    }
-
-    /// [`Narrow::of`], with `c.stats` already boxed in `stats` (or
-    /// `None` to only ask whether `c` fits: then nothing is allocated).
+    /// shared; `stats` is `c.stats` boxed (or `None` to only ask whether
+    /// `c` fits: then nothing is allocated).
     fn with(c: &Conn, owners: Option<Owners>, stats: Option<Box<ConnStats>>) -> Option<Narrow> {
         let n = |v: u64| u32::try_from(v).ok();
         let b = |v: u32| u8::try_from(v).ok();
@@ -229,10 +224,7 @@ impl Packed {
                 _ => Some(Arc::new(c.owners.clone())),
             }
         };
-        match Narrow::of(c, shared) {
-            Some(n) => Packed::Narrow(n),
-            None => Packed::Whole(Box::new(c.clone())),
-        }
+        Packed::owned(c, shared)
     }
 
     /// Packs `c` with `owners` as its owners (`c.owners` is not read):
