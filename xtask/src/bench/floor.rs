@@ -110,6 +110,7 @@ pub struct FloorRow {
 /// `dir`: where the tp_btf object is built.
 pub fn measure(cfg: &Config, dir: &Path) -> Result<Vec<FloorRow>> {
     let object = build_tp_btf(dir)?;
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let _stats = RunTimeStats::enable()?;
     let mut rows = Vec::new();
     for (name, floor) in PROGRAMS {
@@ -124,7 +125,7 @@ pub fn measure(cfg: &Config, dir: &Path) -> Result<Vec<FloorRow>> {
                 (Box::new(peer), ids, script)
             }
             Floor::TpBtf(program, tracepoint) => {
-                let attached = TpBtfFloor::attach(&object, program, tracepoint)?;
+                let attached = TpBtfFloor::attach(&object, &btf, program, tracepoint)?;
                 let ids = vec![attached.id];
                 (Box::new(attached), ids, program)
             }
@@ -204,8 +205,7 @@ struct TpBtfFloor {
 }
 
 impl TpBtfFloor {
-    fn attach(object: &[u8], program: &str, tracepoint: &str) -> Result<TpBtfFloor> {
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    fn attach(object: &[u8], btf: &Btf, program: &str, tracepoint: &str) -> Result<TpBtfFloor> {
         let mut ebpf = Ebpf::load(object).context("loading the tp_btf floor object")?;
         let mut rings = Vec::with_capacity(TP_BTF_RINGS);
         for i in 0..TP_BTF_RINGS {
@@ -219,7 +219,7 @@ impl TpBtfFloor {
             .with_context(|| format!("the floor object has no {program}"))?
             .try_into()
             .with_context(|| format!("{program} is not a tp_btf program"))?;
-        prog.load(tracepoint, &btf)
+        prog.load(tracepoint, btf)
             .with_context(|| format!("loading {program}"))?;
         prog.attach()
             .with_context(|| format!("attaching {program}"))?;
